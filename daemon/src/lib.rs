@@ -1,0 +1,1 @@
+//! powerinfer-daemon: the engine as a service.

@@ -1,0 +1,187 @@
+//! Matrix × vector (decode) and matrix × matrix (prefill) over quantized weights, on the
+//! thread pool.
+//!
+//! Weights are row-major: row `r` is `n_cols / W::LEN` consecutive blocks and computes
+//! output `r`. Activations are already in the weight type's activation format. Every
+//! output element is computed by one thread with one kernel call, so results are the same
+//! bits for any thread count.
+
+use crate::pool::{SharedMut, ThreadPool};
+use crate::quant::{DotFn, WeightBlock};
+use crate::simd::{self, SimdLevel};
+
+/// Weight bytes a work item should cover at least: enough to amortize handing it out.
+const MIN_CHUNK_BYTES: usize = 16 * 1024;
+/// Work items per thread to aim for, so a slow thread can be balanced by the others.
+const CHUNKS_PER_THREAD: usize = 8;
+
+/// Rows per work item for a matrix of `n_rows` rows of `row_bytes` bytes.
+pub fn rows_per_chunk(n_rows: usize, row_bytes: usize, n_threads: usize) -> usize {
+    let by_bytes = MIN_CHUNK_BYTES.div_ceil(row_bytes.max(1));
+    let by_balance = n_rows / (n_threads * CHUNKS_PER_THREAD).max(1);
+    by_bytes.max(by_balance).max(1)
+}
+
+/// `out[r] = w[r] · x` for every row `r` (`out.len()` rows of `x.len()` blocks).
+pub fn matvec<W: WeightBlock>(pool: &ThreadPool, w: &[W], x: &[W::Act], out: &mut [f32]) {
+    matvec_at(simd::detected(), pool, w, x, out);
+}
+
+/// [`matvec`] with the kernels of `level`.
+pub fn matvec_at<W: WeightBlock>(
+    level: SimdLevel,
+    pool: &ThreadPool,
+    w: &[W],
+    x: &[W::Act],
+    out: &mut [f32],
+) {
+    let bpr = x.len();
+    assert_eq!(
+        w.len(),
+        out.len() * bpr,
+        "weights must be out.len() rows of x.len() blocks"
+    );
+    let dot: DotFn<W> = W::dot_kernel(level);
+    let n_rows = out.len();
+    let chunk = rows_per_chunk(n_rows, bpr * size_of::<W>(), pool.n_threads());
+    let out = SharedMut::new(out);
+    pool.for_each_chunk(n_rows, chunk, |rows| {
+        // SAFETY: for_each_chunk hands out disjoint row ranges.
+        let out = unsafe { out.slice(rows.clone()) };
+        for (o, r) in out.iter_mut().zip(rows) {
+            *o = dot(&w[r * bpr..(r + 1) * bpr], x);
+        }
+    });
+}
+
+/// `out[t * n_rows + r] = w[r] · x_t` for `n_tok` activation rows of `bpr` blocks each,
+/// with `n_rows = w.len() / bpr`: one output row of `n_rows` values per token.
+pub fn matmat<W: WeightBlock>(
+    pool: &ThreadPool,
+    w: &[W],
+    xs: &[W::Act],
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    assert!(
+        n_tok > 0 && xs.len() % n_tok == 0,
+        "activations must be n_tok whole rows"
+    );
+    let bpr = xs.len() / n_tok;
+    assert!(
+        bpr > 0 && w.len().is_multiple_of(bpr),
+        "weights must be whole rows"
+    );
+    let n_rows = w.len() / bpr;
+    assert_eq!(
+        out.len(),
+        n_rows * n_tok,
+        "output must be n_tok rows of n_rows"
+    );
+    let dot: DotFn<W> = W::dot_kernel(simd::detected());
+    let chunk = rows_per_chunk(n_rows, bpr * size_of::<W>(), pool.n_threads());
+    let out = SharedMut::new(out);
+    pool.for_each_chunk(n_rows, chunk, |rows| {
+        // The chunk's weight rows stay in L1/L2 while every token streams past them.
+        for t in 0..n_tok {
+            let x = &xs[t * bpr..(t + 1) * bpr];
+            let base = t * n_rows;
+            // SAFETY: row ranges are disjoint across chunks, so the ranges
+            // base + rows of different chunks are disjoint for the same token and the
+            // token rows themselves do not overlap.
+            let o = unsafe { out.slice(base + rows.start..base + rows.end) };
+            for (o, r) in o.iter_mut().zip(rows.clone()) {
+                *o = dot(&w[r * bpr..(r + 1) * bpr], x);
+            }
+        }
+    });
+}
+
+/// Single-threaded reference: the scalar twin of every row.
+pub fn matvec_ref<W: WeightBlock>(w: &[W], x: &[W::Act], out: &mut [f32]) {
+    let bpr = x.len();
+    assert_eq!(w.len(), out.len() * bpr);
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = W::dot_scalar(&w[r * bpr..(r + 1) * bpr], x);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+
+    use super::*;
+    use crate::quant::{Block, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0};
+    use crate::rng::Rng;
+
+    fn quantized<B: Block>(rng: &mut Rng, n: usize) -> Vec<B> {
+        let x = rng.varied(n, 32);
+        let mut out = vec![B::default(); n / B::LEN];
+        B::quantize(&x, &mut out);
+        out
+    }
+
+    fn check<W: WeightBlock>(n_rows: usize, n_cols: usize, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let w: Vec<W> = quantized(&mut rng, n_rows * n_cols);
+        let n_tok = 5;
+        let xs: Vec<W::Act> = quantized(&mut rng, n_tok * n_cols);
+        let bpr = n_cols / W::LEN;
+        // Σ|w·x| per (token, row): the scale of float reassociation error.
+        let deq = |b: &[_]| {
+            let mut v = vec![0.0; b.len() * W::LEN];
+            W::dequantize(b, &mut v);
+            v
+        };
+        let wd = deq(&w);
+        let mut xd = vec![0.0; n_tok * n_cols];
+        W::Act::dequantize(&xs, &mut xd);
+        let mag = |t: usize, r: usize| -> f32 {
+            let (wr, xt) = (&wd[r * n_cols..][..n_cols], &xd[t * n_cols..][..n_cols]);
+            wr.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum()
+        };
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads, "test").unwrap();
+            let mut mm = vec![0.0; n_rows * n_tok];
+            matmat(&pool, &w, &xs, n_tok, &mut mm);
+            for t in 0..n_tok {
+                let x = &xs[t * bpr..(t + 1) * bpr];
+                let mut fast = vec![0.0; n_rows];
+                let mut slow = vec![0.0; n_rows];
+                matvec(&pool, &w, x, &mut fast);
+                matvec_ref(&w, x, &mut slow);
+                for r in 0..n_rows {
+                    let tol = 2e-5 * mag(t, r) + 1e-9;
+                    assert!((fast[r] - slow[r]).abs() <= tol, "{} row {r}", W::DTYPE);
+                    // matmat and matvec use the same kernel: identical bits.
+                    assert_eq!(mm[t * n_rows + r].to_bits(), fast[r].to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matvec_and_matmat_match_the_reference_for_any_thread_count() {
+        check::<BlockQ4_1>(97, 576, 1);
+        check::<BlockQ8_0>(300, 64, 2);
+        check::<BlockQ4K>(33, 512, 3);
+        check::<BlockQ6K>(70, 256, 4);
+        check::<f32>(31, 45, 5);
+        check::<f16>(1000, 16, 6);
+    }
+
+    #[test]
+    fn results_do_not_depend_on_thread_count() {
+        let mut rng = Rng::new(7);
+        let w: Vec<BlockQ4_1> = quantized(&mut rng, 1536 * 576);
+        let x: Vec<_> = quantized(&mut rng, 576);
+        let run = |threads| {
+            let pool = ThreadPool::new(threads, "test").unwrap();
+            let mut out = vec![0.0; 1536];
+            matvec(&pool, &w, &x, &mut out);
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(2));
+        assert_eq!(run(1), run(4));
+    }
+}

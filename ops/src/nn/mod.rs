@@ -1,0 +1,14 @@
+//! Neural-network operators other than matrix products: normalization, rotary position
+//! embedding, activations and gating, softmax, element-wise arithmetic.
+
+mod activation;
+mod exp;
+mod norm;
+mod rope;
+
+pub use activation::{
+    add, dual_relu_mul, gelu, gelu_mul, mul, relu, relu_mul, scale, silu, silu_mul, softmax,
+};
+pub use exp::{exp_approx, exp_approx_slice};
+pub use norm::rms_norm;
+pub use rope::{Rope, RopeStyle};

@@ -1,0 +1,330 @@
+//! The 32-element quant types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the Q8_1 activation type:
+//! reference dequantization, quantization and dot products.
+
+use half::f16;
+
+use super::blocks::*;
+use super::{Block, DotFn, WeightBlock, round_even, signed_absmax};
+use crate::simd::SimdLevel;
+
+const H: usize = QK / 2;
+
+impl Block for BlockQ4_0 {
+    const LEN: usize = QK;
+
+    fn dequantize(blocks: &[Self], out: &mut [f32]) {
+        assert_eq!(out.len(), blocks.len() * QK);
+        for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+            let d = b.d.to_f32();
+            for j in 0..H {
+                y[j] = ((b.qs[j] & 0xf) as i32 - 8) as f32 * d;
+                y[j + H] = ((b.qs[j] >> 4) as i32 - 8) as f32 * d;
+            }
+        }
+    }
+
+    fn quantize(x: &[f32], out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK);
+        for (x, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            // The extreme value maps to -8, the one level without a positive twin.
+            let max = signed_absmax(x);
+            let d = max / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let q = |v: f32| (round_even(v * id) + 8.0).clamp(0.0, 15.0) as u8;
+            b.d = f16::from_f32(d);
+            for j in 0..H {
+                b.qs[j] = q(x[j]) | (q(x[j + H]) << 4);
+            }
+        }
+    }
+}
+
+impl Block for BlockQ4_1 {
+    const LEN: usize = QK;
+
+    fn dequantize(blocks: &[Self], out: &mut [f32]) {
+        assert_eq!(out.len(), blocks.len() * QK);
+        for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+            let (d, m) = (b.d.to_f32(), b.m.to_f32());
+            for j in 0..H {
+                y[j] = (b.qs[j] & 0xf) as f32 * d + m;
+                y[j + H] = (b.qs[j] >> 4) as f32 * d + m;
+            }
+        }
+    }
+
+    fn quantize(x: &[f32], out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK);
+        for (x, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            let (min, max) = min_max(x);
+            let d = (max - min) / 15.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let q = |v: f32| round_even((v - min) * id).clamp(0.0, 15.0) as u8;
+            b.d = f16::from_f32(d);
+            b.m = f16::from_f32(min);
+            for j in 0..H {
+                b.qs[j] = q(x[j]) | (q(x[j + H]) << 4);
+            }
+        }
+    }
+}
+
+/// Bit 4 of element `j` of a Q5 block.
+#[inline]
+fn q5_high(qh: u32, j: usize) -> u8 {
+    (((qh >> j) & 1) << 4) as u8
+}
+
+impl Block for BlockQ5_0 {
+    const LEN: usize = QK;
+
+    fn dequantize(blocks: &[Self], out: &mut [f32]) {
+        assert_eq!(out.len(), blocks.len() * QK);
+        for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+            let d = b.d.to_f32();
+            let qh = u32::from_le_bytes(b.qh);
+            for j in 0..H {
+                let lo = (b.qs[j] & 0xf) | q5_high(qh, j);
+                let hi = (b.qs[j] >> 4) | q5_high(qh, j + H);
+                y[j] = (lo as i32 - 16) as f32 * d;
+                y[j + H] = (hi as i32 - 16) as f32 * d;
+            }
+        }
+    }
+
+    fn quantize(x: &[f32], out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK);
+        for (x, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            let max = signed_absmax(x);
+            let d = max / -16.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let q: [u8; QK] =
+                std::array::from_fn(|j| (round_even(x[j] * id) + 16.0).clamp(0.0, 31.0) as u8);
+            b.d = f16::from_f32(d);
+            pack_q5(&q, &mut b.qs, &mut b.qh);
+        }
+    }
+}
+
+impl Block for BlockQ5_1 {
+    const LEN: usize = QK;
+
+    fn dequantize(blocks: &[Self], out: &mut [f32]) {
+        assert_eq!(out.len(), blocks.len() * QK);
+        for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+            let (d, m) = (b.d.to_f32(), b.m.to_f32());
+            let qh = u32::from_le_bytes(b.qh);
+            for j in 0..H {
+                let lo = (b.qs[j] & 0xf) | q5_high(qh, j);
+                let hi = (b.qs[j] >> 4) | q5_high(qh, j + H);
+                y[j] = lo as f32 * d + m;
+                y[j + H] = hi as f32 * d + m;
+            }
+        }
+    }
+
+    fn quantize(x: &[f32], out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK);
+        for (x, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            let (min, max) = min_max(x);
+            let d = (max - min) / 31.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let q: [u8; QK] =
+                std::array::from_fn(|j| round_even((x[j] - min) * id).clamp(0.0, 31.0) as u8);
+            b.d = f16::from_f32(d);
+            b.m = f16::from_f32(min);
+            pack_q5(&q, &mut b.qs, &mut b.qh);
+        }
+    }
+}
+
+/// Packs 32 five-bit values: low nibbles into `qs`, bit 4 of element `j` into bit `j` of `qh`.
+fn pack_q5(q: &[u8; QK], qs: &mut [u8; H], qh: &mut [u8; 4]) {
+    let mut bits = 0u32;
+    for j in 0..H {
+        qs[j] = (q[j] & 0xf) | ((q[j + H] & 0xf) << 4);
+        bits |= u32::from(q[j] >> 4) << j;
+        bits |= u32::from(q[j + H] >> 4) << (j + H);
+    }
+    *qh = bits.to_le_bytes();
+}
+
+fn min_max(x: &[f32]) -> (f32, f32) {
+    x.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
+}
+
+/// Quantizes 32 values to 8 bits with `d = amax / 127`; returns `d` and the sum of the
+/// quantized values.
+fn quantize_q8(x: &[f32], qs: &mut [i8; QK]) -> (f32, i32) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(x) {
+        *q = round_even(v * id).clamp(-127.0, 127.0) as i8;
+        sum += i32::from(*q);
+    }
+    (d, sum)
+}
+
+impl Block for BlockQ8_0 {
+    const LEN: usize = QK;
+
+    fn dequantize(blocks: &[Self], out: &mut [f32]) {
+        assert_eq!(out.len(), blocks.len() * QK);
+        for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+            let d = b.d.to_f32();
+            for (y, &q) in y.iter_mut().zip(&b.qs) {
+                *y = f32::from(q) * d;
+            }
+        }
+    }
+
+    fn quantize(x: &[f32], out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK);
+        for (x, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            let (d, _) = quantize_q8(x, &mut b.qs);
+            b.d = f16::from_f32(d);
+        }
+    }
+}
+
+impl Block for BlockQ8_1 {
+    const LEN: usize = QK;
+
+    fn dequantize(blocks: &[Self], out: &mut [f32]) {
+        assert_eq!(out.len(), blocks.len() * QK);
+        for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+            let d = b.d.to_f32();
+            for (y, &q) in y.iter_mut().zip(&b.qs) {
+                *y = f32::from(q) * d;
+            }
+        }
+    }
+
+    fn quantize(x: &[f32], out: &mut [Self]) {
+        assert_eq!(x.len(), out.len() * QK);
+        for (x, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            let (d, sum) = quantize_q8(x, &mut b.qs);
+            b.d = f16::from_f32(d);
+            b.s = f16::from_f32(d * sum as f32);
+        }
+    }
+}
+
+/// Σ over j of `w(j) * a.qs[j]` for integer-valued weights.
+#[inline]
+fn idot(w: impl Fn(usize) -> i32, a: &[i8; QK]) -> i32 {
+    (0..QK).map(|j| w(j) * i32::from(a[j])).sum()
+}
+
+impl WeightBlock for BlockQ4_0 {
+    type Act = BlockQ8_0;
+
+    fn dot_scalar(w: &[Self], a: &[BlockQ8_0]) -> f32 {
+        assert_eq!(w.len(), a.len());
+        let mut acc = 0.0f32;
+        for (w, a) in w.iter().zip(a) {
+            let q = |j: usize| {
+                let byte = w.qs[j % H];
+                let nib = if j < H { byte & 0xf } else { byte >> 4 };
+                i32::from(nib) - 8
+            };
+            acc += w.d.to_f32() * a.d.to_f32() * idot(q, &a.qs) as f32;
+        }
+        acc
+    }
+
+    fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
+        crate::simd::dispatch!(level, int dot_q4_0_q8_0, Self::dot_scalar)
+    }
+}
+
+impl WeightBlock for BlockQ4_1 {
+    type Act = BlockQ8_1;
+
+    fn dot_scalar(w: &[Self], a: &[BlockQ8_1]) -> f32 {
+        assert_eq!(w.len(), a.len());
+        let mut acc = 0.0f32;
+        for (w, a) in w.iter().zip(a) {
+            let q = |j: usize| {
+                let byte = w.qs[j % H];
+                i32::from(if j < H { byte & 0xf } else { byte >> 4 })
+            };
+            acc +=
+                w.d.to_f32() * a.d.to_f32() * idot(q, &a.qs) as f32 + w.m.to_f32() * a.s.to_f32();
+        }
+        acc
+    }
+
+    fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
+        crate::simd::dispatch!(level, int dot_q4_1_q8_1, Self::dot_scalar)
+    }
+}
+
+impl WeightBlock for BlockQ5_0 {
+    type Act = BlockQ8_0;
+
+    fn dot_scalar(w: &[Self], a: &[BlockQ8_0]) -> f32 {
+        assert_eq!(w.len(), a.len());
+        let mut acc = 0.0f32;
+        for (w, a) in w.iter().zip(a) {
+            let qh = u32::from_le_bytes(w.qh);
+            let q = |j: usize| {
+                let byte = w.qs[j % H];
+                let nib = if j < H { byte & 0xf } else { byte >> 4 };
+                i32::from(nib | q5_high(qh, j)) - 16
+            };
+            acc += w.d.to_f32() * a.d.to_f32() * idot(q, &a.qs) as f32;
+        }
+        acc
+    }
+
+    fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
+        crate::simd::dispatch!(level, int dot_q5_0_q8_0, Self::dot_scalar)
+    }
+}
+
+impl WeightBlock for BlockQ5_1 {
+    type Act = BlockQ8_1;
+
+    fn dot_scalar(w: &[Self], a: &[BlockQ8_1]) -> f32 {
+        assert_eq!(w.len(), a.len());
+        let mut acc = 0.0f32;
+        for (w, a) in w.iter().zip(a) {
+            let qh = u32::from_le_bytes(w.qh);
+            let q = |j: usize| {
+                let byte = w.qs[j % H];
+                let nib = if j < H { byte & 0xf } else { byte >> 4 };
+                i32::from(nib | q5_high(qh, j))
+            };
+            acc +=
+                w.d.to_f32() * a.d.to_f32() * idot(q, &a.qs) as f32 + w.m.to_f32() * a.s.to_f32();
+        }
+        acc
+    }
+
+    fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
+        crate::simd::dispatch!(level, int dot_q5_1_q8_1, Self::dot_scalar)
+    }
+}
+
+impl WeightBlock for BlockQ8_0 {
+    type Act = BlockQ8_0;
+
+    fn dot_scalar(w: &[Self], a: &[BlockQ8_0]) -> f32 {
+        assert_eq!(w.len(), a.len());
+        let mut acc = 0.0f32;
+        for (w, a) in w.iter().zip(a) {
+            acc += w.d.to_f32() * a.d.to_f32() * idot(|j| i32::from(w.qs[j]), &a.qs) as f32;
+        }
+        acc
+    }
+
+    fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
+        crate::simd::dispatch!(level, int dot_q8_0_q8_0, Self::dot_scalar)
+    }
+}

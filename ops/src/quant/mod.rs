@@ -1,0 +1,160 @@
+//! GGML quantized blocks: layouts, dequantization, quantization and the dot products
+//! against the activation format GGML pairs with each weight type.
+//!
+//! Inner loops are static: a [`Block`] trait (layout, dequantize, quantize) and a
+//! [`WeightBlock`] trait (activation type, scalar twin, SIMD kernel by level). The load
+//! boundary is the [`WeightType`] enum, matched exhaustively wherever a type must be
+//! handled.
+
+mod blocks;
+mod float;
+mod kquant;
+mod legacy;
+
+pub use blocks::*;
+pub(crate) use kquant::kquant_scales;
+
+use crate::dtype::GgmlType;
+use crate::pod::TensorElement;
+use crate::simd::SimdLevel;
+
+/// A unit of `LEN` elements stored together: a quantized block, or one float.
+pub trait Block: TensorElement + Default {
+    /// Elements per block.
+    const LEN: usize;
+
+    /// `out.len() == blocks.len() * LEN`.
+    fn dequantize(blocks: &[Self], out: &mut [f32]);
+
+    /// `x.len() == out.len() * LEN`. Quantizers round to nearest, ties to even, and
+    /// never produce the value -128 in 8-bit blocks.
+    fn quantize(x: &[f32], out: &mut [Self]);
+}
+
+/// A dot product of `n` weight blocks with `n` activation blocks.
+pub type DotFn<W> = fn(&[W], &[<W as WeightBlock>::Act]) -> f32;
+
+/// A block type that weights are stored in, with the activation format it is multiplied
+/// against (`Q8_0`, `Q8_1`, `Q8_K`, or the float type itself).
+pub trait WeightBlock: Block {
+    /// Same `LEN` as `Self`.
+    type Act: Block;
+
+    /// The plain reference dot product (the slow twin of every SIMD kernel).
+    fn dot_scalar(w: &[Self], a: &[Self::Act]) -> f32;
+
+    /// The fastest kernel usable at `level` (falling back to lower levels).
+    fn dot_kernel(level: SimdLevel) -> DotFn<Self>;
+}
+
+/// The weight types the CPU kernels compute with: the load boundary. Every other GGML
+/// type is refused where a weight is loaded.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+}
+
+impl WeightType {
+    pub const ALL: [WeightType; 11] = [
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q4_K,
+        Self::Q5_K,
+        Self::Q6_K,
+    ];
+
+    pub fn from_ggml(t: GgmlType) -> Option<Self> {
+        Some(match t {
+            GgmlType::F32 => Self::F32,
+            GgmlType::F16 => Self::F16,
+            GgmlType::BF16 => Self::BF16,
+            GgmlType::Q4_0 => Self::Q4_0,
+            GgmlType::Q4_1 => Self::Q4_1,
+            GgmlType::Q5_0 => Self::Q5_0,
+            GgmlType::Q5_1 => Self::Q5_1,
+            GgmlType::Q8_0 => Self::Q8_0,
+            GgmlType::Q4_K => Self::Q4_K,
+            GgmlType::Q5_K => Self::Q5_K,
+            GgmlType::Q6_K => Self::Q6_K,
+            _ => return None,
+        })
+    }
+
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            Self::F32 => GgmlType::F32,
+            Self::F16 => GgmlType::F16,
+            Self::BF16 => GgmlType::BF16,
+            Self::Q4_0 => GgmlType::Q4_0,
+            Self::Q4_1 => GgmlType::Q4_1,
+            Self::Q5_0 => GgmlType::Q5_0,
+            Self::Q5_1 => GgmlType::Q5_1,
+            Self::Q8_0 => GgmlType::Q8_0,
+            Self::Q4_K => GgmlType::Q4_K,
+            Self::Q5_K => GgmlType::Q5_K,
+            Self::Q6_K => GgmlType::Q6_K,
+        }
+    }
+
+    /// The activation format the weights are multiplied against.
+    pub fn act_type(self) -> ActType {
+        match self {
+            Self::F32 => ActType::F32,
+            Self::F16 => ActType::F16,
+            Self::BF16 => ActType::BF16,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => ActType::Q8_0,
+            Self::Q4_1 | Self::Q5_1 => ActType::Q8_1,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K => ActType::Q8_K,
+        }
+    }
+}
+
+/// Activation formats (what an f32 activation row is converted to before a dot product).
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q8_1,
+    Q8_K,
+}
+
+/// Rounds to nearest, ties to even, as GGML's SIMD quantizers do.
+#[inline]
+pub(crate) fn round_even(x: f32) -> f32 {
+    x.round_ties_even()
+}
+
+/// The element with the largest magnitude, keeping its sign (0 for an empty slice).
+#[inline]
+pub(crate) fn signed_absmax(x: &[f32]) -> f32 {
+    let mut best = 0.0f32;
+    for &v in x {
+        if v.abs() > best.abs() {
+            best = v;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,300 @@
+//! Every quant type: round-trip error of its quantizer, its SIMD kernels against the
+//! scalar twin at every level this CPU supports, and the scalar twin against an f64
+//! reference, on fresh random inputs.
+
+use half::{bf16, f16};
+
+use super::*;
+use crate::rng::Rng;
+use crate::simd::supported_levels;
+
+/// Kernels and twin differ only in the order f32 partial sums are added (integer sums
+/// are exact): allow a few ulps per accumulated block, relative to Σ|w·a|.
+const REASSOC_TOL: f64 = 2e-5;
+/// f32 products of f16 scales and per-block f32 accumulation in the twin, against exact
+/// f64 arithmetic on the same dequantized values, relative to Σ|w·a|.
+const TWIN_VS_F64_TOL: f64 = 2e-5;
+/// The Q8_1 block sum `s = d·Σq` uses the unrounded `d` and is stored as f16, while the
+/// dequantized values use `d` rounded to f16: two f16 roundings, up to 2^-10 of |s|, times
+/// the weight block minimum it multiplies.
+const Q8_1_SUM_REL: f64 = 1.0 / 1024.0;
+
+/// Root-mean-square error of quantize → dequantize on uniform [-1, 1) values, relative to
+/// the RMS of the input: about step / sqrt(12) over 0.577 for each bit width.
+fn roundtrip_tol(t: GgmlType) -> f64 {
+    match t {
+        GgmlType::F32 => 0.0,
+        GgmlType::F16 => 1e-3,
+        GgmlType::BF16 => 5e-3,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => 0.11,
+        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => 0.055,
+        GgmlType::Q6_K => 0.03,
+        GgmlType::Q8_0 | GgmlType::Q8_1 | GgmlType::Q8_K => 0.007,
+        other => panic!("no round-trip tolerance for {other}"),
+    }
+}
+
+fn quantize_vec<B: Block>(x: &[f32]) -> Vec<B> {
+    let mut out = vec![B::default(); x.len() / B::LEN];
+    B::quantize(x, &mut out);
+    out
+}
+
+fn dequantize_vec<B: Block>(b: &[B]) -> Vec<f32> {
+    let mut out = vec![0.0; b.len() * B::LEN];
+    B::dequantize(b, &mut out);
+    out
+}
+
+fn check_roundtrip<B: Block>(seed: u64) {
+    let mut rng = Rng::new(seed);
+    let n = B::LEN.max(32) * 64;
+    let x: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let y = dequantize_vec(&quantize_vec::<B>(&x));
+    let err: f64 = x
+        .iter()
+        .zip(&y)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum::<f64>();
+    let norm: f64 = x.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
+    let rel = (err / norm).sqrt();
+    let tol = roundtrip_tol(B::DTYPE);
+    assert!(rel <= tol, "{}: relative RMS error {rel} > {tol}", B::DTYPE);
+}
+
+/// The largest |x| of the activation block holding element `i`.
+fn block_absmax(x: &[f32], len: usize, i: usize) -> f64 {
+    let b = i / len * len;
+    x[b..b + len]
+        .iter()
+        .fold(0.0f64, |m, v| m.max(f64::from(v.abs())))
+}
+
+/// Bound on |w·x − w·deq(quant(x))| from quantizing the activation `x`.
+fn activation_error_bound(act: ActType, w: &[f32], x: &[f32]) -> f64 {
+    let per_elem = |i: usize| -> f64 {
+        let xi = f64::from(x[i].abs());
+        match act {
+            ActType::F32 => 0.0,
+            ActType::F16 => xi / 2048.0 + 6e-8,
+            ActType::BF16 => xi / 256.0,
+            // Half a step of amax/127, plus the f16 rounding of the block scale.
+            ActType::Q8_0 | ActType::Q8_1 => block_absmax(x, 32, i) * (0.5 / 127.0 + 1.0 / 2048.0),
+            ActType::Q8_K => block_absmax(x, 256, i) * (0.5 / 127.0 + 1e-6),
+        }
+    };
+    (0..w.len())
+        .map(|i| f64::from(w[i].abs()) * per_elem(i))
+        .sum::<f64>()
+        * 1.01
+        + 1e-9
+}
+
+fn check_dots<W: WeightBlock>(act: ActType, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let lens: &[usize] = if W::LEN == 1 {
+        &[1, 7, 8, 15, 16, 17, 33, 64, 100, 1000, 4096]
+    } else {
+        &[1, 2, 3, 5, 7, 16, 33]
+    };
+    for &n in lens {
+        let n_elems = n * W::LEN;
+        for trial in 0..4 {
+            let wx = rng.varied(n_elems, W::LEN.max(32));
+            let x = rng.varied(n_elems, W::LEN.max(32));
+            let w: Vec<W> = quantize_vec(&wx);
+            let a: Vec<W::Act> = quantize_vec(&x);
+            let wd = dequantize_vec(&w);
+            let ad = dequantize_vec(&a);
+            let ctx = format!("{} n={n} trial={trial}", W::DTYPE);
+
+            let mag: f64 = wd
+                .iter()
+                .zip(&ad)
+                .map(|(p, q)| f64::from(p * q).abs())
+                .sum();
+            let exact: f64 = wd
+                .iter()
+                .zip(&ad)
+                .map(|(p, q)| f64::from(*p) * f64::from(*q))
+                .sum();
+            let twin = f64::from(W::dot_scalar(&w, &a));
+
+            // The Q8_1 sums are rounded to f16; they only matter for types with minimums.
+            let sum_err = if act == ActType::Q8_1 {
+                let min_abs = |i: usize| -> f64 {
+                    let lo = wd[i * 32..i * 32 + 32]
+                        .iter()
+                        .fold(f32::INFINITY, |m, v| m.min(*v));
+                    f64::from(lo.abs())
+                };
+                (0..n)
+                    .map(|i| {
+                        let s: f64 = ad[i * 32..i * 32 + 32].iter().map(|v| f64::from(*v)).sum();
+                        min_abs(i) * s.abs() * Q8_1_SUM_REL * 1.01
+                    })
+                    .sum()
+            } else {
+                0.0
+            };
+            let tol = TWIN_VS_F64_TOL * mag + sum_err + 1e-9;
+            assert!(
+                (twin - exact).abs() <= tol,
+                "{ctx}: twin {twin} vs f64 {exact} (tol {tol})"
+            );
+
+            // Against the unquantized activation: within the activation quantization bound.
+            let ideal: f64 = wd
+                .iter()
+                .zip(&x)
+                .map(|(p, q)| f64::from(*p) * f64::from(*q))
+                .sum();
+            let bound = activation_error_bound(act, &wd, &x) + tol;
+            assert!(
+                (twin - ideal).abs() <= bound,
+                "{ctx}: twin {twin} vs unquantized {ideal} (bound {bound})"
+            );
+
+            for level in supported_levels() {
+                let fast = f64::from(W::dot_kernel(level)(&w, &a));
+                let tol = REASSOC_TOL * mag + 1e-9;
+                assert!(
+                    (fast - twin).abs() <= tol,
+                    "{ctx} {level}: kernel {fast} vs twin {twin} (tol {tol})"
+                );
+            }
+        }
+    }
+}
+
+macro_rules! type_tests {
+    ($($name:ident: $w:ty, $act:ident, $seed:expr;)*) => {$(
+        mod $name {
+            use super::*;
+            #[test]
+            fn quantize_roundtrip_error_is_bounded() {
+                check_roundtrip::<$w>($seed);
+            }
+            #[test]
+            fn kernels_match_scalar_twin_and_f64_reference() {
+                check_dots::<$w>(ActType::$act, $seed + 1);
+            }
+        }
+    )*};
+}
+
+type_tests! {
+    f32_: f32, F32, 100;
+    f16_: f16, F16, 200;
+    bf16_: bf16, BF16, 300;
+    q4_0: BlockQ4_0, Q8_0, 400;
+    q4_1: BlockQ4_1, Q8_1, 500;
+    q5_0: BlockQ5_0, Q8_0, 600;
+    q5_1: BlockQ5_1, Q8_1, 700;
+    q8_0: BlockQ8_0, Q8_0, 800;
+    q4_k: BlockQ4K, Q8_K, 900;
+    q5_k: BlockQ5K, Q8_K, 1000;
+    q6_k: BlockQ6K, Q8_K, 1100;
+}
+
+#[test]
+fn activation_quantizers_roundtrip() {
+    check_roundtrip::<BlockQ8_1>(1200);
+    check_roundtrip::<BlockQ8K>(1300);
+}
+
+#[test]
+fn weight_types_pair_with_their_activation_types() {
+    fn act_of<W: WeightBlock>() -> GgmlType {
+        <W::Act as TensorElement>::DTYPE
+    }
+    let pairs = [
+        (WeightType::F32, act_of::<f32>()),
+        (WeightType::F16, act_of::<f16>()),
+        (WeightType::BF16, act_of::<bf16>()),
+        (WeightType::Q4_0, act_of::<BlockQ4_0>()),
+        (WeightType::Q4_1, act_of::<BlockQ4_1>()),
+        (WeightType::Q5_0, act_of::<BlockQ5_0>()),
+        (WeightType::Q5_1, act_of::<BlockQ5_1>()),
+        (WeightType::Q8_0, act_of::<BlockQ8_0>()),
+        (WeightType::Q4_K, act_of::<BlockQ4K>()),
+        (WeightType::Q5_K, act_of::<BlockQ5K>()),
+        (WeightType::Q6_K, act_of::<BlockQ6K>()),
+    ];
+    for (wt, act) in pairs {
+        let expected = match wt.act_type() {
+            ActType::F32 => GgmlType::F32,
+            ActType::F16 => GgmlType::F16,
+            ActType::BF16 => GgmlType::BF16,
+            ActType::Q8_0 => GgmlType::Q8_0,
+            ActType::Q8_1 => GgmlType::Q8_1,
+            ActType::Q8_K => GgmlType::Q8_K,
+        };
+        assert_eq!(act, expected, "{wt:?}");
+        assert_eq!(WeightType::from_ggml(wt.ggml()), Some(wt));
+    }
+}
+
+#[test]
+fn k_scale_packing_roundtrips_every_value() {
+    for v in 0..64u8 {
+        let sc: [u8; 8] = std::array::from_fn(|j| ((usize::from(v) + 7 * j) % 64) as u8);
+        let mn: [u8; 8] = std::array::from_fn(|j| ((usize::from(v) * 3 + 11 * j) % 64) as u8);
+        let packed = kquant::pack_scale_min_k4_for_tests(&sc, &mn);
+        assert_eq!(kquant_scales(&packed), (sc, mn));
+    }
+}
+
+#[test]
+fn q8_quantizers_never_emit_minus_128() {
+    let mut rng = Rng::new(1400);
+    let x = rng.varied(256 * 16, 32);
+    assert!(
+        quantize_vec::<BlockQ8_0>(&x)
+            .iter()
+            .all(|b| b.qs.iter().all(|&q| q != -128))
+    );
+    assert!(
+        quantize_vec::<BlockQ8_1>(&x)
+            .iter()
+            .all(|b| b.qs.iter().all(|&q| q != -128))
+    );
+    assert!(
+        quantize_vec::<BlockQ8K>(&x)
+            .iter()
+            .all(|b| b.qs.iter().all(|&q| q != -128))
+    );
+}
+
+#[test]
+fn q8k_block_sums_match_values() {
+    let mut rng = Rng::new(1500);
+    let x = rng.varied(256 * 4, 256);
+    for b in quantize_vec::<BlockQ8K>(&x) {
+        for (k, s) in b.bsums.iter().enumerate() {
+            let sum: i16 = b.qs[16 * k..16 * k + 16]
+                .iter()
+                .map(|&q| i16::from(q))
+                .sum();
+            assert_eq!(*s, sum);
+        }
+    }
+}
+
+#[test]
+fn stored_minus_128_is_exact_in_q8_0_kernels() {
+    // Weights from a file may hold -128, which our quantizer never writes.
+    let mut rng = Rng::new(1600);
+    let mut w: Vec<BlockQ8_0> = quantize_vec(&rng.varied(32 * 5, 32));
+    for b in &mut w {
+        b.qs[3] = -128;
+        b.qs[17] = -128;
+    }
+    let a: Vec<BlockQ8_0> = quantize_vec(&rng.varied(32 * 5, 32));
+    let twin = BlockQ8_0::dot_scalar(&w, &a);
+    let fast = BlockQ8_0::dot_kernel(crate::simd::SimdLevel::Avx512Vnni)(&w, &a);
+    assert!(
+        (twin - fast).abs() <= 1e-4 * twin.abs().max(1.0),
+        "{twin} vs {fast}"
+    );
+}
