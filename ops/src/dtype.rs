@@ -43,6 +43,8 @@ pub enum GgmlType {
     TQ1_0 = 34,
     TQ2_0 = 35,
     MXFP4 = 39,
+    NVFP4 = 40,
+    Q1_0 = 41,
 }
 
 /// Elements per block of the k-quant family.
@@ -50,7 +52,7 @@ pub const QK_K: usize = 256;
 
 impl GgmlType {
     /// Every known type, in id order.
-    pub const ALL: [GgmlType; 32] = [
+    pub const ALL: [GgmlType; 34] = [
         Self::F32,
         Self::F16,
         Self::Q4_0,
@@ -83,6 +85,8 @@ impl GgmlType {
         Self::TQ1_0,
         Self::TQ2_0,
         Self::MXFP4,
+        Self::NVFP4,
+        Self::Q1_0,
     ];
 
     /// The type with GGUF id `id`, or `None` for ids GGML never defined or withdrew.
@@ -129,6 +133,8 @@ impl GgmlType {
             Self::TQ1_0 => "TQ1_0",
             Self::TQ2_0 => "TQ2_0",
             Self::MXFP4 => "MXFP4",
+            Self::NVFP4 => "NVFP4",
+            Self::Q1_0 => "Q1_0",
         }
     }
 
@@ -151,6 +157,8 @@ impl GgmlType {
             | Self::Q8_1
             | Self::IQ4_NL
             | Self::MXFP4 => 32,
+            Self::NVFP4 => 64,
+            Self::Q1_0 => 128,
             Self::Q2_K
             | Self::Q3_K
             | Self::Q4_K
@@ -205,6 +213,8 @@ impl GgmlType {
             Self::TQ1_0 => 54,
             Self::TQ2_0 => 66,
             Self::MXFP4 => 17,
+            Self::NVFP4 => 36,
+            Self::Q1_0 => 18,
         }
     }
 
@@ -234,7 +244,7 @@ mod tests {
         for t in GgmlType::ALL {
             assert_eq!(GgmlType::from_id(t.id()), Some(t));
         }
-        for withdrawn in [4, 5, 31, 32, 33, 36, 37, 38, 40, 1000, u32::MAX] {
+        for withdrawn in [4, 5, 31, 32, 33, 36, 37, 38, 42, 1000, u32::MAX] {
             assert_eq!(GgmlType::from_id(withdrawn), None, "id {withdrawn}");
         }
     }

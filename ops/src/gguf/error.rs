@@ -15,7 +15,7 @@ pub enum GgufError {
         source: std::io::Error,
     },
 
-    #[error("bad magic {found:?}: not a GGUF file (expected \"GGUF\" or \"PWRI\")")]
+    #[error("bad magic \"{}\": not a GGUF file (expected \"GGUF\" or \"PWRI\")", found.escape_ascii())]
     BadMagic { found: [u8; 4] },
 
     #[error("big-endian GGUF files are not supported (version field reads {raw:#010x})")]

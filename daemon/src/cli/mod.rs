@@ -1,0 +1,67 @@
+//! The `powerinferd` command line: argument parsing and the subcommands. The binary is a
+//! shim over [`run`], so tests drive exactly what users run, output and exit status
+//! included, in-process.
+
+mod inspect;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Exit statuses.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// The command failed for a reason other than its input (I/O, internal).
+    pub const FAILURE: u8 = 1;
+    /// Usage errors, and files or inputs the command refused.
+    pub const BAD_INPUT: u8 = 2;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "powerinferd",
+    version,
+    about = "Sparsity-aware LLM inference engine and daemon"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a GGUF file's header, metadata and tensor table.
+    Inspect {
+        /// The GGUF file.
+        file: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the command line `args` (program name first), writing to `out` and `err`, and
+/// returns the exit status.
+pub fn run<I, T>(args: I, out: &mut dyn Write, err: &mut dyn Write) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version arrive here too; they go to stdout and succeed.
+            if e.use_stderr() {
+                let _ = write!(err, "{}", e.render());
+                return exit::BAD_INPUT;
+            }
+            let _ = write!(out, "{}", e.render());
+            return exit::OK;
+        }
+    };
+    match cli.command {
+        Command::Inspect { file, json } => inspect::run(&file, json, out, err),
+    }
+}
