@@ -11,12 +11,23 @@ fn text_dump_of_the_real_model() {
     assert_eq!(out.status, 0, "{}", out.stderr);
     assert!(out.stdout.contains("magic:       GGUF (version 3)"));
     assert!(out.stdout.contains("general.architecture = \"llama\""));
-    assert!(out.stdout.contains("tokenizer.ggml.tokens = [\"<|endoftext|>\""));
-    assert!(out.stdout.contains("(49152 items)]"), "long arrays are abbreviated");
+    assert!(
+        out.stdout
+            .contains("tokenizer.ggml.tokens = [\"<|endoftext|>\"")
+    );
+    assert!(
+        out.stdout.contains("(49152 items)]"),
+        "long arrays are abbreviated"
+    );
     assert!(out.stdout.contains("tensors: 272"));
-    assert!(out.stdout.lines().any(|l| l.contains("token_embd.weight") && l.contains("Q8_0")
-        && l.contains("576 x 49152") && l.contains("30081024")));
-    assert!(out.stdout.len() < 64 * 1024, "abbreviated output stays small");
+    assert!(out.stdout.lines().any(|l| l.contains("token_embd.weight")
+        && l.contains("Q8_0")
+        && l.contains("576 x 49152")
+        && l.contains("30081024")));
+    assert!(
+        out.stdout.len() < 64 * 1024,
+        "abbreviated output stays small"
+    );
 }
 
 #[test]
@@ -33,7 +44,12 @@ fn json_dump_of_the_real_model() {
     assert_eq!(embd["type"], "Q8_0");
     assert_eq!(embd["shape"], serde_json::json!([576, 49152]));
     assert_eq!(embd["n_bytes"], 30081024);
-    let tokens = v["metadata"].as_array().unwrap().iter().find(|m| m["key"] == "tokenizer.ggml.tokens").unwrap();
+    let tokens = v["metadata"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["key"] == "tokenizer.ggml.tokens")
+        .unwrap();
     assert_eq!(tokens["value"]["len"], 49152);
     assert_eq!(tokens["value"]["truncated"], true);
 }
@@ -43,9 +59,20 @@ fn powerinfer_magic_and_nested_arrays_are_shown() {
     let dir = TempDir::new("inspect");
     let path = dir.join("sparse.gguf");
     let mut w = GgufWriter::new().magic(Magic::PowerInfer);
-    w.add_metadata("powerinfer.sparse_threshold", Value::F32(0.0)).unwrap();
-    w.add_metadata("nested", Value::Array(Array::Array(vec![Array::U8(vec![1, 2])]))).unwrap();
-    w.add_tensor("blk.0.fc1.weight", GgmlType::F16, &[64, 16], vec![0u8; 64 * 16 * 2]).unwrap();
+    w.add_metadata("powerinfer.sparse_threshold", Value::F32(0.0))
+        .unwrap();
+    w.add_metadata(
+        "nested",
+        Value::Array(Array::Array(vec![Array::U8(vec![1, 2])])),
+    )
+    .unwrap();
+    w.add_tensor(
+        "blk.0.fc1.weight",
+        GgmlType::F16,
+        &[64, 16],
+        vec![0u8; 64 * 16 * 2],
+    )
+    .unwrap();
     w.write_file(&path).unwrap();
     let out = powerinferd(&["inspect", path.to_str().unwrap()]);
     assert_eq!(out.status, 0, "{}", out.stderr);

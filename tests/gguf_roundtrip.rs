@@ -3,7 +3,9 @@
 //! tensors of every type, through memory and through a file with typed zero-copy views.
 
 use powerinfer_ops::GgmlType;
-use powerinfer_ops::gguf::{Array, GgufFile, GgufWriter, Magic, Value, ViewError, WriteError, parse_header};
+use powerinfer_ops::gguf::{
+    Array, GgufFile, GgufWriter, Magic, Value, ViewError, WriteError, parse_header,
+};
 use powerinfer_ops::quant::{Block, BlockQ4_1, BlockQ6K};
 use powerinfer_ops::rng::Rng;
 use powerinfer_tests::TempDir;
@@ -30,8 +32,14 @@ fn every_value() -> Vec<(&'static str, Value)> {
         ("t.arr.u32", Value::Array(Array::U32(vec![1, 2, 3]))),
         ("t.arr.i32", Value::Array(Array::I32(vec![-1, 0, 1]))),
         ("t.arr.f32", Value::Array(Array::F32(vec![0.5, -0.25]))),
-        ("t.arr.bool", Value::Array(Array::Bool(vec![true, false, true]))),
-        ("t.arr.string", Value::Array(Array::String(vec!["a".into(), String::new(), "ü".into()]))),
+        (
+            "t.arr.bool",
+            Value::Array(Array::Bool(vec![true, false, true])),
+        ),
+        (
+            "t.arr.string",
+            Value::Array(Array::String(vec!["a".into(), String::new(), "ü".into()])),
+        ),
         ("t.arr.u64", Value::Array(Array::U64(vec![u64::MAX]))),
         ("t.arr.i64", Value::Array(Array::I64(vec![i64::MIN, 5]))),
         ("t.arr.f64", Value::Array(Array::F64(vec![1e300]))),
@@ -72,7 +80,12 @@ fn random_tensors(rng: &mut Rng) -> Vec<(String, GgmlType, Vec<u64>, Vec<u8>)> {
             let n = t.bytes_for(dims.iter().product()).unwrap() as usize;
             let mut data = vec![0u8; n];
             rng.fill_bytes(&mut data);
-            (format!("blk.{i}.{}", t.name().to_lowercase()), t, dims, data)
+            (
+                format!("blk.{i}.{}", t.name().to_lowercase()),
+                t,
+                dims,
+                data,
+            )
         })
         .collect()
 }
@@ -120,7 +133,9 @@ fn writer_output_reads_back_identically() {
                 let mut again = GgufWriter::new().magic(magic).version(version);
                 again.add_all_metadata(&h.metadata).unwrap();
                 for info in &h.tensors {
-                    again.add_tensor(&info.name, info.dtype, &info.dims, file.tensor_bytes(info)).unwrap();
+                    again
+                        .add_tensor(&info.name, info.dtype, &info.dims, file.tensor_bytes(info))
+                        .unwrap();
                 }
                 assert_eq!(again.to_bytes(), bytes);
             }
@@ -139,15 +154,39 @@ fn files_on_disk_give_typed_zero_copy_views() {
     let mut q6k = vec![BlockQ6K::default(); x.len() / 256];
     BlockQ6K::quantize(&x, &mut q6k);
     let mut w = GgufWriter::new();
-    w.add_tensor("f", GgmlType::F32, &[256, 3], powerinfer_ops::pod::as_bytes(&x)).unwrap();
-    w.add_tensor("q41", GgmlType::Q4_1, &[256, 3], powerinfer_ops::pod::as_bytes(&q41)).unwrap();
-    w.add_tensor("q6k", GgmlType::Q6_K, &[256, 3], powerinfer_ops::pod::as_bytes(&q6k)).unwrap();
+    w.add_tensor(
+        "f",
+        GgmlType::F32,
+        &[256, 3],
+        powerinfer_ops::pod::as_bytes(&x),
+    )
+    .unwrap();
+    w.add_tensor(
+        "q41",
+        GgmlType::Q4_1,
+        &[256, 3],
+        powerinfer_ops::pod::as_bytes(&q41),
+    )
+    .unwrap();
+    w.add_tensor(
+        "q6k",
+        GgmlType::Q6_K,
+        &[256, 3],
+        powerinfer_ops::pod::as_bytes(&q6k),
+    )
+    .unwrap();
     w.write_file(&path).unwrap();
 
     let file = GgufFile::open(&path).unwrap();
     assert_eq!(file.tensor_data_by_name::<f32>("f").unwrap(), x.as_slice());
-    assert_eq!(file.tensor_data_by_name::<BlockQ4_1>("q41").unwrap(), q41.as_slice());
-    assert_eq!(file.tensor_data_by_name::<BlockQ6K>("q6k").unwrap(), q6k.as_slice());
+    assert_eq!(
+        file.tensor_data_by_name::<BlockQ4_1>("q41").unwrap(),
+        q41.as_slice()
+    );
+    assert_eq!(
+        file.tensor_data_by_name::<BlockQ6K>("q6k").unwrap(),
+        q6k.as_slice()
+    );
     // The view borrows the mapped file: no copy.
     let view = file.tensor_data_by_name::<f32>("f").unwrap();
     let range = file.tensor_range(file.tensor("f").unwrap());
@@ -156,7 +195,10 @@ fn files_on_disk_give_typed_zero_copy_views() {
         file.tensor_data_by_name::<BlockQ4_1>("f"),
         Err(ViewError::WrongType { .. })
     ));
-    assert!(matches!(file.tensor_data_by_name::<f32>("nope"), Err(ViewError::NotFound { .. })));
+    assert!(matches!(
+        file.tensor_data_by_name::<f32>("nope"),
+        Err(ViewError::NotFound { .. })
+    ));
 }
 
 #[test]
@@ -164,11 +206,15 @@ fn misaligned_tensor_data_gives_a_view_error_not_ub() {
     let mut w = GgufWriter::new();
     w.add_metadata("general.alignment", Value::U32(1)).unwrap();
     w.add_tensor("pad", GgmlType::I8, &[1], vec![0u8]).unwrap();
-    w.add_tensor("f", GgmlType::F32, &[4], vec![0u8; 16]).unwrap();
+    w.add_tensor("f", GgmlType::F32, &[4], vec![0u8; 16])
+        .unwrap();
     let file = GgufFile::from_bytes(&w.to_bytes()).unwrap();
     let info = file.tensor("f").unwrap();
     if (file.header().data_offset + info.offset) % 4 != 0 {
-        assert!(matches!(file.tensor_data::<f32>(info), Err(ViewError::Misaligned { .. })));
+        assert!(matches!(
+            file.tensor_data::<f32>(info),
+            Err(ViewError::Misaligned { .. })
+        ));
     }
 }
 
@@ -176,7 +222,10 @@ fn misaligned_tensor_data_gives_a_view_error_not_ub() {
 fn writer_refuses_what_the_reader_would() {
     let mut w = GgufWriter::new();
     w.add_metadata("k", Value::U8(1)).unwrap();
-    assert!(matches!(w.add_metadata("k", Value::U8(2)), Err(WriteError::DuplicateKey { .. })));
+    assert!(matches!(
+        w.add_metadata("k", Value::U8(2)),
+        Err(WriteError::DuplicateKey { .. })
+    ));
     assert!(matches!(
         w.add_metadata("general.alignment", Value::U32(3)),
         Err(WriteError::BadAlignment { .. })
@@ -193,7 +242,8 @@ fn writer_refuses_what_the_reader_would() {
         w.add_tensor("t", GgmlType::F32, &[1, 1, 1, 1, 1], vec![0u8; 4]),
         Err(WriteError::BadDimCount { .. })
     ));
-    w.add_tensor("t", GgmlType::F32, &[1], vec![0u8; 4]).unwrap();
+    w.add_tensor("t", GgmlType::F32, &[1], vec![0u8; 4])
+        .unwrap();
     assert!(matches!(
         w.add_tensor("t", GgmlType::F32, &[1], vec![0u8; 4]),
         Err(WriteError::DuplicateTensor { .. })

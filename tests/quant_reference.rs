@@ -10,7 +10,9 @@ use powerinfer_ops::gguf::{GgufFile, TensorInfo};
 use powerinfer_ops::quant::*;
 
 fn fixture(name: &str) -> GgufFile {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
     GgufFile::open(&p).unwrap()
 }
 
@@ -48,7 +50,11 @@ fn dequantization_matches_gguf_py_for_every_type() {
             // Same formula in f32 on both sides; numpy may fuse or order one product
             // differently, so allow a couple of ulps.
             let tol = 2.0 * f32::EPSILON * w.abs().max(1e-30);
-            assert!((g - w).abs() <= tol, "{} [{i}]: ours {g}, gguf-py {w}", t.name);
+            assert!(
+                (g - w).abs() <= tol,
+                "{} [{i}]: ours {g}, gguf-py {w}",
+                t.name
+            );
         }
     }
     for wt in WeightType::ALL {
@@ -62,12 +68,40 @@ fn block_sizes_match_gguf_py() {
     // for Q8_1: gguf-py still lists its old f32 layout (40 bytes); ggml's `block_q8_1` is
     // two f16 and 32 bytes (36), which is what the kernels use. Q8_1 never occurs in files.
     const GGUF_PY: &[(u32, usize, usize)] = &[
-        (0, 1, 4), (1, 1, 2), (2, 32, 18), (3, 32, 20), (6, 32, 22), (7, 32, 24), (8, 32, 34),
-        (9, 32, 36), (10, 256, 84), (11, 256, 110), (12, 256, 144), (13, 256, 176),
-        (14, 256, 210), (15, 256, 292), (16, 256, 66), (17, 256, 74), (18, 256, 98),
-        (19, 256, 50), (20, 32, 18), (21, 256, 110), (22, 256, 82), (23, 256, 136),
-        (24, 1, 1), (25, 1, 2), (26, 1, 4), (27, 1, 8), (28, 1, 8), (29, 256, 56),
-        (30, 1, 2), (34, 256, 54), (35, 256, 66), (39, 32, 17), (40, 64, 36), (41, 128, 18),
+        (0, 1, 4),
+        (1, 1, 2),
+        (2, 32, 18),
+        (3, 32, 20),
+        (6, 32, 22),
+        (7, 32, 24),
+        (8, 32, 34),
+        (9, 32, 36),
+        (10, 256, 84),
+        (11, 256, 110),
+        (12, 256, 144),
+        (13, 256, 176),
+        (14, 256, 210),
+        (15, 256, 292),
+        (16, 256, 66),
+        (17, 256, 74),
+        (18, 256, 98),
+        (19, 256, 50),
+        (20, 32, 18),
+        (21, 256, 110),
+        (22, 256, 82),
+        (23, 256, 136),
+        (24, 1, 1),
+        (25, 1, 2),
+        (26, 1, 4),
+        (27, 1, 8),
+        (28, 1, 8),
+        (29, 256, 56),
+        (30, 1, 2),
+        (34, 256, 54),
+        (35, 256, 66),
+        (39, 32, 17),
+        (40, 64, 36),
+        (41, 128, 18),
     ];
     for &(id, len, bytes) in GGUF_PY {
         let t = GgmlType::from_id(id).unwrap();

@@ -14,21 +14,53 @@ fn header_and_all_tensor_infos() {
     assert_eq!(h.version, 3);
     assert_eq!(h.alignment, 32);
     let md = &h.metadata;
-    assert_eq!(md.get("general.architecture").and_then(|v| v.as_str()), Some("llama"));
-    assert_eq!(md.get("llama.block_count").and_then(|v| v.as_u64()), Some(30));
-    assert_eq!(md.get("llama.embedding_length").and_then(|v| v.as_u64()), Some(576));
-    assert_eq!(md.get("llama.feed_forward_length").and_then(|v| v.as_u64()), Some(1536));
-    assert_eq!(md.get("llama.attention.head_count").and_then(|v| v.as_u64()), Some(9));
-    assert_eq!(md.get("llama.attention.head_count_kv").and_then(|v| v.as_u64()), Some(3));
-    assert_eq!(md.get("tokenizer.ggml.model").and_then(|v| v.as_str()), Some("gpt2"));
-    let tokens = md.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).unwrap();
+    assert_eq!(
+        md.get("general.architecture").and_then(|v| v.as_str()),
+        Some("llama")
+    );
+    assert_eq!(
+        md.get("llama.block_count").and_then(|v| v.as_u64()),
+        Some(30)
+    );
+    assert_eq!(
+        md.get("llama.embedding_length").and_then(|v| v.as_u64()),
+        Some(576)
+    );
+    assert_eq!(
+        md.get("llama.feed_forward_length").and_then(|v| v.as_u64()),
+        Some(1536)
+    );
+    assert_eq!(
+        md.get("llama.attention.head_count")
+            .and_then(|v| v.as_u64()),
+        Some(9)
+    );
+    assert_eq!(
+        md.get("llama.attention.head_count_kv")
+            .and_then(|v| v.as_u64()),
+        Some(3)
+    );
+    assert_eq!(
+        md.get("tokenizer.ggml.model").and_then(|v| v.as_str()),
+        Some("gpt2")
+    );
+    let tokens = md
+        .get("tokenizer.ggml.tokens")
+        .and_then(|v| v.as_array())
+        .unwrap();
     assert_eq!(tokens.len(), 49152);
     assert_eq!(tokens.as_strings().unwrap()[1], "<|im_start|>");
 
     assert_eq!(h.tensors.len(), 272);
     let embd = file.tensor("token_embd.weight").unwrap();
-    assert_eq!((embd.dtype, embd.dims.as_slice()), (GgmlType::Q8_0, &[576u64, 49152][..]));
-    assert!(file.tensor("output.weight").is_none(), "SmolLM2 ties its output to the embedding");
+    assert_eq!(
+        (embd.dtype, embd.dims.as_slice()),
+        (GgmlType::Q8_0, &[576u64, 49152][..])
+    );
+    assert!(
+        file.tensor("output.weight").is_none(),
+        "SmolLM2 ties its output to the embedding"
+    );
     let mut q41 = 0;
     for t in &h.tensors {
         match t.dtype {
@@ -60,7 +92,8 @@ fn re_encoding_reproduces_the_file_byte_for_byte() {
     let mut w = GgufWriter::new().version(file.header().version);
     w.add_all_metadata(file.metadata()).unwrap();
     for t in file.tensors() {
-        w.add_tensor(&t.name, t.dtype, &t.dims, file.tensor_bytes(t)).unwrap();
+        w.add_tensor(&t.name, t.dtype, &t.dims, file.tensor_bytes(t))
+            .unwrap();
     }
     let bytes = w.to_bytes();
     assert_eq!(bytes.len(), original.len());

@@ -19,7 +19,10 @@ fn type_label(v: &Value) -> String {
 }
 
 fn shape(dims: &[u64]) -> String {
-    dims.iter().map(u64::to_string).collect::<Vec<_>>().join(" x ")
+    dims.iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(" x ")
 }
 
 fn cut(s: &str, max: usize) -> String {
@@ -44,18 +47,39 @@ pub fn write_text(file: &GgufFile, out: &mut dyn Write) -> io::Result<()> {
     if let Some(p) = file.path() {
         writeln!(out, "file:        {}", p.display())?;
     }
-    writeln!(out, "magic:       {} (version {})", h.magic.as_str(), h.version)?;
+    writeln!(
+        out,
+        "magic:       {} (version {})",
+        h.magic.as_str(),
+        h.version
+    )?;
     writeln!(out, "alignment:   {}", h.alignment)?;
     writeln!(out, "header:      {} bytes", h.header_len)?;
-    writeln!(out, "data:        offset {}, {} bytes", h.data_offset, h.data_len)?;
+    writeln!(
+        out,
+        "data:        offset {}, {} bytes",
+        h.data_offset, h.data_len
+    )?;
     writeln!(out)?;
     writeln!(out, "metadata: {} key(s)", h.metadata.len())?;
     for (i, (key, value)) in h.metadata.iter().enumerate() {
-        writeln!(out, "{:>6}: {:<18} {key} = {}", i + 1, type_label(value), text_value(value))?;
+        writeln!(
+            out,
+            "{:>6}: {:<18} {key} = {}",
+            i + 1,
+            type_label(value),
+            text_value(value)
+        )?;
     }
     writeln!(out)?;
     writeln!(out, "tensors: {}", h.tensors.len())?;
-    let name_w = h.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    let name_w = h
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     writeln!(
         out,
         "{:>6}  {:<name_w$}  {:<7} {:<22} {:>12} {:>12}",

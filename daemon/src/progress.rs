@@ -39,10 +39,22 @@ impl Progress {
     }
 
     fn draw(&self, done: u64) {
-        let frac = if self.total == 0 { 1.0 } else { (done as f64 / self.total as f64).min(1.0) };
+        let frac = if self.total == 0 {
+            1.0
+        } else {
+            (done as f64 / self.total as f64).min(1.0)
+        };
         let fill = (frac * WIDTH as f64) as usize;
         let bar: String = (0..WIDTH)
-            .map(|i| if i < fill { '=' } else if i == fill { '>' } else { ' ' })
+            .map(|i| {
+                if i < fill {
+                    '='
+                } else if i == fill {
+                    '>'
+                } else {
+                    ' '
+                }
+            })
             .collect();
         let mb = |b: u64| b as f64 / 1e6;
         let mut err = std::io::stderr().lock();

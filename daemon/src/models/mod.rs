@@ -15,7 +15,11 @@ pub use fetch::{FetchError, fetch};
 /// The models directory: `$POWERINFER_HOME/models`, else `$XDG_DATA_HOME/powerinfer/models`,
 /// else `~/.local/share/powerinfer/models`.
 pub fn default_models_dir() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(home) = env("POWERINFER_HOME") {
         return home.join("models");
     }
@@ -60,7 +64,11 @@ fn looks_like_path(reference: &str) -> bool {
 
 /// Resolves a model reference to a file, fetching a catalog model into `models_dir` when
 /// it is not there yet.
-pub fn resolve(reference: &str, models_dir: &Path, paths: PathPolicy) -> Result<PathBuf, ResolveError> {
+pub fn resolve(
+    reference: &str,
+    models_dir: &Path,
+    paths: PathPolicy,
+) -> Result<PathBuf, ResolveError> {
     if looks_like_path(reference) && paths == PathPolicy::Allow {
         let p = PathBuf::from(reference);
         return if p.is_file() {
@@ -69,9 +77,8 @@ pub fn resolve(reference: &str, models_dir: &Path, paths: PathPolicy) -> Result<
             Err(ResolveError::MissingFile { path: p })
         };
     }
-    let valid_stem = !reference.is_empty()
-        && !reference.starts_with('.')
-        && !looks_like_path(reference);
+    let valid_stem =
+        !reference.is_empty() && !reference.starts_with('.') && !looks_like_path(reference);
     if valid_stem {
         let local = models_dir.join(format!("{reference}.gguf"));
         if let Some(entry) = catalog::lookup(reference) {
@@ -94,6 +101,10 @@ pub fn resolve(reference: &str, models_dir: &Path, paths: PathPolicy) -> Result<
     Err(ResolveError::Unknown {
         reference: reference.to_owned(),
         models_dir: models_dir.to_owned(),
-        aliases: CATALOG.iter().map(|e| e.alias).collect::<Vec<_>>().join(", "),
+        aliases: CATALOG
+            .iter()
+            .map(|e| e.alias)
+            .collect::<Vec<_>>()
+            .join(", "),
     })
 }

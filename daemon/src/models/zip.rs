@@ -21,12 +21,18 @@ pub enum ZipError {
     Corrupt(&'static str),
     #[error("zip member {0:?} not found")]
     MissingMember(String),
-    #[error("zip member {name:?} uses compression method {method} (only stored and deflate are supported)")]
+    #[error(
+        "zip member {name:?} uses compression method {method} (only stored and deflate are supported)"
+    )]
     Unsupported { name: String, method: u16 },
     #[error("zip member {name:?} is {size} bytes, more than the {limit} allowed")]
     TooLarge { name: String, size: u64, limit: u64 },
     #[error("zip member {name:?} has CRC-32 {actual:08x}, the archive says {expected:08x}")]
-    Crc { name: String, expected: u32, actual: u32 },
+    Crc {
+        name: String,
+        expected: u32,
+        actual: u32,
+    },
 }
 
 fn u16_at(b: &[u8], at: usize) -> Result<u16, ZipError> {
@@ -156,7 +162,9 @@ pub fn extract(
         progress(done);
     }
     if done != m.size {
-        return Err(ZipError::Corrupt("member is shorter than its recorded size"));
+        return Err(ZipError::Corrupt(
+            "member is shorter than its recorded size",
+        ));
     }
     if crc.sum() != m.crc {
         return Err(ZipError::Crc {
