@@ -46,7 +46,7 @@ impl Raw {
     }
     /// Pads to a multiple of 32 and appends `n` data bytes.
     fn data(mut self, n: usize) -> Self {
-        while self.0.len() % 32 != 0 {
+        while !self.0.len().is_multiple_of(32) {
             self.0.push(0);
         }
         self.0.resize(self.0.len() + n, 0xab);
@@ -63,7 +63,8 @@ fn refuse(bytes: &[u8]) -> GgufError {
 
 macro_rules! refused {
     ($bytes:expr, $pat:pat) => {{
-        let e = refuse(&$bytes);
+        let bytes: Vec<u8> = $bytes.into();
+        let e = refuse(&bytes);
         assert!(matches!(e, $pat), "wrong error kind: {e:?} ({e})");
         // Messages are lowercase and end without a period.
         let msg = e.to_string();
@@ -78,7 +79,7 @@ const F32: u32 = 0;
 #[test]
 fn empty_and_short_files_are_truncated() {
     refused!(Vec::<u8>::new(), GgufError::Truncated { .. });
-    refused!(b"GGU".to_vec(), GgufError::Truncated { .. });
+    refused!(b"GGU", GgufError::Truncated { .. });
     refused!(
         Raw::default().bytes(b"GGUF").u32(3).0,
         GgufError::Truncated { .. }
@@ -266,7 +267,7 @@ fn offsets_misaligned_out_of_bounds_or_overlapping() {
     // Tensors present but the file ends before the (padded) data section starts.
     let f = Raw::header(3, 1, 0).tensor("w", &[8], F32, 0);
     assert!(
-        f.0.len() % 32 != 0,
+        !f.0.len().is_multiple_of(32),
         "the header must need padding for this case"
     );
     refused!(f.0, GgufError::DataOutOfBounds { .. });

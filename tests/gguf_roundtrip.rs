@@ -210,7 +210,7 @@ fn misaligned_tensor_data_gives_a_view_error_not_ub() {
         .unwrap();
     let file = GgufFile::from_bytes(&w.to_bytes()).unwrap();
     let info = file.tensor("f").unwrap();
-    if (file.header().data_offset + info.offset) % 4 != 0 {
+    if !(file.header().data_offset + info.offset).is_multiple_of(4) {
         assert!(matches!(
             file.tensor_data::<f32>(info),
             Err(ViewError::Misaligned { .. })
