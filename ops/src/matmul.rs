@@ -2,12 +2,12 @@
 //! thread pool.
 //!
 //! Weights are row-major: row `r` is `n_cols / W::LEN` consecutive blocks and computes
-//! output `r`. Activations are already in the weight type's activation format. Every
-//! output element is computed by one thread with one kernel call, so results are the same
-//! bits for any thread count.
+//! output `r`. Activations arrive prepared for the weight type (`WeightBlock::prepare`).
+//! Every output element is computed by one thread with one kernel call, so results are the
+//! same bits for any thread count.
 
 use crate::pool::{SharedMut, ThreadPool};
-use crate::quant::{DotFn, WeightBlock};
+use crate::quant::{DotFn, WeightBlock, prep_len};
 use crate::simd::{self, SimdLevel};
 
 /// Weight bytes a work item should cover at least: enough to amortize handing it out.
@@ -22,8 +22,9 @@ pub fn rows_per_chunk(n_rows: usize, row_bytes: usize, n_threads: usize) -> usiz
     by_bytes.max(by_balance).max(1)
 }
 
-/// `out[r] = w[r] · x` for every row `r` (`out.len()` rows of `x.len()` blocks).
-pub fn matvec<W: WeightBlock>(pool: &ThreadPool, w: &[W], x: &[W::Act], out: &mut [f32]) {
+/// `out[r] = w[r] · x` for every row `r` (`out.len()` rows of `w.len() / out.len()`
+/// blocks; `x` is one prepared activation row).
+pub fn matvec<W: WeightBlock>(pool: &ThreadPool, w: &[W], x: &[W::Prep], out: &mut [f32]) {
     matvec_at(simd::detected(), pool, w, x, out);
 }
 
@@ -32,17 +33,21 @@ pub fn matvec_at<W: WeightBlock>(
     level: SimdLevel,
     pool: &ThreadPool,
     w: &[W],
-    x: &[W::Act],
+    x: &[W::Prep],
     out: &mut [f32],
 ) {
-    let bpr = x.len();
+    let n_rows = out.len();
+    assert!(
+        n_rows > 0 && w.len().is_multiple_of(n_rows),
+        "weights must be out.len() whole rows"
+    );
+    let bpr = w.len() / n_rows;
     assert_eq!(
-        w.len(),
-        out.len() * bpr,
-        "weights must be out.len() rows of x.len() blocks"
+        x.len(),
+        prep_len::<W>(bpr),
+        "activation must be one prepared row"
     );
     let dot: DotFn<W> = W::dot_kernel(level);
-    let n_rows = out.len();
     let chunk = rows_per_chunk(n_rows, bpr * size_of::<W>(), pool.n_threads());
     let out = SharedMut::new(out);
     pool.for_each_chunk(n_rows, chunk, |rows| {
@@ -54,29 +59,30 @@ pub fn matvec_at<W: WeightBlock>(
     });
 }
 
-/// `out[t * n_rows + r] = w[r] · x_t` for `n_tok` activation rows of `bpr` blocks each,
-/// with `n_rows = w.len() / bpr`: one output row of `n_rows` values per token.
+/// `out[t * n_rows + r] = w[r] · x_t` for `n_tok` prepared activation rows, with
+/// `n_rows = out.len() / n_tok`: one output row of `n_rows` values per token.
 pub fn matmat<W: WeightBlock>(
     pool: &ThreadPool,
     w: &[W],
-    xs: &[W::Act],
+    xs: &[W::Prep],
     n_tok: usize,
     out: &mut [f32],
 ) {
     assert!(
-        n_tok > 0 && xs.len() % n_tok == 0,
-        "activations must be n_tok whole rows"
+        n_tok > 0 && out.len().is_multiple_of(n_tok),
+        "output must be n_tok whole rows"
     );
-    let bpr = xs.len() / n_tok;
+    let n_rows = out.len() / n_tok;
     assert!(
-        bpr > 0 && w.len().is_multiple_of(bpr),
+        n_rows > 0 && w.len().is_multiple_of(n_rows),
         "weights must be whole rows"
     );
-    let n_rows = w.len() / bpr;
+    let bpr = w.len() / n_rows;
+    let stride = prep_len::<W>(bpr);
     assert_eq!(
-        out.len(),
-        n_rows * n_tok,
-        "output must be n_tok rows of n_rows"
+        xs.len(),
+        stride * n_tok,
+        "activations must be n_tok prepared rows"
     );
     let dot: DotFn<W> = W::dot_kernel(simd::detected());
     let chunk = rows_per_chunk(n_rows, bpr * size_of::<W>(), pool.n_threads());
@@ -84,7 +90,7 @@ pub fn matmat<W: WeightBlock>(
     pool.for_each_chunk(n_rows, chunk, |rows| {
         // The chunk's weight rows stay in L1/L2 while every token streams past them.
         for t in 0..n_tok {
-            let x = &xs[t * bpr..(t + 1) * bpr];
+            let x = &xs[t * stride..(t + 1) * stride];
             let base = t * n_rows;
             // SAFETY: row ranges are disjoint across chunks, so the ranges
             // base + rows of different chunks are disjoint for the same token and the
@@ -111,7 +117,7 @@ mod tests {
     use half::f16;
 
     use super::*;
-    use crate::quant::{Block, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0};
+    use crate::quant::{Block, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_1, BlockQ6K, BlockQ8_0};
     use crate::rng::Rng;
 
     fn quantized<B: Block>(rng: &mut Rng, n: usize) -> Vec<B> {
@@ -127,6 +133,14 @@ mod tests {
         let n_tok = 5;
         let xs: Vec<W::Act> = quantized(&mut rng, n_tok * n_cols);
         let bpr = n_cols / W::LEN;
+        let stride = prep_len::<W>(bpr);
+        let mut prepared = vec![W::Prep::default(); stride * n_tok];
+        for t in 0..n_tok {
+            W::prepare(
+                &xs[t * bpr..(t + 1) * bpr],
+                &mut prepared[t * stride..(t + 1) * stride],
+            );
+        }
         // Σ|w·x| per (token, row): the scale of float reassociation error.
         let deq = |b: &[_]| {
             let mut v = vec![0.0; b.len() * W::LEN];
@@ -143,12 +157,17 @@ mod tests {
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads, "test").unwrap();
             let mut mm = vec![0.0; n_rows * n_tok];
-            matmat(&pool, &w, &xs, n_tok, &mut mm);
+            matmat(&pool, &w, &prepared, n_tok, &mut mm);
             for t in 0..n_tok {
                 let x = &xs[t * bpr..(t + 1) * bpr];
                 let mut fast = vec![0.0; n_rows];
                 let mut slow = vec![0.0; n_rows];
-                matvec(&pool, &w, x, &mut fast);
+                matvec(
+                    &pool,
+                    &w,
+                    &prepared[t * stride..(t + 1) * stride],
+                    &mut fast,
+                );
                 matvec_ref(&w, x, &mut slow);
                 for r in 0..n_rows {
                     let tol = 2e-5 * mag(t, r) + 1e-9;
@@ -163,7 +182,10 @@ mod tests {
     #[test]
     fn matvec_and_matmat_match_the_reference_for_any_thread_count() {
         check::<BlockQ4_1>(97, 576, 1);
+        check::<BlockQ4_0>(40, 96, 8);
+        check::<BlockQ5_1>(40, 160, 9);
         check::<BlockQ8_0>(300, 64, 2);
+        check::<BlockQ8_0>(30, 96, 10);
         check::<BlockQ4K>(33, 512, 3);
         check::<BlockQ6K>(70, 256, 4);
         check::<f32>(31, 45, 5);
@@ -174,7 +196,7 @@ mod tests {
     fn results_do_not_depend_on_thread_count() {
         let mut rng = Rng::new(7);
         let w: Vec<BlockQ4_1> = quantized(&mut rng, 1536 * 576);
-        let x: Vec<_> = quantized(&mut rng, 576);
+        let x = crate::quant::prepare_f32::<BlockQ4_1>(&rng.varied(576, 32));
         let run = |threads| {
             let pool = ThreadPool::new(threads, "test").unwrap();
             let mut out = vec![0.0; 1536];

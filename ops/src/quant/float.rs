@@ -56,6 +56,12 @@ impl Block for bf16 {
 
 impl WeightBlock for f32 {
     type Act = f32;
+    type Prep = f32;
+    const PREP_BLOCKS: usize = 1;
+
+    fn prepare(a: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(a);
+    }
 
     fn dot_scalar(w: &[f32], a: &[f32]) -> f32 {
         assert_eq!(w.len(), a.len());
@@ -69,6 +75,12 @@ impl WeightBlock for f32 {
 
 impl WeightBlock for f16 {
     type Act = f16;
+    type Prep = f16;
+    const PREP_BLOCKS: usize = 1;
+
+    fn prepare(a: &[f16], out: &mut [f16]) {
+        out.copy_from_slice(a);
+    }
 
     fn dot_scalar(w: &[f16], a: &[f16]) -> f32 {
         assert_eq!(w.len(), a.len());
@@ -82,6 +94,12 @@ impl WeightBlock for f16 {
 
 impl WeightBlock for bf16 {
     type Act = bf16;
+    type Prep = bf16;
+    const PREP_BLOCKS: usize = 1;
+
+    fn prepare(a: &[bf16], out: &mut [bf16]) {
+        out.copy_from_slice(a);
+    }
 
     fn dot_scalar(w: &[bf16], a: &[bf16]) -> f32 {
         assert_eq!(w.len(), a.len());

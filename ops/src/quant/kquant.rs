@@ -281,6 +281,12 @@ impl Block for BlockQ8K {
 
 impl WeightBlock for BlockQ4K {
     type Act = BlockQ8K;
+    type Prep = BlockQ8K;
+    const PREP_BLOCKS: usize = 1;
+
+    fn prepare(a: &[BlockQ8K], out: &mut [BlockQ8K]) {
+        out.copy_from_slice(a);
+    }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8K]) -> f32 {
         assert_eq!(w.len(), a.len());
@@ -311,6 +317,12 @@ impl WeightBlock for BlockQ4K {
 
 impl WeightBlock for BlockQ5K {
     type Act = BlockQ8K;
+    type Prep = BlockQ8K;
+    const PREP_BLOCKS: usize = 1;
+
+    fn prepare(a: &[BlockQ8K], out: &mut [BlockQ8K]) {
+        out.copy_from_slice(a);
+    }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8K]) -> f32 {
         assert_eq!(w.len(), a.len());
@@ -342,6 +354,12 @@ impl WeightBlock for BlockQ5K {
 
 impl WeightBlock for BlockQ6K {
     type Act = BlockQ8K;
+    type Prep = BlockQ8K;
+    const PREP_BLOCKS: usize = 1;
+
+    fn prepare(a: &[BlockQ8K], out: &mut [BlockQ8K]) {
+        out.copy_from_slice(a);
+    }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8K]) -> f32 {
         assert_eq!(w.len(), a.len());

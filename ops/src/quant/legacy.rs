@@ -4,6 +4,7 @@
 use half::f16;
 
 use super::blocks::*;
+use super::prep::{self, PrepNib, PrepQ8};
 use super::{Block, DotFn, WeightBlock, round_even, signed_absmax};
 use crate::simd::SimdLevel;
 
@@ -223,6 +224,12 @@ fn idot(w: impl Fn(usize) -> i32, a: &[i8; QK]) -> i32 {
 
 impl WeightBlock for BlockQ4_0 {
     type Act = BlockQ8_0;
+    type Prep = PrepNib;
+    const PREP_BLOCKS: usize = prep::NIB_GROUP;
+
+    fn prepare(a: &[BlockQ8_0], out: &mut [PrepNib]) {
+        prep::prepare_nib_q8_0(a, out);
+    }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8_0]) -> f32 {
         assert_eq!(w.len(), a.len());
@@ -239,12 +246,18 @@ impl WeightBlock for BlockQ4_0 {
     }
 
     fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
-        crate::simd::dispatch!(level, int dot_q4_0_q8_0, Self::dot_scalar)
+        crate::simd::dispatch!(level, int dot_nib::<BlockQ4_0>, prep::dot_nib_scalar::<BlockQ4_0>)
     }
 }
 
 impl WeightBlock for BlockQ4_1 {
     type Act = BlockQ8_1;
+    type Prep = PrepNib;
+    const PREP_BLOCKS: usize = prep::NIB_GROUP;
+
+    fn prepare(a: &[BlockQ8_1], out: &mut [PrepNib]) {
+        prep::prepare_nib_q8_1(a, out);
+    }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8_1]) -> f32 {
         assert_eq!(w.len(), a.len());
@@ -261,12 +274,18 @@ impl WeightBlock for BlockQ4_1 {
     }
 
     fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
-        crate::simd::dispatch!(level, int dot_q4_1_q8_1, Self::dot_scalar)
+        crate::simd::dispatch!(level, int dot_nib::<BlockQ4_1>, prep::dot_nib_scalar::<BlockQ4_1>)
     }
 }
 
 impl WeightBlock for BlockQ5_0 {
     type Act = BlockQ8_0;
+    type Prep = PrepNib;
+    const PREP_BLOCKS: usize = prep::NIB_GROUP;
+
+    fn prepare(a: &[BlockQ8_0], out: &mut [PrepNib]) {
+        prep::prepare_nib_q8_0(a, out);
+    }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8_0]) -> f32 {
         assert_eq!(w.len(), a.len());
@@ -284,12 +303,18 @@ impl WeightBlock for BlockQ5_0 {
     }
 
     fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
-        crate::simd::dispatch!(level, int dot_q5_0_q8_0, Self::dot_scalar)
+        crate::simd::dispatch!(level, int dot_nib::<BlockQ5_0>, prep::dot_nib_scalar::<BlockQ5_0>)
     }
 }
 
 impl WeightBlock for BlockQ5_1 {
     type Act = BlockQ8_1;
+    type Prep = PrepNib;
+    const PREP_BLOCKS: usize = prep::NIB_GROUP;
+
+    fn prepare(a: &[BlockQ8_1], out: &mut [PrepNib]) {
+        prep::prepare_nib_q8_1(a, out);
+    }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8_1]) -> f32 {
         assert_eq!(w.len(), a.len());
@@ -308,12 +333,18 @@ impl WeightBlock for BlockQ5_1 {
     }
 
     fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
-        crate::simd::dispatch!(level, int dot_q5_1_q8_1, Self::dot_scalar)
+        crate::simd::dispatch!(level, int dot_nib::<BlockQ5_1>, prep::dot_nib_scalar::<BlockQ5_1>)
     }
 }
 
 impl WeightBlock for BlockQ8_0 {
     type Act = BlockQ8_0;
+    type Prep = PrepQ8;
+    const PREP_BLOCKS: usize = prep::Q8_GROUP;
+
+    fn prepare(a: &[BlockQ8_0], out: &mut [PrepQ8]) {
+        prep::prepare_q8(a, out);
+    }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8_0]) -> f32 {
         assert_eq!(w.len(), a.len());
@@ -325,6 +356,6 @@ impl WeightBlock for BlockQ8_0 {
     }
 
     fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
-        crate::simd::dispatch!(level, int dot_q8_0_q8_0, Self::dot_scalar)
+        crate::simd::dispatch!(level, int dot_q8, prep::dot_q8_scalar)
     }
 }

@@ -10,9 +10,11 @@ mod blocks;
 mod float;
 mod kquant;
 mod legacy;
+pub mod prep;
 
 pub use blocks::*;
 pub(crate) use kquant::kquant_scales;
+pub use prep::{PrepNib, PrepQ8};
 
 use crate::dtype::GgmlType;
 use crate::pod::TensorElement;
@@ -31,20 +33,47 @@ pub trait Block: TensorElement + Default {
     fn quantize(x: &[f32], out: &mut [Self]);
 }
 
-/// A dot product of `n` weight blocks with `n` activation blocks.
-pub type DotFn<W> = fn(&[W], &[<W as WeightBlock>::Act]) -> f32;
+/// A dot product of `n` weight blocks with the prepared activation of `n` blocks.
+pub type DotFn<W> = fn(&[W], &[<W as WeightBlock>::Prep]) -> f32;
 
-/// A block type that weights are stored in, with the activation format it is multiplied
-/// against (`Q8_0`, `Q8_1`, `Q8_K`, or the float type itself).
+/// A block type that weights are stored in, with the activation format GGML multiplies
+/// it against (`Q8_0`, `Q8_1`, `Q8_K`, or the float type itself), and the prepared form of
+/// that activation the fast kernels read.
 pub trait WeightBlock: Block {
-    /// Same `LEN` as `Self`.
+    /// GGML's activation block for this weight type; same `LEN` as `Self`.
     type Act: Block;
 
-    /// The plain reference dot product (the slow twin of every SIMD kernel).
+    /// The activation rearranged for the kernels (`Act` itself for most types).
+    type Prep: Copy + Default + Send + Sync + 'static;
+
+    /// Weight blocks covered by one `Prep` unit.
+    const PREP_BLOCKS: usize;
+
+    /// Rearranges activation blocks; `out.len() == a.len().div_ceil(PREP_BLOCKS)`. The
+    /// integers are unchanged, so prepared kernels compute what `dot_scalar` computes.
+    fn prepare(a: &[Self::Act], out: &mut [Self::Prep]);
+
+    /// The plain reference dot product on GGML's activation blocks: the slow twin every
+    /// kernel is tested against.
     fn dot_scalar(w: &[Self], a: &[Self::Act]) -> f32;
 
     /// The fastest kernel usable at `level` (falling back to lower levels).
     fn dot_kernel(level: SimdLevel) -> DotFn<Self>;
+}
+
+/// Prepared units per row of `n_blocks` weight blocks.
+pub fn prep_len<W: WeightBlock>(n_blocks: usize) -> usize {
+    n_blocks.div_ceil(W::PREP_BLOCKS)
+}
+
+/// Quantizes `x` to `W`'s activation format and prepares it (allocating; the engine keeps
+/// its own buffers).
+pub fn prepare_f32<W: WeightBlock>(x: &[f32]) -> Vec<W::Prep> {
+    let mut act = vec![W::Act::default(); x.len() / W::Act::LEN];
+    W::Act::quantize(x, &mut act);
+    let mut out = vec![W::Prep::default(); prep_len::<W>(act.len())];
+    W::prepare(&act, &mut out);
+    out
 }
 
 /// The weight types the CPU kernels compute with: the load boundary. Every other GGML

@@ -155,8 +155,10 @@ fn check_dots<W: WeightBlock>(act: ActType, seed: u64) {
                 "{ctx}: twin {twin} vs unquantized {ideal} (bound {bound})"
             );
 
+            let mut prepared = vec![W::Prep::default(); prep_len::<W>(a.len())];
+            W::prepare(&a, &mut prepared);
             for level in supported_levels() {
-                let fast = f64::from(W::dot_kernel(level)(&w, &a));
+                let fast = f64::from(W::dot_kernel(level)(&w, &prepared));
                 let tol = REASSOC_TOL * mag + 1e-9;
                 assert!(
                     (fast - twin).abs() <= tol,
@@ -291,10 +293,14 @@ fn stored_minus_128_is_exact_in_q8_0_kernels() {
         b.qs[17] = -128;
     }
     let a: Vec<BlockQ8_0> = quantize_vec(&rng.varied(32 * 5, 32));
+    let mut prepared = vec![PrepQ8::default(); prep_len::<BlockQ8_0>(a.len())];
+    BlockQ8_0::prepare(&a, &mut prepared);
     let twin = BlockQ8_0::dot_scalar(&w, &a);
-    let fast = BlockQ8_0::dot_kernel(crate::simd::SimdLevel::Avx512Vnni)(&w, &a);
-    assert!(
-        (twin - fast).abs() <= 1e-4 * twin.abs().max(1.0),
-        "{twin} vs {fast}"
-    );
+    for level in supported_levels() {
+        let fast = BlockQ8_0::dot_kernel(level)(&w, &prepared);
+        assert!(
+            (twin - fast).abs() <= 1e-4 * twin.abs().max(1.0),
+            "{level}: {twin} vs {fast}"
+        );
+    }
 }

@@ -9,10 +9,8 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use crate::quant::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1,
-    BlockQ8K, kquant_scales,
-};
+use crate::quant::prep::{NIB_GROUP, NibBlock, PrepNib, PrepQ8, Q8_GROUP};
+use crate::quant::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, kquant_scales};
 
 /// Declares the safe entry point of a kernel.
 macro_rules! entry {
@@ -30,11 +28,6 @@ macro_rules! entry {
 entry!(dot_f32, dot_f32_impl, f32, f32);
 entry!(dot_f16, dot_f16_impl, f16, f16);
 entry!(dot_bf16, dot_bf16_impl, bf16, bf16);
-entry!(dot_q4_0_q8_0, dot_q4_0_impl, BlockQ4_0, BlockQ8_0);
-entry!(dot_q4_1_q8_1, dot_q4_1_impl, BlockQ4_1, BlockQ8_1);
-entry!(dot_q5_0_q8_0, dot_q5_0_impl, BlockQ5_0, BlockQ8_0);
-entry!(dot_q5_1_q8_1, dot_q5_1_impl, BlockQ5_1, BlockQ8_1);
-entry!(dot_q8_0_q8_0, dot_q8_0_impl, BlockQ8_0, BlockQ8_0);
 entry!(dot_q4_k_q8_k, dot_q4_k_impl, BlockQ4K, BlockQ8K);
 entry!(dot_q5_k_q8_k, dot_q5_k_impl, BlockQ5K, BlockQ8K);
 entry!(dot_q6_k_q8_k, dot_q6_k_impl, BlockQ6K, BlockQ8K);
@@ -67,18 +60,6 @@ fn load32_i8(p: &[i8]) -> __m256i {
     assert!(p.len() >= 32);
     // SAFETY: as `load32`.
     unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
-}
-
-/// 16 bytes of packed nibbles → 32 bytes: low nibbles first, then high nibbles.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn unpack_nibbles(qs: &[u8; 16]) -> __m256i {
-    // SAFETY: 16 readable bytes.
-    let t = unsafe { _mm_loadu_si128(qs.as_ptr().cast()) };
-    let m = _mm_set1_epi8(0x0f);
-    let lo = _mm_and_si128(t, m);
-    let hi = _mm_and_si128(_mm_srli_epi16::<4>(t), m);
-    _mm256_set_m128i(hi, lo)
 }
 
 /// Byte `j` is 0xff where bit `j` of `bits` is set.
@@ -171,73 +152,155 @@ unsafe fn dot_bf16_impl(w: &[bf16], a: &[bf16]) -> f32 {
     float_dot!(w, a, load, |v: bf16| v.to_f32())
 }
 
-// Q4_0: |(q - 8)| <= 8 times |y| <= 127, two per i16: 2032, no saturation.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_0_impl(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (w, a) in w.iter().zip(a) {
-        let d = _mm256_set1_ps(f16_to_f32(w.d) * f16_to_f32(a.d));
-        let qx = _mm256_sub_epi8(unpack_nibbles(&w.qs), _mm256_set1_epi8(8));
-        let p = _mm256_cvtepi32_ps(dot_ss8(qx, load32_i8(&a.qs)));
-        acc = _mm256_fmadd_ps(d, p, acc);
-    }
-    hsum_ps(acc)
+fn load128(p: &[u8; 16]) -> __m128i {
+    // SAFETY: 16 readable bytes.
+    unsafe { _mm_loadu_si128(p.as_ptr().cast()) }
 }
 
-// Q4_1: q <= 15, |y| <= 127: pairs <= 3810.
+/// One group of four nibble blocks against its prepared activation, as two halves of two
+/// blocks. Levels are at most 31, so u8 × i8 pairs stay below 2^15 (7874).
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_1_impl(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = 0.0f32;
-    for (w, a) in w.iter().zip(a) {
-        summs += f16_to_f32(w.m) * f16_to_f32(a.s);
-        let d = _mm256_set1_ps(f16_to_f32(w.d) * f16_to_f32(a.d));
-        let p = _mm256_cvtepi32_ps(dot_us8(unpack_nibbles(&w.qs), load32_i8(&a.qs)));
-        acc = _mm256_fmadd_ps(d, p, acc);
+fn nib_group<W: NibBlock, const N: usize>(
+    w: &[W; N],
+    p: &PrepNib,
+    acc: &mut __m256,
+    accm: &mut __m256,
+) {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    // A group holds N <= 4 blocks; missing ones read as zero (scale 0, no contribution).
+    let nib = |i: usize| {
+        if i < N {
+            load128(w[i].nibbles())
+        } else {
+            _mm_setzero_si128()
+        }
+    };
+    let dm_bits = |i: usize| if i < N { w[i].dm_bits() as i32 } else { 0 };
+    let high_bits = |i: usize| if i < N { w[i].high_bits() } else { 0 };
+    // [d0, m0, d1, m1, d2, m2, d3, m3] as f32.
+    let dm = _mm256_cvtph_ps(_mm_setr_epi32(
+        dm_bits(0),
+        dm_bits(1),
+        dm_bits(2),
+        dm_bits(3),
+    ));
+    for h in 0..2 {
+        if 2 * h >= N {
+            break;
+        }
+        let q = _mm256_set_m128i(nib(2 * h + 1), nib(2 * h));
+        let mut lo = _mm256_and_si256(q, m4);
+        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+        if W::HAS_QH {
+            let (h0, h1) = (high_bits(2 * h), high_bits(2 * h + 1));
+            let bit4 = _mm256_set1_epi8(0x10);
+            let mask_lo = (h0 & 0xffff) | (h1 << 16);
+            let mask_hi = (h0 >> 16) | (h1 & 0xffff_0000);
+            lo = _mm256_or_si256(
+                lo,
+                _mm256_and_si256(bytes_from_bits(mask_lo.to_le_bytes()), bit4),
+            );
+            hi = _mm256_or_si256(
+                hi,
+                _mm256_and_si256(bytes_from_bits(mask_hi.to_le_bytes()), bit4),
+            );
+        }
+        // SAFETY: offsets 32h..32h+32 of 64-byte arrays and 8h..8h+8 of 16-lane arrays.
+        let (alo, ahi, ad, lane_sum) = unsafe {
+            (
+                _mm256_loadu_si256(p.lo.as_ptr().add(32 * h).cast()),
+                _mm256_loadu_si256(p.hi.as_ptr().add(32 * h).cast()),
+                _mm256_loadu_ps(p.d.as_ptr().add(8 * h)),
+                _mm256_loadu_si256(p.lane_sum.as_ptr().add(8 * h).cast()),
+            )
+        };
+        let mut isum = _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(lo, alo), ones),
+            _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ahi), ones),
+        );
+        if W::OFFSET != 0 {
+            isum = _mm256_sub_epi32(
+                isum,
+                _mm256_mullo_epi32(lane_sum, _mm256_set1_epi32(W::OFFSET)),
+            );
+        }
+        let base = 4 * h as i32;
+        let idx = _mm256_setr_epi32(
+            base,
+            base,
+            base,
+            base,
+            base + 2,
+            base + 2,
+            base + 2,
+            base + 2,
+        );
+        let scale = _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, idx), ad);
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, *acc);
     }
-    hsum_ps(acc) + summs
+    if W::HAS_MIN {
+        // SAFETY: 8 floats.
+        let s = unsafe { _mm256_loadu_ps(p.s.as_ptr()) };
+        *accm = _mm256_fmadd_ps(dm, s, *accm);
+    }
 }
 
-// Q5_0: |q - 16| <= 16: pairs <= 4064.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q5_0_impl(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let high = _mm256_set1_epi8(0x10);
-    for (w, a) in w.iter().zip(a) {
-        let d = _mm256_set1_ps(f16_to_f32(w.d) * f16_to_f32(a.d));
-        let hb = _mm256_and_si256(bytes_from_bits(w.qh), high);
-        let qx = _mm256_sub_epi8(_mm256_or_si256(unpack_nibbles(&w.qs), hb), high);
-        let p = _mm256_cvtepi32_ps(dot_ss8(qx, load32_i8(&a.qs)));
-        acc = _mm256_fmadd_ps(d, p, acc);
-    }
-    hsum_ps(acc)
+/// Nibble weights (Q4_0, Q4_1, Q5_0, Q5_1) · prepared activations.
+pub fn dot_nib<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
+    assert_eq!(a.len(), w.len().div_ceil(NIB_GROUP));
+    debug_assert!(crate::simd::SimdLevel::Avx2.is_supported());
+    // SAFETY: handed out only by `simd::dispatch!`, which checks the CPU level.
+    unsafe { dot_nib_impl(w, a) }
 }
 
-// Q5_1: q <= 31: pairs <= 7874.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q5_1_impl(w: &[BlockQ5_1], a: &[BlockQ8_1]) -> f32 {
+unsafe fn dot_nib_impl<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut summs = 0.0f32;
-    let high = _mm256_set1_epi8(0x10);
-    for (w, a) in w.iter().zip(a) {
-        summs += f16_to_f32(w.m) * f16_to_f32(a.s);
-        let d = _mm256_set1_ps(f16_to_f32(w.d) * f16_to_f32(a.d));
-        let hb = _mm256_and_si256(bytes_from_bits(w.qh), high);
-        let qx = _mm256_or_si256(unpack_nibbles(&w.qs), hb);
-        let p = _mm256_cvtepi32_ps(dot_us8(qx, load32_i8(&a.qs)));
-        acc = _mm256_fmadd_ps(d, p, acc);
+    let mut accm = _mm256_setzero_ps();
+    let groups = w.chunks_exact(NIB_GROUP);
+    let tail = groups.remainder();
+    for (g, p) in groups.zip(a) {
+        nib_group::<W, 4>(g.try_into().expect("chunk of 4"), p, &mut acc, &mut accm);
     }
-    hsum_ps(acc) + summs
+    let last = &a[a.len().saturating_sub(1)];
+    match tail {
+        [] => {}
+        [b0] => nib_group(&[*b0], last, &mut acc, &mut accm),
+        [b0, b1] => nib_group(&[*b0, *b1], last, &mut acc, &mut accm),
+        [b0, b1, b2] => nib_group(&[*b0, *b1, *b2], last, &mut acc, &mut accm),
+        _ => unreachable!("a remainder of chunks of 4 is shorter than 4"),
+    }
+    hsum_ps(_mm256_add_ps(acc, accm))
 }
 
-// Q8_0: |x| <= 127 (128 for a stored -128) times |y| <= 127: pairs <= 32512.
+/// Q8_0 weights · prepared activations. |x| <= 128 (a stored -128) times |y| <= 127:
+/// pairs <= 32512, no saturation in `vpmaddubsw`.
+pub fn dot_q8(w: &[BlockQ8_0], a: &[PrepQ8]) -> f32 {
+    assert_eq!(a.len(), w.len().div_ceil(Q8_GROUP));
+    debug_assert!(crate::simd::SimdLevel::Avx2.is_supported());
+    // SAFETY: handed out only by `simd::dispatch!`, which checks the CPU level.
+    unsafe { dot_q8_impl(w, a) }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_0_impl(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+unsafe fn dot_q8_impl(w: &[BlockQ8_0], a: &[PrepQ8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    for (w, a) in w.iter().zip(a) {
-        let d = _mm256_set1_ps(f16_to_f32(w.d) * f16_to_f32(a.d));
-        let p = _mm256_cvtepi32_ps(dot_ss8(load32_i8(&w.qs), load32_i8(&a.qs)));
-        acc = _mm256_fmadd_ps(d, p, acc);
+    for (i, wb) in w.iter().enumerate() {
+        let (p, b) = (&a[i / Q8_GROUP], i % Q8_GROUP);
+        // SAFETY: offsets 32b..32b+32 and 8b..8b+8 of the prepared arrays.
+        let (y, ad) = unsafe {
+            (
+                _mm256_loadu_si256(p.qs.as_ptr().add(32 * b).cast()),
+                _mm256_loadu_ps(p.d.as_ptr().add(8 * b)),
+            )
+        };
+        let isum = dot_ss8(load32_i8(&wb.qs), y);
+        let scale = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(wb.d)), ad);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc);
     }
     hsum_ps(acc)
 }

@@ -2,19 +2,17 @@
 //! (`vpdpbusd` for u8 × i8, `vpdpwssd` for the i16 × scale step of the k-quants). Each is
 //! the fast twin of a `dot_scalar` in `crate::quant` and is tested against it.
 //!
-//! The 32-element block types are processed two blocks per 512-bit register; signed
-//! weights are made unsigned by an offset that is subtracted through a second `vpdpbusd`
-//! against the same activation bytes, so every integer sum is exact.
+//! The 32-element block types read prepared activations (`crate::quant::prep`): four
+//! nibble blocks or two Q8_0 blocks per 512-bit `vpdpbusd`, scales in f32, and offsets
+//! removed through precomputed lane sums, so every integer sum is exact.
 
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
 use super::avx2::{f16_to_f32, hsum_ps};
-use crate::quant::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1,
-    BlockQ8K, kquant_scales,
-};
+use crate::quant::prep::{NIB_GROUP, NibBlock, PrepNib, PrepQ8, Q8_GROUP};
+use crate::quant::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, kquant_scales};
 
 macro_rules! entry {
     ($name:ident, $imp:ident, $w:ty, $a:ty, $level:ident) => {
@@ -31,41 +29,6 @@ macro_rules! entry {
 entry!(dot_f32, dot_f32_impl, f32, f32, Avx512);
 entry!(dot_f16, dot_f16_impl, f16, f16, Avx512);
 entry!(dot_bf16, dot_bf16_impl, bf16, bf16, Avx512);
-entry!(
-    dot_q4_0_q8_0,
-    dot_q4_0_impl,
-    BlockQ4_0,
-    BlockQ8_0,
-    Avx512Vnni
-);
-entry!(
-    dot_q4_1_q8_1,
-    dot_q4_1_impl,
-    BlockQ4_1,
-    BlockQ8_1,
-    Avx512Vnni
-);
-entry!(
-    dot_q5_0_q8_0,
-    dot_q5_0_impl,
-    BlockQ5_0,
-    BlockQ8_0,
-    Avx512Vnni
-);
-entry!(
-    dot_q5_1_q8_1,
-    dot_q5_1_impl,
-    BlockQ5_1,
-    BlockQ8_1,
-    Avx512Vnni
-);
-entry!(
-    dot_q8_0_q8_0,
-    dot_q8_0_impl,
-    BlockQ8_0,
-    BlockQ8_0,
-    Avx512Vnni
-);
 entry!(dot_q4_k_q8_k, dot_q4_k_impl, BlockQ4K, BlockQ8K, Avx512Vnni);
 entry!(dot_q5_k_q8_k, dot_q5_k_impl, BlockQ5K, BlockQ8K, Avx512Vnni);
 entry!(dot_q6_k_q8_k, dot_q6_k_impl, BlockQ6K, BlockQ8K, Avx512Vnni);
@@ -156,14 +119,6 @@ unsafe fn dot_bf16_impl(w: &[bf16], a: &[bf16]) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-fn load32_i8(p: &[i8]) -> __m256i {
-    assert!(p.len() >= 32);
-    // SAFETY: at least 32 readable bytes.
-    unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
 fn load32(p: &[u8]) -> __m256i {
     assert!(p.len() >= 32);
     // SAFETY: at least 32 readable bytes.
@@ -193,134 +148,156 @@ fn join(lo: __m256i, hi: __m256i) -> __m512i {
     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
 }
 
-/// `d0` in lanes 0..8, `d1` in lanes 8..16.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-fn scales2(d0: f32, d1: f32) -> __m512 {
-    _mm512_insertf32x8::<1>(_mm512_set1_ps(d0), _mm256_set1_ps(d1))
-}
-
-/// 16 bytes of packed nibbles → 32 bytes: low nibbles first, then high nibbles.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-fn unpack_nibbles(qs: &[u8; 16]) -> __m256i {
+fn load128(p: &[u8; 16]) -> __m128i {
     // SAFETY: 16 readable bytes.
-    let t = unsafe { _mm_loadu_si128(qs.as_ptr().cast()) };
-    let m = _mm_set1_epi8(0x0f);
-    _mm256_set_m128i(
-        _mm_and_si128(_mm_srli_epi16::<4>(t), m),
-        _mm_and_si128(t, m),
-    )
+    unsafe { _mm_loadu_si128(p.as_ptr().cast()) }
 }
 
-/// Nibbles of a Q5 block with bit 4 from `qh` set as 0x10.
+/// One group of four nibble blocks against its prepared activation: accumulates the
+/// scaled integer sums into `acc` and the minimum terms into `accm`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-fn unpack_q5(qs: &[u8; 16], qh: [u8; 4]) -> __m256i {
-    let hb = _mm256_maskz_mov_epi8(u32::from_le_bytes(qh), _mm256_set1_epi8(0x10));
-    _mm256_or_si256(unpack_nibbles(qs), hb)
-}
-
-/// Dot products of pairs of 32-element blocks. `$bytes(w)` gives a block's 32 unsigned
-/// weight bytes, `$offset` is subtracted from each (0 for unsigned types), `$d(w, a)`
-/// the combined scale and `$extra(w, a)` a per-block scalar term (the Q*_1 minimum).
-macro_rules! pair_kernel {
-    ($w:expr, $a:expr, $bytes:expr, $offset:expr, $d:expr, $extra:expr) => {{
-        let (w, a) = ($w, $a);
-        let zero = _mm512_setzero_si512();
-        let off = _mm512_set1_epi8($offset as i8);
-        let mut acc = _mm512_setzero_ps();
-        let mut extra = 0.0f32;
-        let mut wp = w.chunks_exact(2);
-        let mut ap = a.chunks_exact(2);
-        for (w2, a2) in (&mut wp).zip(&mut ap) {
-            let q = join($bytes(&w2[0]), $bytes(&w2[1]));
-            let y = join(load32_i8(&a2[0].qs), load32_i8(&a2[1].qs));
-            let mut s = _mm512_dpbusd_epi32(zero, q, y);
-            if $offset != 0 {
-                s = _mm512_sub_epi32(s, _mm512_dpbusd_epi32(zero, off, y));
-            }
-            let d = scales2($d(&w2[0], &a2[0]), $d(&w2[1], &a2[1]));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc);
-            extra += $extra(&w2[0], &a2[0]) + $extra(&w2[1], &a2[1]);
+fn nib_group<W: NibBlock, const N: usize>(
+    w: &[W; N],
+    p: &PrepNib,
+    acc: &mut __m512,
+    accm: &mut __m256,
+) {
+    let m4 = _mm512_set1_epi8(0x0f);
+    // A group holds N <= 4 blocks; missing ones read as zero (scale 0, no contribution).
+    let nib = |i: usize| {
+        if i < N {
+            load128(w[i].nibbles())
+        } else {
+            _mm_setzero_si128()
         }
-        let mut total = _mm512_reduce_add_ps(acc) + extra;
-        if let (Some(w), Some(a)) = (wp.remainder().first(), ap.remainder().first()) {
-            let z = _mm256_setzero_si256();
-            let y = load32_i8(&a.qs);
-            let mut s = _mm256_dpbusd_epi32(z, $bytes(w), y);
-            if $offset != 0 {
-                s = _mm256_sub_epi32(
-                    s,
-                    _mm256_dpbusd_epi32(z, _mm256_set1_epi8($offset as i8), y),
-                );
-            }
-            total += hsum_ps(_mm256_cvtepi32_ps(s)) * $d(w, a) + $extra(w, a);
-        }
-        total
-    }};
+    };
+    let dm_bits = |i: usize| if i < N { w[i].dm_bits() as i32 } else { 0 };
+    let high_bits = |i: usize| if i < N { w[i].high_bits() } else { 0 };
+    // [b0 | b1 | b2 | b3] nibbles: low nibbles are values 0..16, high nibbles 16..32.
+    let mut q = _mm512_castsi128_si512(nib(0));
+    q = _mm512_inserti32x4::<1>(q, nib(1));
+    q = _mm512_inserti32x4::<2>(q, nib(2));
+    q = _mm512_inserti32x4::<3>(q, nib(3));
+    let mut lo = _mm512_and_si512(q, m4);
+    let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+    if W::HAS_QH {
+        let qh = [high_bits(0), high_bits(1), high_bits(2), high_bits(3)];
+        let mask_lo = (0..4).fold(0u64, |m, b| m | (u64::from(qh[b] & 0xffff) << (16 * b)));
+        let mask_hi = (0..4).fold(0u64, |m, b| m | (u64::from(qh[b] >> 16) << (16 * b)));
+        let bit4 = _mm512_set1_epi8(0x10);
+        lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(mask_lo, bit4));
+        hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(mask_hi, bit4));
+    }
+    // SAFETY: PrepNib is 64-byte aligned and its fields are 64-byte arrays / 16 lanes.
+    let (alo, ahi, ad, lane_sum) = unsafe {
+        (
+            _mm512_load_si512(p.lo.as_ptr().cast()),
+            _mm512_load_si512(p.hi.as_ptr().cast()),
+            _mm512_load_ps(p.d.as_ptr()),
+            _mm512_load_si512(p.lane_sum.as_ptr().cast()),
+        )
+    };
+    let mut isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo);
+    isum = _mm512_dpbusd_epi32(isum, hi, ahi);
+    if W::OFFSET != 0 {
+        let off = _mm512_mullo_epi32(lane_sum, _mm512_set1_epi32(W::OFFSET));
+        isum = _mm512_sub_epi32(isum, off);
+    }
+    // [d0, m0, d1, m1, d2, m2, d3, m3] as f32.
+    let dm = _mm256_cvtph_ps(_mm_setr_epi32(
+        dm_bits(0),
+        dm_bits(1),
+        dm_bits(2),
+        dm_bits(3),
+    ));
+    let idx = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+    let scale = _mm512_mul_ps(_mm512_permutexvar_ps(idx, _mm512_zextps256_ps512(dm)), ad);
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
+    if W::HAS_MIN {
+        // SAFETY: `s` is 8 floats at a 32-byte aligned offset of the 64-byte aligned struct.
+        let s = unsafe { _mm256_load_ps(p.s.as_ptr()) };
+        *accm = _mm256_fmadd_ps(dm, s, *accm);
+    }
+}
+
+/// Nibble weights (Q4_0, Q4_1, Q5_0, Q5_1) · prepared activations.
+pub fn dot_nib<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
+    assert_eq!(a.len(), w.len().div_ceil(NIB_GROUP));
+    debug_assert!(crate::simd::SimdLevel::Avx512Vnni.is_supported());
+    // SAFETY: handed out only by `simd::dispatch!`, which checks the CPU level.
+    unsafe { dot_nib_impl(w, a) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_q4_0_impl(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
-    pair_kernel!(
-        w,
-        a,
-        |b: &BlockQ4_0| unpack_nibbles(&b.qs),
-        8u8,
-        |w: &BlockQ4_0, a: &BlockQ8_0| f16_to_f32(w.d) * f16_to_f32(a.d),
-        |_: &BlockQ4_0, _: &BlockQ8_0| 0.0f32
-    )
+unsafe fn dot_nib_impl<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
+    let mut acc = _mm512_setzero_ps();
+    let mut accm = _mm256_setzero_ps();
+    let groups = w.chunks_exact(NIB_GROUP);
+    let tail = groups.remainder();
+    for (g, p) in groups.zip(a) {
+        nib_group::<W, 4>(g.try_into().expect("chunk of 4"), p, &mut acc, &mut accm);
+    }
+    let last = &a[a.len().saturating_sub(1)];
+    match tail {
+        [] => {}
+        [b0] => nib_group(&[*b0], last, &mut acc, &mut accm),
+        [b0, b1] => nib_group(&[*b0, *b1], last, &mut acc, &mut accm),
+        [b0, b1, b2] => nib_group(&[*b0, *b1, *b2], last, &mut acc, &mut accm),
+        _ => unreachable!("a remainder of chunks of 4 is shorter than 4"),
+    }
+    _mm512_reduce_add_ps(acc) + hsum_ps(accm)
+}
+
+/// Two Q8_0 blocks against their prepared activation. Weights are made unsigned by
+/// flipping the sign bit (x + 128); `neg_corr` removes the offset exactly, -128 included.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+fn q8_pair(w: &[BlockQ8_0; 2], p: &PrepQ8, acc: &mut __m512) {
+    // SAFETY: 32 readable bytes per block; PrepQ8 is 64-byte aligned.
+    let (q, aq, ad, corr) = unsafe {
+        (
+            join(
+                _mm256_loadu_si256(w[0].qs.as_ptr().cast()),
+                _mm256_loadu_si256(w[1].qs.as_ptr().cast()),
+            ),
+            _mm512_load_si512(p.qs.as_ptr().cast()),
+            _mm512_load_ps(p.d.as_ptr()),
+            _mm512_load_si512(p.neg_corr.as_ptr().cast()),
+        )
+    };
+    let x = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
+    let isum = _mm512_dpbusd_epi32(corr, x, aq);
+    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(
+        i32::from(w[0].d.to_bits()) | (i32::from(w[1].d.to_bits()) << 16),
+    ));
+    let idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    let scale = _mm512_mul_ps(_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(d)), ad);
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
+}
+
+/// Q8_0 weights · prepared activations.
+pub fn dot_q8(w: &[BlockQ8_0], a: &[PrepQ8]) -> f32 {
+    assert_eq!(a.len(), w.len().div_ceil(Q8_GROUP));
+    debug_assert!(crate::simd::SimdLevel::Avx512Vnni.is_supported());
+    // SAFETY: handed out only by `simd::dispatch!`, which checks the CPU level.
+    unsafe { dot_q8_impl(w, a) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_q4_1_impl(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
-    pair_kernel!(
-        w,
-        a,
-        |b: &BlockQ4_1| unpack_nibbles(&b.qs),
-        0u8,
-        |w: &BlockQ4_1, a: &BlockQ8_1| f16_to_f32(w.d) * f16_to_f32(a.d),
-        |w: &BlockQ4_1, a: &BlockQ8_1| f16_to_f32(w.m) * f16_to_f32(a.s)
-    )
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_q5_0_impl(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
-    pair_kernel!(
-        w,
-        a,
-        |b: &BlockQ5_0| unpack_q5(&b.qs, b.qh),
-        16u8,
-        |w: &BlockQ5_0, a: &BlockQ8_0| f16_to_f32(w.d) * f16_to_f32(a.d),
-        |_: &BlockQ5_0, _: &BlockQ8_0| 0.0f32
-    )
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_q5_1_impl(w: &[BlockQ5_1], a: &[BlockQ8_1]) -> f32 {
-    pair_kernel!(
-        w,
-        a,
-        |b: &BlockQ5_1| unpack_q5(&b.qs, b.qh),
-        0u8,
-        |w: &BlockQ5_1, a: &BlockQ8_1| f16_to_f32(w.d) * f16_to_f32(a.d),
-        |w: &BlockQ5_1, a: &BlockQ8_1| f16_to_f32(w.m) * f16_to_f32(a.s)
-    )
-}
-
-// Signed weights become unsigned by flipping the sign bit (x + 128); the offset 128 is
-// removed through the activation sums, which is exact for every byte value including -128.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_q8_0_impl(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
-    pair_kernel!(
-        w,
-        a,
-        |b: &BlockQ8_0| _mm256_xor_si256(load32_i8(&b.qs), _mm256_set1_epi8(-128)),
-        128u8,
-        |w: &BlockQ8_0, a: &BlockQ8_0| f16_to_f32(w.d) * f16_to_f32(a.d),
-        |_: &BlockQ8_0, _: &BlockQ8_0| 0.0f32
-    )
+unsafe fn dot_q8_impl(w: &[BlockQ8_0], a: &[PrepQ8]) -> f32 {
+    let mut acc = _mm512_setzero_ps();
+    let pairs = w.chunks_exact(Q8_GROUP);
+    let tail = pairs.remainder();
+    for (pair, p) in pairs.zip(a) {
+        q8_pair(pair.try_into().expect("chunk of 2"), p, &mut acc);
+    }
+    if let [last] = tail {
+        q8_pair(&[*last, BlockQ8_0::default()], &a[a.len() - 1], &mut acc);
+    }
+    _mm512_reduce_add_ps(acc)
 }
 
 /// Σ over the 8 sub-blocks of `min[j] * (bsums[2j] + bsums[2j+1])`.

@@ -98,13 +98,13 @@ pub fn supported_levels() -> Vec<SimdLevel> {
 /// versions below it; `float` kernels have 512-bit versions from `Avx512`. The requested
 /// level is capped by the hardware, so a kernel is never handed out that cannot run.
 macro_rules! dispatch {
-    ($level:expr, int $name:ident, $fallback:expr) => {{
+    ($level:expr, int $name:ident $(::<$t:ty>)?, $fallback:expr) => {{
         let level = $level.min($crate::simd::hardware_level());
         #[cfg(target_arch = "x86_64")]
         match level {
-            $crate::simd::SimdLevel::Avx512Vnni => return $crate::simd::avx512::$name,
+            $crate::simd::SimdLevel::Avx512Vnni => return $crate::simd::avx512::$name $(::<$t>)?,
             $crate::simd::SimdLevel::Avx2 | $crate::simd::SimdLevel::Avx512 => {
-                return $crate::simd::avx2::$name;
+                return $crate::simd::avx2::$name $(::<$t>)?;
             }
             $crate::simd::SimdLevel::Scalar => {}
         }
