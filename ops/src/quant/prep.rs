@@ -207,9 +207,9 @@ pub fn dot_nib_scalar<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
         let (p, b) = (&a[i / NIB_GROUP], i % NIB_GROUP);
         let (qs, qh) = (wb.nibbles(), wb.high_bits());
         let mut sum = 0i32;
-        for j in 0..16 {
-            let lo = i32::from(qs[j] & 0xf) | ((((qh >> j) & 1) as i32) << 4);
-            let hi = i32::from(qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as i32) << 4);
+        for (j, &byte) in qs.iter().enumerate() {
+            let lo = i32::from(byte & 0xf) | ((((qh >> j) & 1) as i32) << 4);
+            let hi = i32::from(byte >> 4) | ((((qh >> (j + 16)) & 1) as i32) << 4);
             sum += (lo - W::OFFSET) * i32::from(p.lo[16 * b + j]);
             sum += (hi - W::OFFSET) * i32::from(p.hi[16 * b + j]);
         }
