@@ -5,6 +5,8 @@
 //! Depends on `powerinfer-ops` for every number it computes; it owns no kernels.
 
 pub mod cli;
+pub mod ids;
 pub mod inspect;
+pub mod model;
 pub mod models;
 pub mod progress;

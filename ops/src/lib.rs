@@ -12,6 +12,7 @@ pub mod nn;
 pub mod pod;
 pub mod pool;
 pub mod storage;
+pub mod tensor;
 
 pub use dtype::GgmlType;
 pub mod quant;

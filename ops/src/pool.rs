@@ -144,21 +144,32 @@ impl ThreadPool {
     /// shorter), handing ranges out dynamically so a descheduled thread does not hold up
     /// the others. Each range is processed by exactly one thread.
     pub fn for_each_chunk<F: Fn(Range<usize>) + Sync>(&self, n: usize, chunk: usize, f: F) {
+        self.for_each_chunk_on(n, chunk, |_, range| f(range));
+    }
+
+    /// [`Self::for_each_chunk`], also passing the index (`0..n_threads`) of the thread
+    /// running each range, for per-thread scratch buffers.
+    pub fn for_each_chunk_on<F: Fn(usize, Range<usize>) + Sync>(
+        &self,
+        n: usize,
+        chunk: usize,
+        f: F,
+    ) {
         let chunk = chunk.max(1);
         if n <= chunk || self.n_threads == 1 {
             if n > 0 {
-                f(0..n);
+                f(0, 0..n);
             }
             return;
         }
         let next = AtomicUsize::new(0);
-        self.run(|_| {
+        self.run(|thread| {
             loop {
                 let start = next.fetch_add(chunk, Ordering::Relaxed);
                 if start >= n {
                     break;
                 }
-                f(start..(start + chunk).min(n));
+                f(thread, start..(start + chunk).min(n));
             }
         });
     }

@@ -2,6 +2,7 @@
 //! embedding, activations and gating, softmax, element-wise arithmetic.
 
 mod activation;
+mod attention;
 mod exp;
 mod norm;
 mod rope;
@@ -9,6 +10,7 @@ mod rope;
 pub use activation::{
     add, dual_relu_mul, gelu, gelu_mul, mul, relu, relu_mul, scale, silu, silu_mul, softmax,
 };
+pub use attention::{KvElem, attend};
 pub use exp::{exp_approx, exp_approx_slice};
 pub use norm::rms_norm;
 pub use rope::{Rope, RopeStyle};

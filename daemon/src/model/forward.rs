@@ -1,0 +1,275 @@
+//! The llama-family forward pass on the CPU.
+//!
+//! One call runs a batch of tokens through every layer: the tokens of a prompt (prefill),
+//! one token of each running sequence (decode), or a mix. Each token names its sequence's
+//! KV-cache slot and its position, and attends to positions `0..=pos` of that slot.
+
+use powerinfer_ops::gguf::GgufFile;
+use powerinfer_ops::nn::{self, KvElem, Rope};
+use powerinfer_ops::pool::{SharedMut, ThreadPool};
+use powerinfer_ops::tensor::Activations;
+
+use super::config::{FfnKind, ModelConfig};
+use super::kv_cache::{KvCache, KvData};
+use super::weights::Weights;
+use super::{ForwardError, LoadError};
+use crate::ids::{SeqSlot, TokenId};
+
+/// A loaded model: configuration, weights (mapped from the file), RoPE tables.
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    rope: Rope,
+}
+
+/// One token of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchToken {
+    pub token: TokenId,
+    pub slot: SeqSlot,
+    pub pos: usize,
+    /// Whether this token's next-token logits are wanted.
+    pub logits: bool,
+}
+
+/// Buffers reused from step to step, grown to the largest batch seen.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    acts: Activations,
+    cos_sin: Vec<[f32; 2]>,
+    scores: Vec<Vec<f32>>,
+    logits: Vec<f32>,
+}
+
+fn sized(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+impl Model {
+    pub fn load(file: &GgufFile) -> Result<Self, LoadError> {
+        let config = ModelConfig::from_metadata(file.metadata(), file.header().magic)?;
+        let weights = Weights::load(file, &config)?;
+        let rope = Rope::new(
+            config.n_rot,
+            config.rope_base,
+            config.rope_freq_scale,
+            config.rope_style,
+            weights.rope_freqs.as_deref(),
+        );
+        Ok(Self {
+            config,
+            weights,
+            rope,
+        })
+    }
+
+    /// Runs `batch` through the model, writing keys and values into `kv`, and returns the
+    /// logits (`n_vocab` each) of the tokens that asked for them, in batch order.
+    pub fn forward<'s>(
+        &self,
+        pool: &ThreadPool,
+        batch: &[BatchToken],
+        kv: &mut KvCache,
+        s: &'s mut Scratch,
+    ) -> Result<&'s [f32], ForwardError> {
+        let c = &self.config;
+        self.check(batch, kv)?;
+        let (n, e, eps) = (batch.len(), c.n_embd, c.rms_eps);
+        let half_rot = c.n_rot / 2;
+        self.size_scratch(s, n, kv.n_ctx(), pool.n_threads());
+
+        for (t, b) in batch.iter().enumerate() {
+            self.weights
+                .token_embd
+                .dequantize_row(b.token.index(), &mut s.x[t * e..(t + 1) * e]);
+            self.rope
+                .cos_sin(b.pos, &mut s.cos_sin[t * half_rot..(t + 1) * half_rot]);
+        }
+
+        for (layer, w) in self.weights.layers.iter().enumerate() {
+            // Attention block.
+            rms_norm_rows(&s.x, &w.attn_norm, eps, &mut s.xn); // [n][n_embd]
+            s.acts.set(&s.xn, n);
+            w.wq.matmul(pool, &mut s.acts, &mut s.q); // [n][n_head · head_dim]
+            w.wk.matmul(pool, &mut s.acts, &mut s.k); // [n][n_head_kv · head_dim]
+            w.wv.matmul(pool, &mut s.acts, &mut s.v); // [n][n_head_kv · head_dim]
+            self.rotate(&mut s.q, &mut s.k, &s.cos_sin);
+            for (t, b) in batch.iter().enumerate() {
+                let kv_w = c.n_embd_kv();
+                kv.write(
+                    layer,
+                    b.slot,
+                    b.pos,
+                    &s.k[t * kv_w..(t + 1) * kv_w],
+                    &s.v[t * kv_w..(t + 1) * kv_w],
+                );
+            }
+            self.attention(pool, layer, batch, kv, &s.q, &mut s.scores, &mut s.att); // [n][n_head · head_dim]
+            s.acts.set(&s.att, n);
+            w.wo.matmul(pool, &mut s.acts, &mut s.proj); // [n][n_embd]
+            nn::add(&mut s.x, &s.proj);
+
+            // Feed-forward block.
+            rms_norm_rows(&s.x, &w.ffn_norm, eps, &mut s.xn); // [n][n_embd]
+            s.acts.set(&s.xn, n);
+            w.gate.matmul(pool, &mut s.acts, &mut s.gate); // [n][n_ff]
+            w.up.matmul(pool, &mut s.acts, &mut s.up); // [n][n_ff]
+            gate_activation(c.ffn, &mut s.gate, &s.up); // h = act(gate) ∘ up
+            s.acts.set(&s.gate, n);
+            w.down.matmul(pool, &mut s.acts, &mut s.proj); // [n][n_embd]
+            nn::add(&mut s.x, &s.proj);
+        }
+
+        // Output head, only for the tokens whose logits are wanted.
+        let wanted: Vec<usize> = (0..n).filter(|&t| batch[t].logits).collect();
+        if wanted.is_empty() {
+            s.logits.clear();
+            return Ok(&s.logits);
+        }
+        sized(&mut s.xn, wanted.len() * e);
+        for (i, &t) in wanted.iter().enumerate() {
+            nn::rms_norm(
+                &s.x[t * e..(t + 1) * e],
+                &self.weights.output_norm,
+                eps,
+                &mut s.xn[i * e..(i + 1) * e],
+            );
+        }
+        s.acts.set(&s.xn, wanted.len());
+        sized(&mut s.logits, wanted.len() * c.n_vocab);
+        self.weights.output.matmul(pool, &mut s.acts, &mut s.logits); // [n_out][n_vocab]
+        Ok(&s.logits)
+    }
+
+    fn check(&self, batch: &[BatchToken], kv: &KvCache) -> Result<(), ForwardError> {
+        if batch.is_empty() {
+            return Err(ForwardError::EmptyBatch);
+        }
+        for b in batch {
+            if b.token.index() >= self.config.n_vocab {
+                return Err(ForwardError::TokenOutOfRange {
+                    token: b.token,
+                    n_vocab: self.config.n_vocab,
+                });
+            }
+            if b.pos >= kv.n_ctx() {
+                return Err(ForwardError::ContextFull {
+                    pos: b.pos,
+                    n_ctx: kv.n_ctx(),
+                });
+            }
+            if b.slot.0 >= kv.n_slots() {
+                return Err(ForwardError::BadSlot {
+                    slot: b.slot.0,
+                    n_slots: kv.n_slots(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn size_scratch(&self, s: &mut Scratch, n: usize, n_ctx: usize, n_threads: usize) {
+        let c = &self.config;
+        sized(&mut s.x, n * c.n_embd);
+        sized(&mut s.xn, n * c.n_embd);
+        sized(&mut s.q, n * c.n_embd_q());
+        sized(&mut s.k, n * c.n_embd_kv());
+        sized(&mut s.v, n * c.n_embd_kv());
+        sized(&mut s.att, n * c.n_embd_q());
+        sized(&mut s.proj, n * c.n_embd);
+        sized(&mut s.gate, n * c.n_ff);
+        sized(&mut s.up, n * c.n_ff);
+        s.cos_sin.resize(n * c.n_rot / 2, [0.0; 2]);
+        s.scores.resize_with(n_threads, Vec::new);
+        for sc in &mut s.scores {
+            sc.resize(n_ctx, 0.0);
+        }
+    }
+
+    /// Applies RoPE to every query and key head of every token.
+    fn rotate(&self, q: &mut [f32], k: &mut [f32], cos_sin: &[[f32; 2]]) {
+        let c = &self.config;
+        let half = c.n_rot / 2;
+        for (t, cs) in cos_sin.chunks_exact(half).enumerate() {
+            self.rope.apply(
+                &mut q[t * c.n_embd_q()..(t + 1) * c.n_embd_q()],
+                c.head_dim,
+                cs,
+            );
+            self.rope.apply(
+                &mut k[t * c.n_embd_kv()..(t + 1) * c.n_embd_kv()],
+                c.head_dim,
+                cs,
+            );
+        }
+    }
+
+    /// Every (token, query head) pair attends over its sequence's positions `0..=pos`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        pool: &ThreadPool,
+        layer: usize,
+        batch: &[BatchToken],
+        kv: &KvCache,
+        q: &[f32],
+        scores: &mut [Vec<f32>],
+        att: &mut [f32],
+    ) {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let out = SharedMut::new(att);
+        let scores: Vec<SharedMut<'_, f32>> =
+            scores.iter_mut().map(|v| SharedMut::new(v)).collect();
+        let n_ctx = kv.n_ctx();
+        pool.for_each_chunk_on(batch.len() * c.n_head, 1, |thread, items| {
+            // SAFETY: each thread index is used by one thread at a time.
+            let sc = unsafe { scores[thread].slice(0..n_ctx) };
+            for item in items {
+                let (t, h) = (item / c.n_head, item % c.n_head);
+                let b = &batch[t];
+                let base = kv.head_offset(layer, b.slot, h / c.gqa_ratio());
+                let span = base..base + (b.pos + 1) * hd;
+                let qh = &q[item * hd..(item + 1) * hd];
+                // SAFETY: (token, head) items are disjoint head_dim ranges of `att`.
+                let o = unsafe { out.slice(item * hd..(item + 1) * hd) };
+                match &kv.data {
+                    KvData::F16 { k, v } => attend(qh, &k[span.clone()], &v[span], scale, sc, o),
+                    KvData::F32 { k, v } => attend(qh, &k[span.clone()], &v[span], scale, sc, o),
+                }
+            }
+        });
+    }
+}
+
+fn attend<K: KvElem>(q: &[f32], k: &[K], v: &[K], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    nn::attend(q, k, v, scale, scores, out);
+}
+
+fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let e = weight.len();
+    for (xr, or) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
+        nn::rms_norm(xr, weight, eps, or);
+    }
+}
+
+/// `gate = act(gate) ∘ up` for the model's FFN kind.
+fn gate_activation(kind: FfnKind, gate: &mut [f32], up: &[f32]) {
+    match kind {
+        FfnKind::SwiGlu => nn::silu_mul(gate, up),
+        FfnKind::ReGlu => nn::relu_mul(gate, up),
+        FfnKind::DRelu => nn::dual_relu_mul(gate, up),
+        FfnKind::GeGlu => nn::gelu_mul(gate, up),
+    }
+}

@@ -1,0 +1,141 @@
+//! The model's tensors, looked up by name, shape-checked against the configuration, and
+//! borrowed from the mapped file without copying (norm vectors are copied: they are tiny).
+
+use powerinfer_ops::GgmlType;
+use powerinfer_ops::gguf::{GgufFile, TensorInfo};
+use powerinfer_ops::tensor::Matrix;
+
+use super::LoadError;
+use super::config::{FfnKind, ModelConfig};
+use super::names::{self, Blk};
+use crate::ids::LayerId;
+
+/// One transformer block.
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    /// `[n_embd] → [n_head · head_dim]`
+    pub wq: Matrix,
+    /// `[n_embd] → [n_head_kv · head_dim]`
+    pub wk: Matrix,
+    pub wv: Matrix,
+    /// `[n_head · head_dim] → [n_embd]`
+    pub wo: Matrix,
+    pub ffn_norm: Vec<f32>,
+    /// `[n_embd] → [n_ff]`
+    pub gate: Matrix,
+    pub up: Matrix,
+    /// `[n_ff] → [n_embd]`
+    pub down: Matrix,
+}
+
+pub struct Weights {
+    /// `[n_vocab]` rows of `[n_embd]`.
+    pub token_embd: Matrix,
+    pub layers: Vec<LayerWeights>,
+    pub output_norm: Vec<f32>,
+    /// `[n_embd] → [n_vocab]`: `output.weight`, or the embedding when the file ties them.
+    pub output: Matrix,
+    pub output_tied: bool,
+    /// Per-pair RoPE frequency divisors (LLaMA 3.1 style), when the file has them.
+    pub rope_freqs: Option<Vec<f32>>,
+}
+
+fn info<'a>(file: &'a GgufFile, name: &str) -> Result<&'a TensorInfo, LoadError> {
+    file.tensor(name).ok_or_else(|| LoadError::MissingTensor {
+        name: name.to_owned(),
+    })
+}
+
+fn shape_error(t: &TensorInfo, expected: String) -> LoadError {
+    LoadError::Shape {
+        name: t.name.clone(),
+        dims: t.dims.clone(),
+        expected,
+    }
+}
+
+/// A `[n_cols, n_rows]` matrix.
+fn matrix(file: &GgufFile, name: &str, n_cols: usize, n_rows: usize) -> Result<Matrix, LoadError> {
+    let t = info(file, name)?;
+    let m = Matrix::from_gguf(file, t).map_err(LoadError::Tensor)?;
+    if (m.n_cols(), m.n_rows()) != (n_cols, n_rows) {
+        return Err(shape_error(t, format!("[{n_cols}, {n_rows}]")));
+    }
+    Ok(m)
+}
+
+/// An f32 vector of `len` values (norm weights are stored as F32 by every converter).
+fn vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
+    let t = info(file, name)?;
+    if t.dims.iter().product::<u64>() != len as u64 {
+        return Err(shape_error(t, format!("[{len}]")));
+    }
+    match t.dtype {
+        GgmlType::F32 => Ok(file
+            .tensor_data::<f32>(t)
+            .map_err(|e| LoadError::Other(e.to_string()))?
+            .to_vec()),
+        other => Err(LoadError::Unsupported {
+            what: format!("{other} for the vector {name} (expected F32)"),
+        }),
+    }
+}
+
+impl Weights {
+    pub fn load(file: &GgufFile, c: &ModelConfig) -> Result<Self, LoadError> {
+        let token_embd = matrix(file, names::TOKEN_EMBD, c.n_embd, c.n_vocab)?;
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for l in 0..c.n_layer {
+            let l = LayerId(l);
+            let m = |blk: Blk, cols, rows| matrix(file, &blk.name(l), cols, rows);
+            let v = |blk: Blk, len| vector(file, &blk.name(l), len);
+            layers.push(LayerWeights {
+                attn_norm: v(Blk::AttnNorm, c.n_embd)?,
+                wq: m(Blk::AttnQ, c.n_embd, c.n_embd_q())?,
+                wk: m(Blk::AttnK, c.n_embd, c.n_embd_kv())?,
+                wv: m(Blk::AttnV, c.n_embd, c.n_embd_kv())?,
+                wo: m(Blk::AttnOutput, c.n_embd_q(), c.n_embd)?,
+                ffn_norm: v(Blk::FfnNorm, c.n_embd)?,
+                gate: m(Blk::FfnGate, c.n_embd, c.n_ff)?,
+                up: m(Blk::FfnUp, c.n_embd, c.n_ff)?,
+                down: m(Blk::FfnDown, c.n_ff, c.n_embd)?,
+            });
+        }
+        let (output, output_tied) = if file.tensor(names::OUTPUT).is_some() {
+            (matrix(file, names::OUTPUT, c.n_embd, c.n_vocab)?, false)
+        } else {
+            (token_embd.clone(), true)
+        };
+        let rope_freqs = match file.tensor(names::ROPE_FREQS) {
+            Some(_) => Some(vector(file, names::ROPE_FREQS, c.n_rot / 2)?),
+            None => None,
+        };
+        // Unused by this FFN kind today; kept explicit so a new kind fails to compile here.
+        match c.ffn {
+            FfnKind::SwiGlu | FfnKind::ReGlu | FfnKind::DRelu | FfnKind::GeGlu => {}
+        }
+        Ok(Self {
+            token_embd,
+            layers,
+            output_norm: vector(file, names::OUTPUT_NORM, c.n_embd)?,
+            output,
+            output_tied,
+            rope_freqs,
+        })
+    }
+
+    /// Bytes of weights one decode step reads (every matrix once).
+    pub fn bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|m| m.n_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + self.output.n_bytes()
+    }
+}

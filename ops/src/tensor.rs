@@ -1,0 +1,400 @@
+//! The load boundary: weight matrices of any supported type behind one type, and the
+//! activation batch they multiply, prepared once per format however many matrices read it.
+//!
+//! A [`Matrix`] borrows its bytes from the model file's storage (no copy) or owns them.
+//! Dispatch from [`WeightType`] to the generic kernels happens here, in one exhaustive
+//! `match` per operation.
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::matmul;
+use crate::pod::{Pod, as_bytes, cast_slice};
+use crate::pool::ThreadPool;
+use crate::quant::*;
+use crate::storage::{AlignedBytes, Storage};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TensorError {
+    #[error("tensor {name:?} has type {dtype}, which the CPU kernels do not support")]
+    UnsupportedType {
+        name: String,
+        dtype: crate::GgmlType,
+    },
+    #[error("tensor {name:?} has shape {dims:?}, expected {expected}")]
+    Shape {
+        name: String,
+        dims: Vec<u64>,
+        expected: String,
+    },
+    #[error("tensor {name:?} data is not aligned for its type")]
+    Misaligned { name: String },
+}
+
+/// `n_rows` rows of `n_cols` values of one weight type; row `r` computes output `r`.
+#[derive(Clone)]
+pub struct Matrix {
+    wtype: WeightType,
+    n_rows: usize,
+    n_cols: usize,
+    storage: Arc<Storage>,
+    offset: usize,
+    n_bytes: usize,
+}
+
+impl std::fmt::Debug for Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Matrix({:?}, {}x{})",
+            self.wtype, self.n_rows, self.n_cols
+        )
+    }
+}
+
+/// Calls `$body` with `$W` bound to the block type of `$wtype`.
+macro_rules! with_block {
+    ($wtype:expr, $W:ident => $body:expr) => {
+        match $wtype {
+            WeightType::F32 => {
+                type $W = f32;
+                $body
+            }
+            WeightType::F16 => {
+                type $W = f16;
+                $body
+            }
+            WeightType::BF16 => {
+                type $W = bf16;
+                $body
+            }
+            WeightType::Q4_0 => {
+                type $W = BlockQ4_0;
+                $body
+            }
+            WeightType::Q4_1 => {
+                type $W = BlockQ4_1;
+                $body
+            }
+            WeightType::Q5_0 => {
+                type $W = BlockQ5_0;
+                $body
+            }
+            WeightType::Q5_1 => {
+                type $W = BlockQ5_1;
+                $body
+            }
+            WeightType::Q8_0 => {
+                type $W = BlockQ8_0;
+                $body
+            }
+            WeightType::Q4_K => {
+                type $W = BlockQ4K;
+                $body
+            }
+            WeightType::Q5_K => {
+                type $W = BlockQ5K;
+                $body
+            }
+            WeightType::Q6_K => {
+                type $W = BlockQ6K;
+                $body
+            }
+        }
+    };
+}
+
+impl Matrix {
+    /// The 2-D tensor `info` of `file` (GGUF dims `[n_cols, n_rows]`), without copying.
+    pub fn from_gguf(file: &GgufFile, info: &TensorInfo) -> Result<Self, TensorError> {
+        let wtype =
+            WeightType::from_ggml(info.dtype).ok_or_else(|| TensorError::UnsupportedType {
+                name: info.name.clone(),
+                dtype: info.dtype,
+            })?;
+        let (n_cols, n_rows) = match info.dims.as_slice() {
+            &[c, r] => (c as usize, r as usize),
+            &[c, r, 1] | &[c, r, 1, 1] => (c as usize, r as usize),
+            dims => {
+                return Err(TensorError::Shape {
+                    name: info.name.clone(),
+                    dims: dims.to_vec(),
+                    expected: "a matrix [n_cols, n_rows]".into(),
+                });
+            }
+        };
+        let range = file.tensor_range(info);
+        let m = Self {
+            wtype,
+            n_rows,
+            n_cols,
+            storage: file.storage().clone(),
+            offset: range.start,
+            n_bytes: range.len(),
+        };
+        let aligned = with_block!(wtype, W => cast_slice::<W>(m.bytes()).is_some());
+        if !aligned {
+            return Err(TensorError::Misaligned {
+                name: info.name.clone(),
+            });
+        }
+        Ok(m)
+    }
+
+    /// A matrix owning `blocks` (`n_rows` rows of `n_cols` values).
+    pub fn from_blocks<W: WeightBlock + Pod>(
+        wtype: WeightType,
+        blocks: &[W],
+        n_rows: usize,
+        n_cols: usize,
+    ) -> Self {
+        assert_eq!(
+            wtype.ggml(),
+            W::DTYPE,
+            "weight type must match the block type"
+        );
+        assert!(n_cols.is_multiple_of(W::LEN) && blocks.len() * W::LEN == n_rows * n_cols);
+        let bytes = as_bytes(blocks);
+        Self {
+            wtype,
+            n_rows,
+            n_cols,
+            storage: Arc::new(Storage::Heap(AlignedBytes::from_slice(bytes))),
+            offset: 0,
+            n_bytes: bytes.len(),
+        }
+    }
+
+    /// Quantizes row-major f32 values (`n_rows` × `n_cols`) to `wtype`.
+    pub fn quantize(wtype: WeightType, values: &[f32], n_rows: usize, n_cols: usize) -> Self {
+        assert_eq!(values.len(), n_rows * n_cols);
+        with_block!(wtype, W => {
+            let mut blocks = vec![W::default(); values.len() / W::LEN];
+            W::quantize(values, &mut blocks);
+            Self::from_blocks(wtype, &blocks, n_rows, n_cols)
+        })
+    }
+
+    pub fn wtype(&self) -> WeightType {
+        self.wtype
+    }
+
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+
+    pub fn n_cols(&self) -> usize {
+        self.n_cols
+    }
+
+    /// Bytes of weights (what one full product reads).
+    pub fn n_bytes(&self) -> usize {
+        self.n_bytes
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.storage[self.offset..self.offset + self.n_bytes]
+    }
+
+    fn blocks<W: Pod>(&self) -> &[W] {
+        cast_slice(self.bytes()).expect("alignment and length checked at construction")
+    }
+
+    /// Row `r` as f32 values (an embedding lookup).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.n_rows && out.len() == self.n_cols);
+        with_block!(self.wtype, W => {
+            let bpr = self.n_cols / W::LEN;
+            W::dequantize(&self.blocks::<W>()[r * bpr..(r + 1) * bpr], out);
+        })
+    }
+
+    /// `out[t][r] = row r · x_t` for every token row of `x` (`out` is `x.n_tok()` rows of
+    /// `n_rows`).
+    pub fn matmul(&self, pool: &ThreadPool, x: &mut Activations, out: &mut [f32]) {
+        assert_eq!(
+            x.n_cols, self.n_cols,
+            "activation width must equal the matrix width"
+        );
+        assert_eq!(out.len(), x.n_tok * self.n_rows);
+        let n_tok = x.n_tok;
+        with_block!(self.wtype, W => {
+            let prepared = x.prepared::<W>();
+            let w = self.blocks::<W>();
+            if n_tok == 1 {
+                matmul::matvec(pool, w, prepared, out);
+            } else {
+                matmul::matmat(pool, w, prepared, n_tok, out);
+            }
+        })
+    }
+}
+
+/// Number of activation formats (prepared buffers) an [`Activations`] keeps.
+const N_SLOTS: usize = 7;
+
+/// An f32 activation batch (`n_tok` rows of `n_cols`) and its prepared forms, made on
+/// first use by a matrix of each format and kept until the next [`Activations::set`].
+#[derive(Default)]
+pub struct Activations {
+    x: Vec<f32>,
+    n_tok: usize,
+    n_cols: usize,
+    ready: [bool; N_SLOTS],
+    f32: (Vec<f32>, Vec<f32>),
+    f16: (Vec<f16>, Vec<f16>),
+    bf16: (Vec<bf16>, Vec<bf16>),
+    nib_q8_0: (Vec<BlockQ8_0>, Vec<PrepNib>),
+    nib_q8_1: (Vec<BlockQ8_1>, Vec<PrepNib>),
+    q8: (Vec<BlockQ8_0>, Vec<PrepQ8>),
+    q8k: (Vec<BlockQ8K>, Vec<BlockQ8K>),
+}
+
+/// Where a weight type's activation and prepared buffers live in [`Activations`]; types
+/// sharing a prepared format share a slot.
+pub(crate) trait ActSlot: WeightBlock {
+    const SLOT: usize;
+    fn buffers(a: &mut Activations) -> &mut (Vec<Self::Act>, Vec<Self::Prep>);
+}
+
+macro_rules! slot {
+    ($($w:ty => $field:ident, $slot:expr;)*) => {$(
+        impl ActSlot for $w {
+            const SLOT: usize = $slot;
+            fn buffers(a: &mut Activations) -> &mut (Vec<Self::Act>, Vec<Self::Prep>) {
+                &mut a.$field
+            }
+        }
+    )*};
+}
+slot! {
+    f32 => f32, 0;
+    f16 => f16, 1;
+    bf16 => bf16, 2;
+    BlockQ4_0 => nib_q8_0, 3;
+    BlockQ5_0 => nib_q8_0, 3;
+    BlockQ4_1 => nib_q8_1, 4;
+    BlockQ5_1 => nib_q8_1, 4;
+    BlockQ8_0 => q8, 5;
+    BlockQ4K => q8k, 6;
+    BlockQ5K => q8k, 6;
+    BlockQ6K => q8k, 6;
+}
+
+impl Activations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the batch with `x` (`n_tok` rows); prepared forms are made again on demand.
+    pub fn set(&mut self, x: &[f32], n_tok: usize) {
+        assert!(n_tok > 0 && x.len().is_multiple_of(n_tok));
+        self.x.clear();
+        self.x.extend_from_slice(x);
+        self.n_tok = n_tok;
+        self.n_cols = x.len() / n_tok;
+        self.ready = [false; N_SLOTS];
+    }
+
+    pub fn x(&self) -> &[f32] {
+        &self.x
+    }
+
+    pub fn n_tok(&self) -> usize {
+        self.n_tok
+    }
+
+    pub fn n_cols(&self) -> usize {
+        self.n_cols
+    }
+
+    /// The batch prepared for weights of type `W`: `n_tok` rows of `prep_len` units.
+    fn prepared<W: ActSlot>(&mut self) -> &[W::Prep] {
+        let (n_tok, n_cols) = (self.n_tok, self.n_cols);
+        assert!(
+            n_cols.is_multiple_of(W::LEN),
+            "rows of {n_cols} are not whole {} blocks",
+            W::DTYPE
+        );
+        if !self.ready[W::SLOT] {
+            let bpr = n_cols / W::LEN;
+            let stride = prep_len::<W>(bpr);
+            let x = std::mem::take(&mut self.x);
+            let (act, prep) = W::buffers(self);
+            act.clear();
+            act.resize(n_tok * bpr, W::Act::default());
+            W::Act::quantize(&x, act);
+            prep.clear();
+            prep.resize(n_tok * stride, W::Prep::default());
+            for t in 0..n_tok {
+                W::prepare(
+                    &act[t * bpr..(t + 1) * bpr],
+                    &mut prep[t * stride..(t + 1) * stride],
+                );
+            }
+            self.x = x;
+            self.ready[W::SLOT] = true;
+        }
+        &W::buffers(self).1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn matrices_of_every_type_share_prepared_activations_correctly() {
+        let mut rng = Rng::new(3);
+        let pool = ThreadPool::new(2, "test").unwrap();
+        let (n_rows, n_cols, n_tok) = (24, 512, 3);
+        // One magnitude throughout: Q8_K has a single scale per 256 values, so inputs whose
+        // scale changes every 32 values would (correctly) lose their small blocks.
+        let w: Vec<f32> = (0..n_rows * n_cols).map(|_| rng.normal()).collect();
+        let x: Vec<f32> = (0..n_tok * n_cols).map(|_| rng.normal()).collect();
+        let mut acts = Activations::new();
+        acts.set(&x, n_tok);
+        for wtype in WeightType::ALL {
+            let m = Matrix::quantize(wtype, &w, n_rows, n_cols);
+            let mut out = vec![0.0; n_rows * n_tok];
+            m.matmul(&pool, &mut acts, &mut out);
+            // Against dequantized weights in f64: within activation quantization error.
+            let mut row = vec![0.0; n_cols];
+            for r in 0..n_rows {
+                m.dequantize_row(r, &mut row);
+                for t in 0..n_tok {
+                    let xt = &x[t * n_cols..(t + 1) * n_cols];
+                    let exact: f64 = row
+                        .iter()
+                        .zip(xt)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum();
+                    let mag: f64 = row
+                        .iter()
+                        .zip(xt)
+                        .map(|(a, b)| f64::from((a * b).abs()))
+                        .sum();
+                    let got = f64::from(out[t * n_rows + r]);
+                    assert!(
+                        (got - exact).abs() <= 0.02 * mag + 1e-6,
+                        "{wtype:?} r={r} t={t}: {got} vs {exact}"
+                    );
+                }
+            }
+        }
+        // Single-token batches take the matvec path and agree with the batched path.
+        let m = Matrix::quantize(WeightType::Q4_1, &w, n_rows, n_cols);
+        let mut batched = vec![0.0; n_rows * n_tok];
+        m.matmul(&pool, &mut acts, &mut batched);
+        for t in 0..n_tok {
+            let mut one = Activations::new();
+            one.set(&x[t * n_cols..(t + 1) * n_cols], 1);
+            let mut out = vec![0.0; n_rows];
+            m.matmul(&pool, &mut one, &mut out);
+            assert_eq!(out, batched[t * n_rows..(t + 1) * n_rows]);
+        }
+    }
+}
