@@ -19,6 +19,24 @@ pub fn default_model() -> &'static Path {
     })
 }
 
+/// A JSON fixture from `tests/fixtures/`.
+pub fn fixture_json(name: &str) -> serde_json::Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Token ids from a JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of token ids")
+        .iter()
+        .map(|x| x.as_u64().expect("a token id") as u32)
+        .collect()
+}
+
 /// A directory removed (with its contents) when dropped.
 pub struct TempDir(PathBuf);
 

@@ -4,5 +4,6 @@
 mod cli_inspect;
 mod gguf_hostile;
 mod gguf_roundtrip;
+mod parity_tokenize;
 mod quant_reference;
 mod real_model;

@@ -10,3 +10,4 @@ pub mod inspect;
 pub mod model;
 pub mod models;
 pub mod progress;
+pub mod tokenizer;

@@ -1,0 +1,60 @@
+//! Chat templates: the model's own Jinja `tokenizer.chat_template`, rendered as Hugging
+//! Face's `apply_chat_template` does (trim_blocks, lstrip_blocks, Python string methods).
+
+use minijinja::syntax::SyntaxConfig;
+use minijinja::{Environment, Error, ErrorKind, Value, context};
+
+use super::TokenizerError;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.to_owned(),
+            content: content.to_owned(),
+        }
+    }
+}
+
+/// Renders `messages` with `template`; `add_generation_prompt` opens the assistant turn.
+pub fn render_chat(
+    template: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String, TokenizerError> {
+    let mut env = Environment::new();
+    let syntax = SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+        .map_err(|e| TokenizerError::Template(e.to_string()))?;
+    env.set_syntax(syntax);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
+        Err(Error::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template)
+        .map_err(|e| TokenizerError::Template(e.to_string()))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| TokenizerError::Template(e.to_string()))?;
+    tmpl.render(context! {
+        messages => Value::from(
+            messages
+                .iter()
+                .map(|m| Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())]))
+                .collect::<Vec<_>>()
+        ),
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    })
+    .map_err(|e| TokenizerError::Template(e.to_string()))
+}
