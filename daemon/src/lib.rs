@@ -5,9 +5,11 @@
 //! Depends on `powerinfer-ops` for every number it computes; it owns no kernels.
 
 pub mod cli;
+pub mod generate;
 pub mod ids;
 pub mod inspect;
 pub mod model;
 pub mod models;
 pub mod progress;
+pub mod sampler;
 pub mod tokenizer;

@@ -2,7 +2,10 @@
 //! shim over [`run`], so tests drive exactly what users run, output and exit status
 //! included, in-process.
 
+mod common;
 mod inspect;
+mod run;
+mod tokenize;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -40,6 +43,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text from a prompt, in-process, streaming to stdout.
+    Run(run::RunArgs),
+    /// Print the token ids (and pieces) of a text, as generation would see them.
+    Tokenize(tokenize::TokenizeArgs),
 }
 
 /// Runs the command line `args` (program name first), writing to `out` and `err`, and
@@ -63,5 +70,7 @@ where
     };
     match cli.command {
         Command::Inspect { file, json } => inspect::run(&file, json, out, err),
+        Command::Run(a) => run::run(&a, out, err),
+        Command::Tokenize(a) => tokenize::run(&a, out, err),
     }
 }

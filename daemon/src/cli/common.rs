@@ -1,0 +1,91 @@
+//! Arguments and helpers shared by the model commands.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::exit;
+use crate::generate::LoadedModel;
+use crate::models::{self, PathPolicy};
+use crate::sampler::SamplerConfig;
+
+/// Sampling flags (the same on `run` and `pictl generate`).
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalty for repeating recent tokens (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Subtracted per earlier occurrence of a token in the window.
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Subtracted once for a token present in the window.
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// How many recent tokens the penalties consider.
+    #[arg(long, default_value_t = 64)]
+    pub penalty_last_n: usize,
+    /// Random seed (the same seed gives the same output); random when omitted.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    pub fn config(&self, n_logprobs: usize) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            penalty_last_n: self.penalty_last_n,
+            seed: self.seed.unwrap_or_else(random_seed),
+            n_logprobs,
+        }
+    }
+}
+
+fn random_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+/// The default number of compute threads: the CPUs this process may use.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Resolves a model reference (fetching catalog models on first use) and loads it.
+/// Errors are written to `err`; the exit status to return is given back.
+pub fn load_model(
+    reference: &str,
+    models_dir: Option<&Path>,
+    err: &mut dyn Write,
+) -> Result<(PathBuf, LoadedModel), u8> {
+    let dir = models_dir.map_or_else(models::default_models_dir, Path::to_path_buf);
+    let path = models::resolve(reference, &dir, PathPolicy::Allow).map_err(|e| {
+        let _ = writeln!(err, "error: {e}");
+        exit::BAD_INPUT
+    })?;
+    let loaded = LoadedModel::load(&path).map_err(|e| {
+        let _ = writeln!(err, "error: {}: {e}", path.display());
+        exit::BAD_INPUT
+    })?;
+    Ok((path, loaded))
+}

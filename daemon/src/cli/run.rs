@@ -1,0 +1,186 @@
+//! `powerinferd run MODEL PROMPT`: generate text in-process and stream it to stdout.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+
+use super::common::{SamplingArgs, default_threads, load_model};
+use super::exit;
+use crate::generate::{GenParams, GenerateError, Session, StopReason};
+use crate::model::KvType;
+use crate::tokenizer::{ChatMessage, render_chat};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Model: a catalog alias (smollm2-135m), a name in the models directory, or a path.
+    pub model: String,
+    /// The prompt (with --chat: the user message).
+    pub prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    pub max_tokens: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Apply the model's chat template to the prompt as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat (default: the template's own).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Compute threads (default: all CPUs).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Context size in tokens (default: prompt + max tokens, within the model's).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// One JSON object per token (id, text, logprob), then a summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Alternatives to report with each token in --json output.
+    #[arg(long, default_value_t = 0)]
+    pub logprobs: usize,
+    /// Models directory (default: $POWERINFER_HOME/models).
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+}
+
+pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), err) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let tok = &loaded.tokenizer;
+    let text = if a.chat {
+        let Some(template) = tok.chat_template() else {
+            let _ = writeln!(
+                err,
+                "error: the model has no chat template; run without --chat"
+            );
+            return exit::BAD_INPUT;
+        };
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage::new("system", s));
+        }
+        messages.push(ChatMessage::new("user", &a.prompt));
+        let special = |t: Option<crate::ids::TokenId>| {
+            t.and_then(|t| tok.token_text(t)).unwrap_or("").to_owned()
+        };
+        match render_chat(
+            template,
+            &messages,
+            true,
+            &special(tok.bos()),
+            &special(tok.eos()),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = writeln!(err, "error: {e}");
+                return exit::BAD_INPUT;
+            }
+        }
+    } else {
+        a.prompt.clone()
+    };
+    let prompt = tok.encode(&text, true, true);
+    let n_ctx_train = loaded.model.config.n_ctx_train;
+    let n_ctx = a
+        .ctx
+        .unwrap_or_else(|| (prompt.len() + a.max_tokens + 1).next_multiple_of(256))
+        .min(n_ctx_train.max(1));
+    let threads = a.threads.unwrap_or_else(default_threads).max(1);
+    let mut session = match Session::new(&loaded, n_ctx, threads, KvType::F16) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let params = GenParams {
+        max_tokens: a.max_tokens,
+        sampler: a.sampling.config(a.logprobs),
+        stop: a.stop.clone(),
+    };
+    let seed = params.sampler.seed;
+    let mut write_failed = None;
+    let result = session.generate(&prompt, &params, |ev| {
+        let written = if a.json {
+            let top: Vec<_> = ev
+                .sampled
+                .top
+                .iter()
+                .map(|(t, lp)| json!({"id": t.0, "text": String::from_utf8_lossy(tok.token_bytes(*t, true)), "logprob": lp}))
+                .collect();
+            let mut obj = json!({"id": ev.sampled.token.0, "text": ev.text, "logprob": ev.sampled.logprob});
+            if a.logprobs > 0 {
+                obj["top_logprobs"] = json!(top);
+            }
+            writeln!(out, "{obj}")
+        } else {
+            write!(out, "{}", ev.text)
+        };
+        match written.and_then(|()| out.flush()) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                write_failed = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    });
+    let summary = match result {
+        Ok(s) => s,
+        Err(
+            e @ (GenerateError::PromptTooLong { .. }
+            | GenerateError::EmptyPrompt
+            | GenerateError::Sampling(_)),
+        ) => {
+            let _ = writeln!(err, "error: {e}");
+            return exit::BAD_INPUT;
+        }
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            return exit::FAILURE;
+        }
+    };
+    if let Some(e) = write_failed
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        let _ = writeln!(err, "error: writing output: {e}");
+        return exit::FAILURE;
+    }
+    if a.json {
+        let s = json!({"summary": {
+            "prompt_tokens": summary.prompt_tokens,
+            "generated_tokens": summary.generated.len(),
+            "prompt_tokens_per_second": summary.prompt_tps(),
+            "decode_tokens_per_second": summary.decode_tps(),
+            "stop_reason": summary.stop.as_str(),
+            "seed": seed,
+            "threads": threads,
+        }});
+        let _ = writeln!(out, "{s}");
+    } else {
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(
+        err,
+        "\nprompt: {} tokens, {:.1} ms, {:.1} tokens/s | decode: {} tokens, {:.1} ms, {:.1} tokens/s | stop: {} | seed {seed}",
+        summary.prompt_tokens,
+        summary.prompt_time.as_secs_f64() * 1e3,
+        summary.prompt_tps(),
+        summary.generated.len(),
+        summary.decode_time.as_secs_f64() * 1e3,
+        summary.decode_tps(),
+        match summary.stop {
+            StopReason::EndOfGeneration(t) => format!("end of generation (token {t})"),
+            other => other.as_str().to_owned(),
+        },
+    );
+    exit::OK
+}

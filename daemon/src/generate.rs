@@ -1,0 +1,363 @@
+//! Single-sequence generation on one model: the direct path that `powerinferd run`, the
+//! benchmarks and the parity tests drive (the daemon's actors reach the same forward pass
+//! through the pipeline).
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use powerinfer_ops::gguf::GgufFile;
+use powerinfer_ops::pool::ThreadPool;
+
+use crate::ids::{SeqSlot, TokenId};
+use crate::model::{BatchToken, ForwardError, KvCache, KvType, LoadError, Model, Scratch};
+use crate::sampler::{Sampled, Sampler, SamplerConfig};
+use crate::tokenizer::{Detokenizer, Tokenizer, TokenizerError};
+
+/// Tokens per forward call while reading a prompt.
+pub const PREFILL_BATCH: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("{0}")]
+    Load(#[from] LoadError),
+    #[error("{0}")]
+    Tokenizer(#[from] TokenizerError),
+    #[error("{0}")]
+    Forward(#[from] ForwardError),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt} tokens, more than the context of {n_ctx}")]
+    PromptTooLong { prompt: usize, n_ctx: usize },
+    #[error("invalid sampling parameters: {0}")]
+    Sampling(String),
+    #[error("cannot start {n} compute threads: {source}")]
+    Threads {
+        n: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A model file loaded for inference: weights (mapped) and vocabulary.
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+}
+
+impl LoadedModel {
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let file = GgufFile::open(path)?;
+        let model = Model::load(&file)?;
+        let tokenizer =
+            Tokenizer::from_gguf(file.metadata()).map_err(|e| LoadError::Other(e.to_string()))?;
+        if tokenizer.n_vocab() != model.config.n_vocab {
+            return Err(LoadError::Other(format!(
+                "the vocabulary has {} tokens but the model {}",
+                tokenizer.n_vocab(),
+                model.config.n_vocab
+            )));
+        }
+        Ok(Self { model, tokenizer })
+    }
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenParams {
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    /// Generation ends before any of these strings would be emitted.
+    pub stop: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// An end-of-generation token (not emitted).
+    EndOfGeneration(TokenId),
+    MaxTokens,
+    StopSequence,
+    ContextFull,
+    /// The caller asked to stop.
+    Cancelled,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EndOfGeneration(_) => "eog",
+            Self::MaxTokens => "max_tokens",
+            Self::StopSequence => "stop",
+            Self::ContextFull => "context",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One generated token, with the text it completes (whole characters only; stop strings
+/// held back until they can be ruled out).
+pub struct TokenEvent<'a> {
+    pub sampled: &'a Sampled,
+    pub text: &'a str,
+}
+
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub prompt_tokens: usize,
+    pub generated: Vec<TokenId>,
+    pub prompt_time: Duration,
+    pub decode_time: Duration,
+    pub stop: StopReason,
+}
+
+impl Summary {
+    pub fn prompt_tps(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prompt_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Decode speed: tokens after the first (which prefill produced) per decode second.
+    pub fn decode_tps(&self) -> f64 {
+        self.generated.len().saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// One sequence's state on one model: thread pool, KV cache, buffers.
+pub struct Session<'m> {
+    pub model: &'m Model,
+    pub tokenizer: &'m Tokenizer,
+    pool: ThreadPool,
+    kv: KvCache,
+    scratch: Scratch,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(
+        loaded: &'m LoadedModel,
+        n_ctx: usize,
+        n_threads: usize,
+        kv_type: KvType,
+    ) -> Result<Self, GenerateError> {
+        let c = &loaded.model.config;
+        let pool =
+            ThreadPool::new(n_threads, "pi-cpu").map_err(|source| GenerateError::Threads {
+                n: n_threads,
+                source,
+            })?;
+        Ok(Self {
+            model: &loaded.model,
+            tokenizer: &loaded.tokenizer,
+            pool,
+            kv: KvCache::new(c.n_layer, 1, n_ctx, c.n_head_kv, c.head_dim, kv_type),
+            scratch: Scratch::default(),
+        })
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.kv.n_ctx()
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    /// Runs `tokens` at positions `start..` and returns the logits of the positions in
+    /// `logits_for` (indices into `tokens`), `n_vocab` each, in order.
+    pub fn eval(
+        &mut self,
+        tokens: &[TokenId],
+        start: usize,
+        logits_for: impl Fn(usize) -> bool,
+    ) -> Result<&[f32], GenerateError> {
+        let batch: Vec<BatchToken> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| BatchToken {
+                token,
+                slot: SeqSlot(0),
+                pos: start + i,
+                logits: logits_for(i),
+            })
+            .collect();
+        Ok(self
+            .model
+            .forward(&self.pool, &batch, &mut self.kv, &mut self.scratch)?)
+    }
+
+    /// Reads `prompt` and generates from it, calling `on_token` for every token; a
+    /// `Break` from it stops generation.
+    pub fn generate(
+        &mut self,
+        prompt: &[TokenId],
+        params: &GenParams,
+        mut on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<Summary, GenerateError> {
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if prompt.len() >= self.n_ctx() {
+            return Err(GenerateError::PromptTooLong {
+                prompt: prompt.len(),
+                n_ctx: self.n_ctx(),
+            });
+        }
+        params.sampler.validate().map_err(GenerateError::Sampling)?;
+        let mut sampler = Sampler::new(params.sampler.clone());
+        for &t in prompt {
+            sampler.accept(t);
+        }
+
+        let t0 = Instant::now();
+        let n_vocab = self.model.config.n_vocab;
+        let mut logits = Vec::with_capacity(n_vocab);
+        for (i, chunk) in prompt.chunks(PREFILL_BATCH).enumerate() {
+            let last = (i + 1) * PREFILL_BATCH >= prompt.len();
+            let out = self.eval(chunk, i * PREFILL_BATCH, |j| last && j == chunk.len() - 1)?;
+            if last {
+                logits.clear();
+                logits.extend_from_slice(out);
+            }
+        }
+        let prompt_time = t0.elapsed();
+
+        let t1 = Instant::now();
+        let mut detok = Detokenizer::new(false);
+        let mut stops = StopMatcher::new(&params.stop);
+        let mut generated = Vec::new();
+        let mut pos = prompt.len();
+        let stop = loop {
+            if generated.len() >= params.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            let sampled = sampler.sample(&logits);
+            if self.tokenizer.is_eog(sampled.token) {
+                break StopReason::EndOfGeneration(sampled.token);
+            }
+            sampler.accept(sampled.token);
+            generated.push(sampled.token);
+            let piece = detok.push(self.tokenizer, sampled.token);
+            let (text, hit) = stops.push(&piece);
+            if on_token(&TokenEvent {
+                sampled: &sampled,
+                text: &text,
+            })
+            .is_break()
+            {
+                break StopReason::Cancelled;
+            }
+            if hit {
+                break StopReason::StopSequence;
+            }
+            if pos >= self.n_ctx() {
+                break StopReason::ContextFull;
+            }
+            let out = self.eval(&[sampled.token], pos, |_| true)?;
+            logits.clear();
+            logits.extend_from_slice(out);
+            pos += 1;
+        };
+        // Whatever the stop matcher held back is released when no stop string matched.
+        if !matches!(stop, StopReason::StopSequence | StopReason::Cancelled) {
+            let rest = stops.finish(&detok.finish());
+            if !rest.is_empty()
+                && let Some(last) = generated.last()
+            {
+                let sampled = Sampled {
+                    token: *last,
+                    logprob: 0.0,
+                    top: Vec::new(),
+                };
+                let _ = on_token(&TokenEvent {
+                    sampled: &sampled,
+                    text: &rest,
+                });
+            }
+        }
+        Ok(Summary {
+            prompt_tokens: prompt.len(),
+            generated,
+            prompt_time,
+            decode_time: t1.elapsed(),
+            stop,
+        })
+    }
+}
+
+/// Streams text while watching for stop strings: text that could still become the start
+/// of a stop string is held back until it cannot.
+struct StopMatcher<'a> {
+    stops: &'a [String],
+    held: String,
+    done: bool,
+}
+
+impl<'a> StopMatcher<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self {
+            stops,
+            held: String::new(),
+            done: false,
+        }
+    }
+
+    /// Adds text; returns what may be emitted now and whether a stop string was found
+    /// (the emitted text then ends just before it).
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        if self.done {
+            return (String::new(), true);
+        }
+        self.held.push_str(piece);
+        let stops = self.stops.iter().filter(|s| !s.is_empty());
+        if let Some(at) = stops
+            .clone()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            self.done = true;
+            let out = self.held[..at].to_owned();
+            self.held.clear();
+            return (out, true);
+        }
+        // Keep the longest suffix that is a prefix of some stop string.
+        let keep = stops
+            .flat_map(|s| {
+                (1..s.len().min(self.held.len() + 1))
+                    .filter(move |&k| s.is_char_boundary(k))
+                    .map(move |k| &s[..k])
+            })
+            .filter(|prefix| self.held.ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_owned();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    fn finish(&mut self, tail: &str) -> String {
+        let mut out = std::mem::take(&mut self.held);
+        out.push_str(tail);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_hold_back_only_possible_prefixes() {
+        let stops = vec!["\n\nUser:".to_owned(), "END".to_owned()];
+        let mut m = StopMatcher::new(&stops);
+        assert_eq!(m.push("Hello"), ("Hello".to_owned(), false));
+        assert_eq!(m.push(" world\n"), (" world".to_owned(), false));
+        assert_eq!(m.push("\nUs"), (String::new(), false));
+        assert_eq!(m.push("er: hi"), (String::new(), true));
+        let mut m = StopMatcher::new(&stops);
+        assert_eq!(m.push("THE E"), ("THE ".to_owned(), false));
+        assert_eq!(m.push("ND"), (String::new(), true));
+        let mut m = StopMatcher::new(&stops);
+        assert_eq!(m.push("EN"), (String::new(), false));
+        assert_eq!(m.finish("!"), "EN!");
+    }
+}
