@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use powerinfer_daemon::generate::LoadedModel;
 use powerinfer_daemon::models::{self, DEFAULT_MODEL, PathPolicy};
 
 /// The default model (SmolLM2-135M-Instruct Q4_1), resolved as `powerinferd` resolves it:
@@ -17,6 +18,12 @@ pub fn default_model() -> &'static Path {
         models::resolve(DEFAULT_MODEL, &dir, PathPolicy::Refuse)
             .unwrap_or_else(|e| panic!("the default model is needed by this test: {e}"))
     })
+}
+
+/// The default model, loaded once per test binary.
+pub fn default_loaded() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| LoadedModel::load(default_model()).expect("the default model loads"))
 }
 
 /// A JSON fixture from `tests/fixtures/`.

@@ -4,6 +4,7 @@
 mod cli_inspect;
 mod gguf_hostile;
 mod gguf_roundtrip;
+mod parity_model;
 mod parity_tokenize;
 mod quant_reference;
 mod real_model;

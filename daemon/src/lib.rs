@@ -10,6 +10,7 @@ pub mod ids;
 pub mod inspect;
 pub mod model;
 pub mod models;
+pub mod perplexity;
 pub mod progress;
 pub mod sampler;
 pub mod tokenizer;

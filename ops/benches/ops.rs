@@ -38,7 +38,7 @@ fn bench_type<W: WeightBlock>(c: &mut Criterion, name: &str, pools: &[ThreadPool
         // A row must be whole blocks: k-quant rows are multiples of 256.
         let n_cols = n_cols / W::LEN.max(1) * W::LEN.max(1);
         let w: Vec<W> = quantized(&rng.varied(n_cols * n_rows, 32));
-        let x = prepare_f32::<W>(&rng.varied(n_cols, 32));
+        let x = prepare_f32::<W>(&rng.varied(n_cols, 32), Numerics::Precise);
         let mut out = vec![0f32; n_rows];
         group.throughput(Throughput::BytesDecimal(
             std::mem::size_of_val(w.as_slice()) as u64,

@@ -136,7 +136,7 @@ mod tests {
         let stride = prep_len::<W>(bpr);
         let mut prepared = vec![W::Prep::default(); stride * n_tok];
         for t in 0..n_tok {
-            W::prepare(
+            W::prepare_ggml(
                 &xs[t * bpr..(t + 1) * bpr],
                 &mut prepared[t * stride..(t + 1) * stride],
             );
@@ -196,7 +196,10 @@ mod tests {
     fn results_do_not_depend_on_thread_count() {
         let mut rng = Rng::new(7);
         let w: Vec<BlockQ4_1> = quantized(&mut rng, 1536 * 576);
-        let x = crate::quant::prepare_f32::<BlockQ4_1>(&rng.varied(576, 32));
+        let x = crate::quant::prepare_f32::<BlockQ4_1>(
+            &rng.varied(576, 32),
+            crate::quant::Numerics::Precise,
+        );
         let run = |threads| {
             let pool = ThreadPool::new(threads, "test").unwrap();
             let mut out = vec![0.0; 1536];

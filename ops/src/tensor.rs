@@ -239,6 +239,7 @@ const N_SLOTS: usize = 7;
 /// first use by a matrix of each format and kept until the next [`Activations::set`].
 #[derive(Default)]
 pub struct Activations {
+    numerics: Numerics,
     x: Vec<f32>,
     n_tok: usize,
     n_cols: usize,
@@ -284,8 +285,21 @@ slot! {
 }
 
 impl Activations {
+    /// Activations prepared in the engine's default (precise) numerics.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Activations prepared in the given numerics.
+    pub fn with_numerics(numerics: Numerics) -> Self {
+        Self {
+            numerics,
+            ..Self::default()
+        }
+    }
+
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
     }
 
     /// Replaces the batch with `x` (`n_tok` rows); prepared forms are made again on demand.
@@ -322,17 +336,22 @@ impl Activations {
             let bpr = n_cols / W::LEN;
             let stride = prep_len::<W>(bpr);
             let x = std::mem::take(&mut self.x);
+            let numerics = self.numerics;
             let (act, prep) = W::buffers(self);
-            act.clear();
-            act.resize(n_tok * bpr, W::Act::default());
-            W::Act::quantize(&x, act);
             prep.clear();
             prep.resize(n_tok * stride, W::Prep::default());
             for t in 0..n_tok {
-                W::prepare(
-                    &act[t * bpr..(t + 1) * bpr],
-                    &mut prep[t * stride..(t + 1) * stride],
-                );
+                let xt = &x[t * n_cols..(t + 1) * n_cols];
+                let pt = &mut prep[t * stride..(t + 1) * stride];
+                match numerics {
+                    Numerics::Precise => W::prepare_precise(xt, act, pt),
+                    Numerics::Ggml => {
+                        act.clear();
+                        act.resize(n_cols / W::Act::LEN, W::Act::default());
+                        W::Act::quantize(xt, act);
+                        W::prepare_ggml(act, pt);
+                    }
+                }
             }
             self.x = x;
             self.ready[W::SLOT] = true;

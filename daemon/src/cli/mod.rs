@@ -4,6 +4,7 @@
 
 mod common;
 mod inspect;
+mod perplexity;
 mod run;
 mod tokenize;
 
@@ -47,6 +48,8 @@ enum Command {
     Run(run::RunArgs),
     /// Print the token ids (and pieces) of a text, as generation would see them.
     Tokenize(tokenize::TokenizeArgs),
+    /// Perplexity of a text file, computed as llama-perplexity does.
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 /// Runs the command line `args` (program name first), writing to `out` and `err`, and
@@ -72,5 +75,6 @@ where
         Command::Inspect { file, json } => inspect::run(&file, json, out, err),
         Command::Run(a) => run::run(&a, out, err),
         Command::Tokenize(a) => tokenize::run(&a, out, err),
+        Command::Perplexity(a) => perplexity::run(&a, out, err),
     }
 }

@@ -63,7 +63,7 @@ enum Kind {
         pre: pretok::PreTokenizer,
         merges: bpe::Merges,
         /// Token of each byte's GPT-2 character.
-        byte_token: [Option<TokenId>; 256],
+        byte_token: Box<[Option<TokenId>; 256]>,
         /// Emit a whole piece that is itself a token without merging (llama3, tekken).
         ignore_merges: bool,
     },
@@ -187,8 +187,9 @@ impl Tokenizer {
                         key: "tokenizer.ggml.merges",
                     })?;
                 let table = bpe::byte_to_char();
-                let byte_token =
-                    std::array::from_fn(|b| token_id.get(&table[b].to_string()).copied());
+                let byte_token = Box::new(std::array::from_fn(|b| {
+                    token_id.get(&table[b].to_string()).copied()
+                }));
                 let merges_first = matches!(pre_tok.name(), "llama3" | "tekken");
                 (
                     Kind::Bpe {

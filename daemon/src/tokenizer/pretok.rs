@@ -90,7 +90,7 @@ impl PreTokenizer {
 
     /// Splits `text` into pieces (byte ranges), in order, covering all of it.
     pub fn split(&self, text: &str) -> Vec<std::ops::Range<usize>> {
-        let mut pieces = vec![0..text.len()];
+        let mut pieces = Vec::from([0..text.len()]);
         for expr in &self.exprs {
             let mut next = Vec::with_capacity(pieces.len());
             for piece in pieces {

@@ -59,7 +59,7 @@ impl WeightBlock for f32 {
     type Prep = f32;
     const PREP_BLOCKS: usize = 1;
 
-    fn prepare(a: &[f32], out: &mut [f32]) {
+    fn prepare_ggml(a: &[f32], out: &mut [f32]) {
         out.copy_from_slice(a);
     }
 
@@ -78,7 +78,7 @@ impl WeightBlock for f16 {
     type Prep = f16;
     const PREP_BLOCKS: usize = 1;
 
-    fn prepare(a: &[f16], out: &mut [f16]) {
+    fn prepare_ggml(a: &[f16], out: &mut [f16]) {
         out.copy_from_slice(a);
     }
 
@@ -97,7 +97,7 @@ impl WeightBlock for bf16 {
     type Prep = bf16;
     const PREP_BLOCKS: usize = 1;
 
-    fn prepare(a: &[bf16], out: &mut [bf16]) {
+    fn prepare_ggml(a: &[bf16], out: &mut [bf16]) {
         out.copy_from_slice(a);
     }
 

@@ -284,7 +284,7 @@ impl WeightBlock for BlockQ4K {
     type Prep = BlockQ8K;
     const PREP_BLOCKS: usize = 1;
 
-    fn prepare(a: &[BlockQ8K], out: &mut [BlockQ8K]) {
+    fn prepare_ggml(a: &[BlockQ8K], out: &mut [BlockQ8K]) {
         out.copy_from_slice(a);
     }
 
@@ -320,7 +320,7 @@ impl WeightBlock for BlockQ5K {
     type Prep = BlockQ8K;
     const PREP_BLOCKS: usize = 1;
 
-    fn prepare(a: &[BlockQ8K], out: &mut [BlockQ8K]) {
+    fn prepare_ggml(a: &[BlockQ8K], out: &mut [BlockQ8K]) {
         out.copy_from_slice(a);
     }
 
@@ -357,7 +357,7 @@ impl WeightBlock for BlockQ6K {
     type Prep = BlockQ8K;
     const PREP_BLOCKS: usize = 1;
 
-    fn prepare(a: &[BlockQ8K], out: &mut [BlockQ8K]) {
+    fn prepare_ggml(a: &[BlockQ8K], out: &mut [BlockQ8K]) {
         out.copy_from_slice(a);
     }
 

@@ -227,8 +227,12 @@ impl WeightBlock for BlockQ4_0 {
     type Prep = PrepNib;
     const PREP_BLOCKS: usize = prep::NIB_GROUP;
 
-    fn prepare(a: &[BlockQ8_0], out: &mut [PrepNib]) {
+    fn prepare_ggml(a: &[BlockQ8_0], out: &mut [PrepNib]) {
         prep::prepare_nib_q8_0(a, out);
+    }
+
+    fn prepare_precise(x: &[f32], _: &mut Vec<BlockQ8_0>, out: &mut [PrepNib]) {
+        prep::prepare_nib_f32(x, out);
     }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8_0]) -> f32 {
@@ -255,8 +259,12 @@ impl WeightBlock for BlockQ4_1 {
     type Prep = PrepNib;
     const PREP_BLOCKS: usize = prep::NIB_GROUP;
 
-    fn prepare(a: &[BlockQ8_1], out: &mut [PrepNib]) {
+    fn prepare_ggml(a: &[BlockQ8_1], out: &mut [PrepNib]) {
         prep::prepare_nib_q8_1(a, out);
+    }
+
+    fn prepare_precise(x: &[f32], _: &mut Vec<BlockQ8_1>, out: &mut [PrepNib]) {
+        prep::prepare_nib_f32(x, out);
     }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8_1]) -> f32 {
@@ -283,8 +291,12 @@ impl WeightBlock for BlockQ5_0 {
     type Prep = PrepNib;
     const PREP_BLOCKS: usize = prep::NIB_GROUP;
 
-    fn prepare(a: &[BlockQ8_0], out: &mut [PrepNib]) {
+    fn prepare_ggml(a: &[BlockQ8_0], out: &mut [PrepNib]) {
         prep::prepare_nib_q8_0(a, out);
+    }
+
+    fn prepare_precise(x: &[f32], _: &mut Vec<BlockQ8_0>, out: &mut [PrepNib]) {
+        prep::prepare_nib_f32(x, out);
     }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8_0]) -> f32 {
@@ -312,8 +324,12 @@ impl WeightBlock for BlockQ5_1 {
     type Prep = PrepNib;
     const PREP_BLOCKS: usize = prep::NIB_GROUP;
 
-    fn prepare(a: &[BlockQ8_1], out: &mut [PrepNib]) {
+    fn prepare_ggml(a: &[BlockQ8_1], out: &mut [PrepNib]) {
         prep::prepare_nib_q8_1(a, out);
+    }
+
+    fn prepare_precise(x: &[f32], _: &mut Vec<BlockQ8_1>, out: &mut [PrepNib]) {
+        prep::prepare_nib_f32(x, out);
     }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8_1]) -> f32 {
@@ -342,8 +358,12 @@ impl WeightBlock for BlockQ8_0 {
     type Prep = PrepQ8;
     const PREP_BLOCKS: usize = prep::Q8_GROUP;
 
-    fn prepare(a: &[BlockQ8_0], out: &mut [PrepQ8]) {
+    fn prepare_ggml(a: &[BlockQ8_0], out: &mut [PrepQ8]) {
         prep::prepare_q8(a, out);
+    }
+
+    fn prepare_precise(x: &[f32], _: &mut Vec<BlockQ8_0>, out: &mut [PrepQ8]) {
+        prep::prepare_q8_f32(x, out);
     }
 
     fn dot_scalar(w: &[Self], a: &[BlockQ8_0]) -> f32 {

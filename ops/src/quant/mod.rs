@@ -14,7 +14,7 @@ pub mod prep;
 
 pub use blocks::*;
 pub(crate) use kquant::kquant_scales;
-pub use prep::{PrepNib, PrepQ8};
+pub use prep::{Numerics, PrepNib, PrepQ8};
 
 use crate::dtype::GgmlType;
 use crate::pod::TensorElement;
@@ -49,9 +49,19 @@ pub trait WeightBlock: Block {
     /// Weight blocks covered by one `Prep` unit.
     const PREP_BLOCKS: usize;
 
-    /// Rearranges activation blocks; `out.len() == a.len().div_ceil(PREP_BLOCKS)`. The
-    /// integers are unchanged, so prepared kernels compute what `dot_scalar` computes.
-    fn prepare(a: &[Self::Act], out: &mut [Self::Prep]);
+    /// GGML numerics: rearranges GGML's activation blocks without changing their values,
+    /// so prepared kernels compute what `dot_scalar` computes.
+    /// `out.len() == a.len().div_ceil(PREP_BLOCKS)`.
+    fn prepare_ggml(a: &[Self::Act], out: &mut [Self::Prep]);
+
+    /// Precise numerics from f32 activations (see [`prep`]); types without a finer form
+    /// quantize as GGML does, through `scratch`.
+    fn prepare_precise(x: &[f32], scratch: &mut Vec<Self::Act>, out: &mut [Self::Prep]) {
+        scratch.clear();
+        scratch.resize(x.len() / Self::Act::LEN, Self::Act::default());
+        Self::Act::quantize(x, scratch);
+        Self::prepare_ggml(scratch, out);
+    }
 
     /// The plain reference dot product on GGML's activation blocks: the slow twin every
     /// kernel is tested against.
@@ -66,13 +76,19 @@ pub fn prep_len<W: WeightBlock>(n_blocks: usize) -> usize {
     n_blocks.div_ceil(W::PREP_BLOCKS)
 }
 
-/// Quantizes `x` to `W`'s activation format and prepares it (allocating; the engine keeps
+/// Prepares f32 activations for `W` in the given numerics (allocating; the engine keeps
 /// its own buffers).
-pub fn prepare_f32<W: WeightBlock>(x: &[f32]) -> Vec<W::Prep> {
-    let mut act = vec![W::Act::default(); x.len() / W::Act::LEN];
-    W::Act::quantize(x, &mut act);
-    let mut out = vec![W::Prep::default(); prep_len::<W>(act.len())];
-    W::prepare(&act, &mut out);
+pub fn prepare_f32<W: WeightBlock>(x: &[f32], numerics: Numerics) -> Vec<W::Prep> {
+    let mut act = Vec::new();
+    let mut out = vec![W::Prep::default(); prep_len::<W>(x.len() / W::LEN)];
+    match numerics {
+        Numerics::Precise => W::prepare_precise(x, &mut act, &mut out),
+        Numerics::Ggml => {
+            act.resize(x.len() / W::Act::LEN, W::Act::default());
+            W::Act::quantize(x, &mut act);
+            W::prepare_ggml(&act, &mut out);
+        }
+    }
     out
 }
 

@@ -1,44 +1,62 @@
-//! Activations prepared for the fast kernels of the 32-element weight types.
+//! Prepared activations for the fast kernels of the 32-element weight types, in two
+//! numerics.
 //!
-//! GGML multiplies Q4_0/Q5_0/Q8_0 weights against Q8_0 activation blocks and Q4_1/Q5_1
-//! against Q8_1. The quantized integers are exactly GGML's (the prepared forms are made
-//! from those blocks), but they are laid out so one 512-bit `vpdpbusd` covers whole blocks
-//! in the order the weight bytes unpack to, with the scales converted to f32 once per
-//! activation row instead of once per weight row:
+//! The layout puts whole blocks under one 512-bit `vpdpbusd`, in the order the weight
+//! bytes unpack to, with scales as f32 converted once per activation row:
+//! - [`PrepNib`] (Q4_0, Q4_1, Q5_0, Q5_1): four blocks; values 0..16 of each block in
+//!   `lo`, values 16..32 in `hi`, matching a 64-byte load of four blocks' nibbles.
+//! - [`PrepQ8`] (Q8_0): two blocks in natural order.
 //!
-//! - [`PrepNib`] (Q4_0, Q4_1, Q5_0, Q5_1): four blocks; the first 16 values of each block
-//!   in `lo`, the last 16 in `hi`, matching a 64-byte load of four blocks' nibbles.
-//! - [`PrepQ8`] (Q8_0): two blocks in natural order, with the sums that undo the +128
-//!   offset that makes signed weights unsigned.
-//!
-//! The scalar kernels here read the prepared forms directly; every level is tested
-//! against the GGML-format scalar twins (`WeightBlock::dot_scalar`).
+//! Each activation value is held as two 8-bit levels, `x ≈ d·q1 + (d/254)·q2`, summed in
+//! integers as `254·Σw·q1 + Σw·q2`:
+//! - **precise** ([`Numerics::Precise`], the engine's default): `q2` quantizes the residual
+//!   of `q1`, so activations carry ~15 bits instead of 8. This network amplifies
+//!   activation-rounding noise into logit differences of 0.1-0.5; with two levels results
+//!   stay within ~0.01 of exact arithmetic and no longer depend on summation order (CPU
+//!   features, thread counts).
+//! - **ggml** ([`Numerics::Ggml`]): `q2 = 0` and GGML's f16 scales, reproducing exactly
+//!   the dot products llama.cpp computes against its Q8_0 / Q8_1 activation blocks.
 
 use half::f16;
 
 use super::blocks::*;
+use super::round_even;
 
 /// Weight blocks per [`PrepNib`].
 pub const NIB_GROUP: usize = 4;
 /// Weight blocks per [`PrepQ8`].
 pub const Q8_GROUP: usize = 2;
+/// Ratio of the first level's step to the second's.
+pub const LEVEL2: i32 = 254;
+
+/// How activations are quantized for the integer kernels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Numerics {
+    /// Two 8-bit levels: close to exact arithmetic, independent of summation order.
+    #[default]
+    Precise,
+    /// GGML's Q8 activation blocks: the same dot products as llama.cpp.
+    Ggml,
+}
 
 /// Four activation blocks prepared for nibble weights. Lane `4b + k` (k = 0..4) of a
 /// 16-lane i32 sum covers values `4k..4k+4` of block `b` in `lo` and in `hi`.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PrepNib {
-    /// Values 0..16 of each of the four blocks.
+    /// First level: values 0..16 of each of the four blocks, then values 16..32.
     pub lo: [i8; 64],
-    /// Values 16..32 of each block.
     pub hi: [i8; 64],
-    /// Block scale `d[b]` in lanes `4b..4b+4`.
+    /// Second level, same layout.
+    pub lo2: [i8; 64],
+    pub hi2: [i8; 64],
+    /// `d[b] / 254` in lanes `4b..4b+4`: the scale of one unit of the combined integer.
     pub d: [f32; 16],
-    /// Sum of the 8 values lane `l` covers (4 in `lo`, 4 in `hi`): undoes an unsigned
-    /// weight offset (8 for Q4_0, 16 for Q5_0).
+    /// Per lane, the combined integer sum (`254·Σq1 + Σq2`) of its 8 values: removes an
+    /// unsigned weight offset (8 for Q4_0, 16 for Q5_0).
     pub lane_sum: [i32; 16],
-    /// `[0, s0, 0, s1, 0, s2, 0, s3]` with `s = d·Σq` of Q8_1 blocks (f16-rounded as GGML
-    /// stores it), to multiply against weight `[d0, m0, d1, m1, ...]`.
+    /// `[0, s0, 0, s1, 0, s2, 0, s3]`, `s` = sum of the block's values, to multiply
+    /// against weight `[d0, m0, d1, m1, ...]` for the minimum term.
     pub s: [f32; 8],
 }
 
@@ -47,6 +65,8 @@ impl Default for PrepNib {
         Self {
             lo: [0; 64],
             hi: [0; 64],
+            lo2: [0; 64],
+            hi2: [0; 64],
             d: [0.0; 16],
             lane_sum: [0; 16],
             s: [0.0; 8],
@@ -59,9 +79,11 @@ impl Default for PrepNib {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PrepQ8 {
     pub qs: [i8; 64],
-    /// `d[b]` in lanes `8b..8b+8`.
+    pub qs2: [i8; 64],
+    /// `d[b] / 254` in lanes `8b..8b+8`.
     pub d: [f32; 16],
-    /// `-128 ×` the sum of the 4 values of each lane.
+    /// `-128 ×` the combined integer sum of each lane's 4 values: undoes the +128 that
+    /// makes signed weights unsigned.
     pub neg_corr: [i32; 16],
 }
 
@@ -69,61 +91,121 @@ impl Default for PrepQ8 {
     fn default() -> Self {
         Self {
             qs: [0; 64],
+            qs2: [0; 64],
             d: [0.0; 16],
             neg_corr: [0; 16],
         }
     }
 }
 
-/// Fills `out` (`ceil(n / 4)` groups; missing blocks of the last group are zero) from
-/// activation blocks given as (d, values, s).
-fn prepare_nib<'a>(
-    blocks: impl ExactSizeIterator<Item = (f16, &'a [i8; QK], f16)>,
-    out: &mut [PrepNib],
-) {
+/// One block's two levels, its scale and its value sum.
+struct Levels {
+    q1: [i8; QK],
+    q2: [i8; QK],
+    d: f32,
+    sum: f32,
+}
+
+/// Two-level quantization of 32 values: `q1` as GGML's Q8 (d = amax/127), `q2` the residual
+/// in steps of d/254.
+fn two_levels(x: &[f32]) -> Levels {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut l = Levels {
+        q1: [0; QK],
+        q2: [0; QK],
+        d,
+        sum: x.iter().sum(),
+    };
+    for (j, &v) in x.iter().enumerate() {
+        let q1 = round_even(v * id).clamp(-127.0, 127.0);
+        l.q1[j] = q1 as i8;
+        l.q2[j] = round_even((v - q1 * d) * id * LEVEL2 as f32).clamp(-127.0, 127.0) as i8;
+    }
+    l
+}
+
+fn fill_nib(blocks: impl ExactSizeIterator<Item = Levels>, out: &mut [PrepNib]) {
     assert_eq!(out.len(), blocks.len().div_ceil(NIB_GROUP));
     out.fill(PrepNib::default());
-    for (i, (d, qs, s)) in blocks.enumerate() {
+    for (i, l) in blocks.enumerate() {
         let (p, b) = (&mut out[i / NIB_GROUP], i % NIB_GROUP);
-        p.lo[16 * b..16 * b + 16].copy_from_slice(&qs[..16]);
-        p.hi[16 * b..16 * b + 16].copy_from_slice(&qs[16..]);
-        p.d[4 * b..4 * b + 4].fill(d.to_f32());
-        p.s[2 * b + 1] = s.to_f32();
+        p.lo[16 * b..16 * b + 16].copy_from_slice(&l.q1[..16]);
+        p.hi[16 * b..16 * b + 16].copy_from_slice(&l.q1[16..]);
+        p.lo2[16 * b..16 * b + 16].copy_from_slice(&l.q2[..16]);
+        p.hi2[16 * b..16 * b + 16].copy_from_slice(&l.q2[16..]);
+        p.d[4 * b..4 * b + 4].fill(l.d / LEVEL2 as f32);
+        p.s[2 * b + 1] = l.sum;
         for k in 0..4 {
-            let sum = |v: &[i8]| {
-                v[4 * k..4 * k + 4]
+            let lane = |q: &[i8; QK], half: usize| -> i32 {
+                q[16 * half + 4 * k..16 * half + 4 * k + 4]
                     .iter()
-                    .map(|&x| i32::from(x))
+                    .map(|&v| i32::from(v))
+                    .sum()
+            };
+            p.lane_sum[4 * b + k] =
+                LEVEL2 * (lane(&l.q1, 0) + lane(&l.q1, 1)) + lane(&l.q2, 0) + lane(&l.q2, 1);
+        }
+    }
+}
+
+fn fill_q8(blocks: impl ExactSizeIterator<Item = Levels>, out: &mut [PrepQ8]) {
+    assert_eq!(out.len(), blocks.len().div_ceil(Q8_GROUP));
+    out.fill(PrepQ8::default());
+    for (i, l) in blocks.enumerate() {
+        let (p, b) = (&mut out[i / Q8_GROUP], i % Q8_GROUP);
+        p.qs[32 * b..32 * b + 32].copy_from_slice(&l.q1);
+        p.qs2[32 * b..32 * b + 32].copy_from_slice(&l.q2);
+        p.d[8 * b..8 * b + 8].fill(l.d / LEVEL2 as f32);
+        for k in 0..8 {
+            let sum = |q: &[i8; QK]| {
+                q[4 * k..4 * k + 4]
+                    .iter()
+                    .map(|&v| i32::from(v))
                     .sum::<i32>()
             };
-            p.lane_sum[4 * b + k] = sum(&qs[..16]) + sum(&qs[16..]);
+            p.neg_corr[8 * b + k] = -128 * (LEVEL2 * sum(&l.q1) + sum(&l.q2));
         }
     }
 }
 
-/// Prepares Q8_0 activation blocks for Q4_0 / Q5_0 weights.
+/// GGML's blocks as one level: the values and f16 scales llama.cpp multiplies with.
+fn ggml_level(d: f16, qs: &[i8; QK], s: f16) -> Levels {
+    Levels {
+        q1: *qs,
+        q2: [0; QK],
+        d: d.to_f32(),
+        sum: s.to_f32(),
+    }
+}
+
+/// Precise preparation of f32 activations for nibble weights.
+pub fn prepare_nib_f32(x: &[f32], out: &mut [PrepNib]) {
+    assert!(x.len().is_multiple_of(QK));
+    fill_nib(x.chunks_exact(QK).map(two_levels), out);
+}
+
+/// Precise preparation of f32 activations for Q8_0 weights.
+pub fn prepare_q8_f32(x: &[f32], out: &mut [PrepQ8]) {
+    assert!(x.len().is_multiple_of(QK));
+    fill_q8(x.chunks_exact(QK).map(two_levels), out);
+}
+
+/// GGML numerics: Q8_0 activation blocks for Q4_0 / Q5_0 weights.
 pub fn prepare_nib_q8_0(a: &[BlockQ8_0], out: &mut [PrepNib]) {
-    prepare_nib(a.iter().map(|b| (b.d, &b.qs, f16::ZERO)), out);
+    fill_nib(a.iter().map(|b| ggml_level(b.d, &b.qs, f16::ZERO)), out);
 }
 
-/// Prepares Q8_1 activation blocks for Q4_1 / Q5_1 weights.
+/// GGML numerics: Q8_1 activation blocks for Q4_1 / Q5_1 weights (the minimum term uses
+/// GGML's f16 block sum `s`).
 pub fn prepare_nib_q8_1(a: &[BlockQ8_1], out: &mut [PrepNib]) {
-    prepare_nib(a.iter().map(|b| (b.d, &b.qs, b.s)), out);
+    fill_nib(a.iter().map(|b| ggml_level(b.d, &b.qs, b.s)), out);
 }
 
-/// Prepares Q8_0 activation blocks for Q8_0 weights.
+/// GGML numerics: Q8_0 activation blocks for Q8_0 weights.
 pub fn prepare_q8(a: &[BlockQ8_0], out: &mut [PrepQ8]) {
-    assert_eq!(out.len(), a.len().div_ceil(Q8_GROUP));
-    out.fill(PrepQ8::default());
-    for (i, blk) in a.iter().enumerate() {
-        let (p, b) = (&mut out[i / Q8_GROUP], i % Q8_GROUP);
-        p.qs[32 * b..32 * b + 32].copy_from_slice(&blk.qs);
-        p.d[8 * b..8 * b + 8].fill(blk.d.to_f32());
-        for k in 0..8 {
-            let sum: i32 = blk.qs[4 * k..4 * k + 4].iter().map(|&x| i32::from(x)).sum();
-            p.neg_corr[8 * b + k] = -128 * sum;
-        }
-    }
+    fill_q8(a.iter().map(|b| ggml_level(b.d, &b.qs, f16::ZERO)), out);
 }
 
 /// Uniform access to the four nibble block types for the prepared kernels.
@@ -139,67 +221,35 @@ pub trait NibBlock: Copy + Default + 'static {
     fn high_bits(&self) -> u32;
 }
 
-impl NibBlock for BlockQ4_0 {
-    const OFFSET: i32 = 8;
-    const HAS_MIN: bool = false;
-    const HAS_QH: bool = false;
-    fn dm_bits(&self) -> u32 {
-        u32::from(self.d.to_bits())
-    }
-    fn nibbles(&self) -> &[u8; 16] {
-        &self.qs
-    }
-    fn high_bits(&self) -> u32 {
-        0
-    }
+macro_rules! nib_block {
+    ($t:ty, offset = $off:expr, min = $min:tt, qh = $qh:tt) => {
+        impl NibBlock for $t {
+            const OFFSET: i32 = $off;
+            const HAS_MIN: bool = $min;
+            const HAS_QH: bool = $qh;
+            fn dm_bits(&self) -> u32 {
+                nib_block!(@dm self, $min)
+            }
+            fn nibbles(&self) -> &[u8; 16] {
+                &self.qs
+            }
+            fn high_bits(&self) -> u32 {
+                nib_block!(@qh self, $qh)
+            }
+        }
+    };
+    (@dm $s:ident, true) => { u32::from($s.d.to_bits()) | (u32::from($s.m.to_bits()) << 16) };
+    (@dm $s:ident, false) => { u32::from($s.d.to_bits()) };
+    (@qh $s:ident, true) => { u32::from_le_bytes($s.qh) };
+    (@qh $s:ident, false) => { 0 };
 }
+nib_block!(BlockQ4_0, offset = 8, min = false, qh = false);
+nib_block!(BlockQ4_1, offset = 0, min = true, qh = false);
+nib_block!(BlockQ5_0, offset = 16, min = false, qh = true);
+nib_block!(BlockQ5_1, offset = 0, min = true, qh = true);
 
-impl NibBlock for BlockQ4_1 {
-    const OFFSET: i32 = 0;
-    const HAS_MIN: bool = true;
-    const HAS_QH: bool = false;
-    fn dm_bits(&self) -> u32 {
-        u32::from(self.d.to_bits()) | (u32::from(self.m.to_bits()) << 16)
-    }
-    fn nibbles(&self) -> &[u8; 16] {
-        &self.qs
-    }
-    fn high_bits(&self) -> u32 {
-        0
-    }
-}
-
-impl NibBlock for BlockQ5_0 {
-    const OFFSET: i32 = 16;
-    const HAS_MIN: bool = false;
-    const HAS_QH: bool = true;
-    fn dm_bits(&self) -> u32 {
-        u32::from(self.d.to_bits())
-    }
-    fn nibbles(&self) -> &[u8; 16] {
-        &self.qs
-    }
-    fn high_bits(&self) -> u32 {
-        u32::from_le_bytes(self.qh)
-    }
-}
-
-impl NibBlock for BlockQ5_1 {
-    const OFFSET: i32 = 0;
-    const HAS_MIN: bool = true;
-    const HAS_QH: bool = true;
-    fn dm_bits(&self) -> u32 {
-        u32::from(self.d.to_bits()) | (u32::from(self.m.to_bits()) << 16)
-    }
-    fn nibbles(&self) -> &[u8; 16] {
-        &self.qs
-    }
-    fn high_bits(&self) -> u32 {
-        u32::from_le_bytes(self.qh)
-    }
-}
-
-/// Scalar dot product of nibble weights with prepared activations.
+/// Scalar dot product of nibble weights with prepared activations (the twin of the SIMD
+/// prepared kernels, in either numerics).
 pub fn dot_nib_scalar<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
     assert_eq!(a.len(), w.len().div_ceil(NIB_GROUP));
     let mut acc = 0.0f32;
@@ -210,8 +260,9 @@ pub fn dot_nib_scalar<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
         for (j, &byte) in qs.iter().enumerate() {
             let lo = i32::from(byte & 0xf) | ((((qh >> j) & 1) as i32) << 4);
             let hi = i32::from(byte >> 4) | ((((qh >> (j + 16)) & 1) as i32) << 4);
-            sum += (lo - W::OFFSET) * i32::from(p.lo[16 * b + j]);
-            sum += (hi - W::OFFSET) * i32::from(p.hi[16 * b + j]);
+            let (x1, x2) = (16 * b + j, 16 * b + j);
+            sum += (lo - W::OFFSET) * (LEVEL2 * i32::from(p.lo[x1]) + i32::from(p.lo2[x1]));
+            sum += (hi - W::OFFSET) * (LEVEL2 * i32::from(p.hi[x2]) + i32::from(p.hi2[x2]));
         }
         let dm = wb.dm_bits();
         let d = f16::from_bits(dm as u16).to_f32();
@@ -228,7 +279,10 @@ pub fn dot_q8_scalar(w: &[BlockQ8_0], a: &[PrepQ8]) -> f32 {
     for (i, wb) in w.iter().enumerate() {
         let (p, b) = (&a[i / Q8_GROUP], i % Q8_GROUP);
         let sum: i32 = (0..QK)
-            .map(|j| i32::from(wb.qs[j]) * i32::from(p.qs[32 * b + j]))
+            .map(|j| {
+                let x = 32 * b + j;
+                i32::from(wb.qs[j]) * (LEVEL2 * i32::from(p.qs[x]) + i32::from(p.qs2[x]))
+            })
             .sum();
         acc += wb.d.to_f32() * p.d[8 * b] * sum as f32;
     }

@@ -156,7 +156,7 @@ fn check_dots<W: WeightBlock>(act: ActType, seed: u64) {
             );
 
             let mut prepared = vec![W::Prep::default(); prep_len::<W>(a.len())];
-            W::prepare(&a, &mut prepared);
+            W::prepare_ggml(&a, &mut prepared);
             for level in supported_levels() {
                 let fast = f64::from(W::dot_kernel(level)(&w, &prepared));
                 let tol = REASSOC_TOL * mag + 1e-9;
@@ -167,6 +167,57 @@ fn check_dots<W: WeightBlock>(act: ActType, seed: u64) {
             }
         }
     }
+}
+
+/// Precise numerics: two activation levels leave at most half a step of amax/(127·254)
+/// per value, plus f32 rounding of the residual.
+const TWO_LEVEL_REL: f64 = 0.5 / (127.0 * 254.0) + 4e-7;
+
+fn check_precise<W: WeightBlock>(seed: u64) {
+    let mut rng = Rng::new(seed);
+    for n in [1, 2, 3, 4, 5, 7, 16, 33] {
+        for trial in 0..4 {
+            let n_elems = n * W::LEN;
+            let w: Vec<W> = quantize_vec(&rng.varied(n_elems, 32));
+            let x = rng.varied(n_elems, 32);
+            let wd = dequantize_vec(&w);
+            let prepared = prepare_f32::<W>(&x, Numerics::Precise);
+            let ctx = format!("{} precise n={n} trial={trial}", W::DTYPE);
+            let twin = f64::from(W::dot_kernel(crate::simd::SimdLevel::Scalar)(&w, &prepared));
+            let mag: f64 = wd.iter().zip(&x).map(|(a, b)| f64::from(a * b).abs()).sum();
+            let exact: f64 = wd
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum();
+            let bound: f64 = (0..n_elems)
+                .map(|i| f64::from(wd[i].abs()) * block_absmax(&x, 32, i) * TWO_LEVEL_REL)
+                .sum::<f64>()
+                + TWIN_VS_F64_TOL * mag
+                + 1e-9;
+            assert!(
+                (twin - exact).abs() <= bound,
+                "{ctx}: twin {twin} vs exact {exact} (bound {bound})"
+            );
+            for level in supported_levels() {
+                let fast = f64::from(W::dot_kernel(level)(&w, &prepared));
+                let tol = REASSOC_TOL * mag + 1e-9;
+                assert!(
+                    (fast - twin).abs() <= tol,
+                    "{ctx} {level}: kernel {fast} vs twin {twin}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn precise_numerics_are_near_exact_at_every_level() {
+    check_precise::<BlockQ4_0>(2000);
+    check_precise::<BlockQ4_1>(2001);
+    check_precise::<BlockQ5_0>(2002);
+    check_precise::<BlockQ5_1>(2003);
+    check_precise::<BlockQ8_0>(2004);
 }
 
 macro_rules! type_tests {
@@ -294,7 +345,7 @@ fn stored_minus_128_is_exact_in_q8_0_kernels() {
     }
     let a: Vec<BlockQ8_0> = quantize_vec(&rng.varied(32 * 5, 32));
     let mut prepared = vec![PrepQ8::default(); prep_len::<BlockQ8_0>(a.len())];
-    BlockQ8_0::prepare(&a, &mut prepared);
+    BlockQ8_0::prepare_ggml(&a, &mut prepared);
     let twin = BlockQ8_0::dot_scalar(&w, &a);
     for level in supported_levels() {
         let fast = BlockQ8_0::dot_kernel(level)(&w, &prepared);

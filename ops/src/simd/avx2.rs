@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use crate::quant::prep::{NIB_GROUP, NibBlock, PrepNib, PrepQ8, Q8_GROUP};
+use crate::quant::prep::{LEVEL2, NIB_GROUP, NibBlock, PrepNib, PrepQ8, Q8_GROUP};
 use crate::quant::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, kquant_scales};
 
 /// Declares the safe entry point of a kernel.
@@ -210,17 +210,25 @@ fn nib_group<W: NibBlock, const N: usize>(
             );
         }
         // SAFETY: offsets 32h..32h+32 of 64-byte arrays and 8h..8h+8 of 16-lane arrays.
-        let (alo, ahi, ad, lane_sum) = unsafe {
+        let (alo, ahi, alo2, ahi2, ad, lane_sum) = unsafe {
             (
                 _mm256_loadu_si256(p.lo.as_ptr().add(32 * h).cast()),
                 _mm256_loadu_si256(p.hi.as_ptr().add(32 * h).cast()),
+                _mm256_loadu_si256(p.lo2.as_ptr().add(32 * h).cast()),
+                _mm256_loadu_si256(p.hi2.as_ptr().add(32 * h).cast()),
                 _mm256_loadu_ps(p.d.as_ptr().add(8 * h)),
                 _mm256_loadu_si256(p.lane_sum.as_ptr().add(8 * h).cast()),
             )
         };
+        let dot = |a_lo, a_hi| {
+            _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a_lo), ones),
+                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a_hi), ones),
+            )
+        };
         let mut isum = _mm256_add_epi32(
-            _mm256_madd_epi16(_mm256_maddubs_epi16(lo, alo), ones),
-            _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ahi), ones),
+            _mm256_mullo_epi32(dot(alo, ahi), _mm256_set1_epi32(LEVEL2)),
+            dot(alo2, ahi2),
         );
         if W::OFFSET != 0 {
             isum = _mm256_sub_epi32(
@@ -292,13 +300,18 @@ unsafe fn dot_q8_impl(w: &[BlockQ8_0], a: &[PrepQ8]) -> f32 {
     for (i, wb) in w.iter().enumerate() {
         let (p, b) = (&a[i / Q8_GROUP], i % Q8_GROUP);
         // SAFETY: offsets 32b..32b+32 and 8b..8b+8 of the prepared arrays.
-        let (y, ad) = unsafe {
+        let (y, y2, ad) = unsafe {
             (
                 _mm256_loadu_si256(p.qs.as_ptr().add(32 * b).cast()),
+                _mm256_loadu_si256(p.qs2.as_ptr().add(32 * b).cast()),
                 _mm256_loadu_ps(p.d.as_ptr().add(8 * b)),
             )
         };
-        let isum = dot_ss8(load32_i8(&wb.qs), y);
+        let x = load32_i8(&wb.qs);
+        let isum = _mm256_add_epi32(
+            _mm256_mullo_epi32(dot_ss8(x, y), _mm256_set1_epi32(LEVEL2)),
+            dot_ss8(x, y2),
+        );
         let scale = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(wb.d)), ad);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc);
     }

@@ -3,15 +3,16 @@
 //! the fast twin of a `dot_scalar` in `crate::quant` and is tested against it.
 //!
 //! The 32-element block types read prepared activations (`crate::quant::prep`): four
-//! nibble blocks or two Q8_0 blocks per 512-bit `vpdpbusd`, scales in f32, and offsets
-//! removed through precomputed lane sums, so every integer sum is exact.
+//! nibble blocks or two Q8_0 blocks per 512-bit `vpdpbusd` for each of the two activation
+//! levels, scales in f32, and offsets removed through precomputed lane sums, so every
+//! integer sum is exact.
 
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
 use super::avx2::{f16_to_f32, hsum_ps};
-use crate::quant::prep::{NIB_GROUP, NibBlock, PrepNib, PrepQ8, Q8_GROUP};
+use crate::quant::prep::{LEVEL2, NIB_GROUP, NibBlock, PrepNib, PrepQ8, Q8_GROUP};
 use crate::quant::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, kquant_scales};
 
 macro_rules! entry {
@@ -192,16 +193,21 @@ fn nib_group<W: NibBlock, const N: usize>(
         hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(mask_hi, bit4));
     }
     // SAFETY: PrepNib is 64-byte aligned and its fields are 64-byte arrays / 16 lanes.
-    let (alo, ahi, ad, lane_sum) = unsafe {
+    let (alo, ahi, alo2, ahi2, ad, lane_sum) = unsafe {
         (
             _mm512_load_si512(p.lo.as_ptr().cast()),
             _mm512_load_si512(p.hi.as_ptr().cast()),
+            _mm512_load_si512(p.lo2.as_ptr().cast()),
+            _mm512_load_si512(p.hi2.as_ptr().cast()),
             _mm512_load_ps(p.d.as_ptr()),
             _mm512_load_si512(p.lane_sum.as_ptr().cast()),
         )
     };
-    let mut isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo);
-    isum = _mm512_dpbusd_epi32(isum, hi, ahi);
+    let zero = _mm512_setzero_si512();
+    let isum1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, alo), hi, ahi);
+    let isum2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, alo2), hi, ahi2);
+    // 254·Σw·q1 + Σw·q2 (below 2^24 per lane: 8 values of at most 31·127·255).
+    let mut isum = _mm512_add_epi32(_mm512_mullo_epi32(isum1, _mm512_set1_epi32(LEVEL2)), isum2);
     if W::OFFSET != 0 {
         let off = _mm512_mullo_epi32(lane_sum, _mm512_set1_epi32(W::OFFSET));
         isum = _mm512_sub_epi32(isum, off);
@@ -257,19 +263,23 @@ unsafe fn dot_nib_impl<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
 fn q8_pair(w: &[BlockQ8_0; 2], p: &PrepQ8, acc: &mut __m512) {
     // SAFETY: 32 readable bytes per block; PrepQ8 is 64-byte aligned.
-    let (q, aq, ad, corr) = unsafe {
+    let (q, aq, aq2, ad, corr) = unsafe {
         (
             join(
                 _mm256_loadu_si256(w[0].qs.as_ptr().cast()),
                 _mm256_loadu_si256(w[1].qs.as_ptr().cast()),
             ),
             _mm512_load_si512(p.qs.as_ptr().cast()),
+            _mm512_load_si512(p.qs2.as_ptr().cast()),
             _mm512_load_ps(p.d.as_ptr()),
             _mm512_load_si512(p.neg_corr.as_ptr().cast()),
         )
     };
     let x = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
-    let isum = _mm512_dpbusd_epi32(corr, x, aq);
+    let isum1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, aq);
+    let isum2 = _mm512_dpbusd_epi32(corr, x, aq2);
+    // 254·Σ(w+128)·q1 + Σ(w+128)·q2 - 128·(254·Σq1 + Σq2): below 2^26 per lane.
+    let isum = _mm512_add_epi32(_mm512_mullo_epi32(isum1, _mm512_set1_epi32(LEVEL2)), isum2);
     let d = _mm_cvtph_ps(_mm_cvtsi32_si128(
         i32::from(w[0].d.to_bits()) | (i32::from(w[1].d.to_bits()) << 16),
     ));

@@ -1,0 +1,86 @@
+//! `powerinferd perplexity MODEL FILE [-c N]`, computed as llama-perplexity does.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::common::{default_threads, load_model};
+use super::exit;
+use crate::generate::Session;
+use crate::model::KvType;
+use crate::perplexity::{PerplexityError, perplexity};
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    pub model: String,
+    /// A text file to score.
+    pub file: PathBuf,
+    /// Context (chunk) size in tokens.
+    #[arg(long, short = 'c', default_value_t = 512)]
+    pub ctx: usize,
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+}
+
+pub fn run(a: &PerplexityArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let text = match std::fs::read(&a.file) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) => {
+            let _ = writeln!(err, "error: cannot read {}: {e}", a.file.display());
+            return exit::BAD_INPUT;
+        }
+    };
+    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), err) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let tokens = loaded.tokenizer.encode(&text, true, true);
+    let threads = a.threads.unwrap_or_else(default_threads);
+    let mut session = match Session::new(&loaded, a.ctx.max(1), threads, KvType::F16) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let _ = writeln!(
+        err,
+        "{} tokens, {} chunks of {}",
+        tokens.len(),
+        tokens.len() / a.ctx.max(1),
+        a.ctx
+    );
+    let started = std::time::Instant::now();
+    let result = perplexity(&mut session, &tokens, |p| {
+        let _ = write!(out, "[{}]{:.4},", p.chunks, p.value());
+        let _ = out.flush();
+    });
+    match result {
+        Ok(p) => {
+            let _ = writeln!(
+                out,
+                "\nFinal estimate: PPL = {:.4} +/- {:.5}",
+                p.value(),
+                p.error()
+            );
+            let _ = writeln!(
+                err,
+                "{} tokens scored in {:.1} s",
+                p.scored,
+                started.elapsed().as_secs_f64()
+            );
+            exit::OK
+        }
+        Err(e @ (PerplexityError::TooShort { .. } | PerplexityError::ContextTooSmall(_))) => {
+            let _ = writeln!(err, "error: {e}");
+            exit::BAD_INPUT
+        }
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            exit::FAILURE
+        }
+    }
+}
