@@ -90,7 +90,9 @@ impl PreTokenizer {
 
     /// Splits `text` into pieces (byte ranges), in order, covering all of it.
     pub fn split(&self, text: &str) -> Vec<std::ops::Range<usize>> {
-        let mut pieces = Vec::from([0..text.len()]);
+        // The whole text is the one piece the first expression splits.
+        let mut pieces = Vec::with_capacity(16);
+        pieces.push(0..text.len());
         for expr in &self.exprs {
             let mut next = Vec::with_capacity(pieces.len());
             for piece in pieces {
