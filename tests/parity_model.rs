@@ -3,9 +3,8 @@
 //! first-step logits, free-running greedy continuations, teacher-forced agreement, and
 //! perplexity of GPL-3 at n_ctx 512.
 
-use powerinfer_daemon::generate::{GenParams, Session, StopReason};
+use powerinfer_daemon::generate::{GenParams, Session, SessionOptions, StopReason};
 use powerinfer_daemon::ids::TokenId;
-use powerinfer_daemon::model::KvType;
 use powerinfer_daemon::perplexity::perplexity;
 use powerinfer_daemon::sampler::SamplerConfig;
 use powerinfer_tests::{default_loaded, fixture_json, ids};
@@ -27,7 +26,7 @@ fn tokens(v: &serde_json::Value) -> Vec<TokenId> {
 }
 
 fn session(n_ctx: usize) -> Session<'static> {
-    Session::new(default_loaded(), n_ctx, 2, KvType::F16).unwrap()
+    Session::new(default_loaded(), SessionOptions::new(n_ctx, 2)).unwrap()
 }
 
 fn argmax(row: &[f32]) -> usize {

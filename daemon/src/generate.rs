@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use powerinfer_ops::gguf::GgufFile;
 use powerinfer_ops::pool::ThreadPool;
+use powerinfer_ops::quant::Numerics;
 
 use crate::ids::{SeqSlot, TokenId};
 use crate::model::{BatchToken, ForwardError, KvCache, KvType, LoadError, Model, Scratch};
@@ -121,6 +122,28 @@ impl Summary {
     }
 }
 
+/// How a session computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// Context size in tokens.
+    pub n_ctx: usize,
+    pub n_threads: usize,
+    pub kv_type: KvType,
+    pub numerics: Numerics,
+}
+
+impl SessionOptions {
+    /// `n_ctx` tokens on `n_threads` threads, f16 KV cache, precise numerics.
+    pub fn new(n_ctx: usize, n_threads: usize) -> Self {
+        Self {
+            n_ctx,
+            n_threads,
+            kv_type: KvType::F16,
+            numerics: Numerics::Precise,
+        }
+    }
+}
+
 /// One sequence's state on one model: thread pool, KV cache, buffers.
 pub struct Session<'m> {
     pub model: &'m Model,
@@ -131,24 +154,24 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
-    pub fn new(
-        loaded: &'m LoadedModel,
-        n_ctx: usize,
-        n_threads: usize,
-        kv_type: KvType,
-    ) -> Result<Self, GenerateError> {
+    pub fn new(loaded: &'m LoadedModel, opts: SessionOptions) -> Result<Self, GenerateError> {
         let c = &loaded.model.config;
+        let n = opts.n_threads.max(1);
         let pool =
-            ThreadPool::new(n_threads, "pi-cpu").map_err(|source| GenerateError::Threads {
-                n: n_threads,
-                source,
-            })?;
+            ThreadPool::new(n, "pi-cpu").map_err(|source| GenerateError::Threads { n, source })?;
         Ok(Self {
             model: &loaded.model,
             tokenizer: &loaded.tokenizer,
             pool,
-            kv: KvCache::new(c.n_layer, 1, n_ctx, c.n_head_kv, c.head_dim, kv_type),
-            scratch: Scratch::default(),
+            kv: KvCache::new(
+                c.n_layer,
+                1,
+                opts.n_ctx.max(1),
+                c.n_head_kv,
+                c.head_dim,
+                opts.kv_type,
+            ),
+            scratch: Scratch::new(opts.numerics),
         })
     }
 

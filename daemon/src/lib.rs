@@ -4,6 +4,7 @@
 //!
 //! Depends on `powerinfer-ops` for every number it computes; it owns no kernels.
 
+pub mod bench;
 pub mod cli;
 pub mod generate;
 pub mod ids;

@@ -7,7 +7,7 @@
 //! same bits for any thread count.
 
 use crate::pool::{SharedMut, ThreadPool};
-use crate::quant::{DotFn, WeightBlock, prep_len};
+use crate::quant::{RowKernel, WeightBlock, prep_len};
 use crate::simd::{self, SimdLevel};
 
 /// Weight bytes a work item should cover at least: enough to amortize handing it out.
@@ -15,11 +15,14 @@ const MIN_CHUNK_BYTES: usize = 16 * 1024;
 /// Work items per thread to aim for, so a slow thread can be balanced by the others.
 const CHUNKS_PER_THREAD: usize = 8;
 
+/// Rows kernels take at a time; work items are whole multiples of it.
+const ROW_TILE: usize = 4;
+
 /// Rows per work item for a matrix of `n_rows` rows of `row_bytes` bytes.
 pub fn rows_per_chunk(n_rows: usize, row_bytes: usize, n_threads: usize) -> usize {
     let by_bytes = MIN_CHUNK_BYTES.div_ceil(row_bytes.max(1));
     let by_balance = n_rows / (n_threads * CHUNKS_PER_THREAD).max(1);
-    by_bytes.max(by_balance).max(1)
+    by_bytes.max(by_balance).max(1).next_multiple_of(ROW_TILE)
 }
 
 /// `out[r] = w[r] · x` for every row `r` (`out.len()` rows of `w.len() / out.len()`
@@ -47,15 +50,13 @@ pub fn matvec_at<W: WeightBlock>(
         prep_len::<W>(bpr),
         "activation must be one prepared row"
     );
-    let dot: DotFn<W> = W::dot_kernel(level);
+    let kernel: RowKernel<W> = W::row_kernel(level);
     let chunk = rows_per_chunk(n_rows, bpr * size_of::<W>(), pool.n_threads());
     let out = SharedMut::new(out);
     pool.for_each_chunk(n_rows, chunk, |rows| {
         // SAFETY: for_each_chunk hands out disjoint row ranges.
-        let out = unsafe { out.slice(rows.clone()) };
-        for (o, r) in out.iter_mut().zip(rows) {
-            *o = dot(&w[r * bpr..(r + 1) * bpr], x);
-        }
+        let o = unsafe { out.slice(rows.clone()) };
+        kernel.run(&w[rows.start * bpr..rows.end * bpr], x, o);
     });
 }
 
@@ -84,7 +85,7 @@ pub fn matmat<W: WeightBlock>(
         stride * n_tok,
         "activations must be n_tok prepared rows"
     );
-    let dot: DotFn<W> = W::dot_kernel(simd::detected());
+    let kernel: RowKernel<W> = W::row_kernel(simd::detected());
     let chunk = rows_per_chunk(n_rows, bpr * size_of::<W>(), pool.n_threads());
     let out = SharedMut::new(out);
     pool.for_each_chunk(n_rows, chunk, |rows| {
@@ -96,9 +97,7 @@ pub fn matmat<W: WeightBlock>(
             // base + rows of different chunks are disjoint for the same token and the
             // token rows themselves do not overlap.
             let o = unsafe { out.slice(base + rows.start..base + rows.end) };
-            for (o, r) in o.iter_mut().zip(rows.clone()) {
-                *o = dot(&w[r * bpr..(r + 1) * bpr], x);
-            }
+            kernel.run(&w[rows.start * bpr..rows.end * bpr], x, o);
         }
     });
 }

@@ -3,7 +3,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use powerinfer_ops::quant::Numerics;
 
 use super::exit;
 use crate::generate::LoadedModel;
@@ -88,4 +89,31 @@ pub fn load_model(
         exit::BAD_INPUT
     })?;
     Ok((path, loaded))
+}
+
+/// `--numerics`: how activations are quantized for the integer kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NumericsArg {
+    /// Two 8-bit levels: close to exact arithmetic (default).
+    Precise,
+    /// GGML's Q8 activation blocks: the same dot products as llama.cpp.
+    Ggml,
+}
+
+impl NumericsArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Precise => "precise",
+            Self::Ggml => "ggml",
+        }
+    }
+}
+
+impl From<NumericsArg> for Numerics {
+    fn from(n: NumericsArg) -> Self {
+        match n {
+            NumericsArg::Precise => Numerics::Precise,
+            NumericsArg::Ggml => Numerics::Ggml,
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! shim over [`run`], so tests drive exactly what users run, output and exit status
 //! included, in-process.
 
+mod bench;
 mod common;
 mod inspect;
 mod perplexity;
@@ -50,6 +51,8 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Perplexity of a text file, computed as llama-perplexity does.
     Perplexity(perplexity::PerplexityArgs),
+    /// Prompt-processing and generation speed, as llama-bench measures them.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the command line `args` (program name first), writing to `out` and `err`, and
@@ -76,5 +79,6 @@ where
         Command::Run(a) => run::run(&a, out, err),
         Command::Tokenize(a) => tokenize::run(&a, out, err),
         Command::Perplexity(a) => perplexity::run(&a, out, err),
+        Command::Bench(a) => bench::run(&a, out, err),
     }
 }

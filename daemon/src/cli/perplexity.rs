@@ -7,8 +7,7 @@ use clap::Args;
 
 use super::common::{default_threads, load_model};
 use super::exit;
-use crate::generate::Session;
-use crate::model::KvType;
+use crate::generate::{Session, SessionOptions};
 use crate::perplexity::{PerplexityError, perplexity};
 
 #[derive(Args, Debug)]
@@ -39,7 +38,7 @@ pub fn run(a: &PerplexityArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     };
     let tokens = loaded.tokenizer.encode(&text, true, true);
     let threads = a.threads.unwrap_or_else(default_threads);
-    let mut session = match Session::new(&loaded, a.ctx.max(1), threads, KvType::F16) {
+    let mut session = match Session::new(&loaded, SessionOptions::new(a.ctx, threads)) {
         Ok(s) => s,
         Err(e) => {
             let _ = writeln!(err, "error: {e}");

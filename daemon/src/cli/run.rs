@@ -9,8 +9,7 @@ use serde_json::json;
 
 use super::common::{SamplingArgs, default_threads, load_model};
 use super::exit;
-use crate::generate::{GenParams, GenerateError, Session, StopReason};
-use crate::model::KvType;
+use crate::generate::{GenParams, GenerateError, Session, SessionOptions, StopReason};
 use crate::tokenizer::{ChatMessage, render_chat};
 
 #[derive(Args, Debug)]
@@ -95,7 +94,7 @@ pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         .unwrap_or_else(|| (prompt.len() + a.max_tokens + 1).next_multiple_of(256))
         .min(n_ctx_train.max(1));
     let threads = a.threads.unwrap_or_else(default_threads).max(1);
-    let mut session = match Session::new(&loaded, n_ctx, threads, KvType::F16) {
+    let mut session = match Session::new(&loaded, SessionOptions::new(n_ctx, threads)) {
         Ok(s) => s,
         Err(e) => {
             let _ = writeln!(err, "error: {e}");

@@ -7,6 +7,7 @@
 use powerinfer_ops::gguf::GgufFile;
 use powerinfer_ops::nn::{self, KvElem, Rope};
 use powerinfer_ops::pool::{SharedMut, ThreadPool};
+use powerinfer_ops::quant::Numerics;
 use powerinfer_ops::tensor::Activations;
 
 use super::config::{FfnKind, ModelConfig};
@@ -48,6 +49,16 @@ pub struct Scratch {
     cos_sin: Vec<[f32; 2]>,
     scores: Vec<Vec<f32>>,
     logits: Vec<f32>,
+}
+
+impl Scratch {
+    /// Buffers whose activations are prepared in the given numerics.
+    pub fn new(numerics: Numerics) -> Self {
+        Self {
+            acts: Activations::with_numerics(numerics),
+            ..Self::default()
+        }
+    }
 }
 
 fn sized(v: &mut Vec<f32>, n: usize) {

@@ -22,7 +22,7 @@ const C2: f32 = 0.5;
 #[inline]
 pub fn exp_approx(x: f32) -> f32 {
     let x = x.clamp(LO, HI);
-    let n = (x * LOG2E).round_ties_even();
+    let n = crate::quant::round_even(x * LOG2E);
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((((C6 * r + C5) * r + C4) * r + C3) * r + C2) * r + 1.0) * r) + 1.0;
     let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);

@@ -5,7 +5,7 @@ use half::f16;
 
 use super::blocks::*;
 use super::prep::{self, PrepNib, PrepQ8};
-use super::{Block, DotFn, WeightBlock, round_even, signed_absmax};
+use super::{Block, DotFn, RowKernel, WeightBlock, round_even, signed_absmax};
 use crate::simd::SimdLevel;
 
 const H: usize = QK / 2;
@@ -252,6 +252,10 @@ impl WeightBlock for BlockQ4_0 {
     fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
         crate::simd::dispatch!(level, int dot_nib::<BlockQ4_0>, prep::dot_nib_scalar::<BlockQ4_0>)
     }
+
+    fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
+        crate::simd::dispatch_rows!(level, rows_nib::<BlockQ4_0>, Self::dot_kernel(level))
+    }
 }
 
 impl WeightBlock for BlockQ4_1 {
@@ -283,6 +287,10 @@ impl WeightBlock for BlockQ4_1 {
 
     fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
         crate::simd::dispatch!(level, int dot_nib::<BlockQ4_1>, prep::dot_nib_scalar::<BlockQ4_1>)
+    }
+
+    fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
+        crate::simd::dispatch_rows!(level, rows_nib::<BlockQ4_1>, Self::dot_kernel(level))
     }
 }
 
@@ -316,6 +324,10 @@ impl WeightBlock for BlockQ5_0 {
 
     fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
         crate::simd::dispatch!(level, int dot_nib::<BlockQ5_0>, prep::dot_nib_scalar::<BlockQ5_0>)
+    }
+
+    fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
+        crate::simd::dispatch_rows!(level, rows_nib::<BlockQ5_0>, Self::dot_kernel(level))
     }
 }
 
@@ -351,6 +363,10 @@ impl WeightBlock for BlockQ5_1 {
     fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
         crate::simd::dispatch!(level, int dot_nib::<BlockQ5_1>, prep::dot_nib_scalar::<BlockQ5_1>)
     }
+
+    fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
+        crate::simd::dispatch_rows!(level, rows_nib::<BlockQ5_1>, Self::dot_kernel(level))
+    }
 }
 
 impl WeightBlock for BlockQ8_0 {
@@ -377,5 +393,9 @@ impl WeightBlock for BlockQ8_0 {
 
     fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
         crate::simd::dispatch!(level, int dot_q8, prep::dot_q8_scalar)
+    }
+
+    fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
+        crate::simd::dispatch_rows!(level, rows_q8, Self::dot_kernel(level))
     }
 }

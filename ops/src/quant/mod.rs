@@ -36,6 +36,32 @@ pub trait Block: TensorElement + Default {
 /// A dot product of `n` weight blocks with the prepared activation of `n` blocks.
 pub type DotFn<W> = fn(&[W], &[<W as WeightBlock>::Prep]) -> f32;
 
+/// Rows of weights times one prepared activation row: `out[r] = w[r] · a`, `w` being
+/// `out.len()` whole rows.
+pub type RowsFn<W> = fn(&[W], &[<W as WeightBlock>::Prep], &mut [f32]);
+
+/// How a level computes many rows: a kernel that takes several rows at once (sharing
+/// activation loads and reductions), or the one-row dot product in a loop. Either gives
+/// each row the same bits as the one-row kernel of that level.
+pub enum RowKernel<W: WeightBlock> {
+    Rows(RowsFn<W>),
+    Dot(DotFn<W>),
+}
+
+impl<W: WeightBlock> RowKernel<W> {
+    pub fn run(&self, w: &[W], a: &[W::Prep], out: &mut [f32]) {
+        match self {
+            Self::Rows(f) => f(w, a, out),
+            Self::Dot(f) => {
+                let bpr = w.len() / out.len().max(1);
+                for (o, row) in out.iter_mut().zip(w.chunks_exact(bpr)) {
+                    *o = f(row, a);
+                }
+            }
+        }
+    }
+}
+
 /// A block type that weights are stored in, with the activation format GGML multiplies
 /// it against (`Q8_0`, `Q8_1`, `Q8_K`, or the float type itself), and the prepared form of
 /// that activation the fast kernels read.
@@ -69,6 +95,11 @@ pub trait WeightBlock: Block {
 
     /// The fastest kernel usable at `level` (falling back to lower levels).
     fn dot_kernel(level: SimdLevel) -> DotFn<Self>;
+
+    /// The many-row form of `dot_kernel(level)`.
+    fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
+        RowKernel::Dot(Self::dot_kernel(level))
+    }
 }
 
 /// Prepared units per row of `n_blocks` weight blocks.
@@ -184,9 +215,19 @@ pub enum ActType {
 }
 
 /// Rounds to nearest, ties to even, as GGML's SIMD quantizers do.
+///
+/// Adding and subtracting 1.5·2^23 rounds in the FPU's default mode (nearest-even) without
+/// a library call (`f32::round_ties_even` compiles to `rintf` on baseline x86-64, and the
+/// quantizers run on the per-token path). Exact for |x| < 2^22; larger values are already
+/// integers or out of every quantizer's range and pass through.
 #[inline]
 pub(crate) fn round_even(x: f32) -> f32 {
-    x.round_ties_even()
+    const MAGIC: f32 = 12_582_912.0;
+    if x.abs() < 4_194_304.0 {
+        (x + MAGIC) - MAGIC
+    } else {
+        x
+    }
 }
 
 /// The element with the largest magnitude, keeping its sign (0 for an empty slice).
@@ -203,3 +244,30 @@ pub(crate) fn signed_absmax(x: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod round_tests {
+    #[test]
+    fn round_even_matches_the_library_on_ties_and_randoms() {
+        let mut rng = crate::rng::Rng::new(5);
+        for x in [
+            0.5f32,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            127.49,
+            -127.5,
+            0.0,
+            -0.0,
+            4_194_303.5,
+        ] {
+            assert_eq!(super::round_even(x), x.round_ties_even(), "{x}");
+        }
+        for _ in 0..100_000 {
+            let x = rng.uniform(-300.0, 300.0);
+            assert_eq!(super::round_even(x), x.round_ties_even(), "{x}");
+        }
+    }
+}

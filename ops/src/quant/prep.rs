@@ -7,8 +7,8 @@
 //!   `lo`, values 16..32 in `hi`, matching a 64-byte load of four blocks' nibbles.
 //! - [`PrepQ8`] (Q8_0): two blocks in natural order.
 //!
-//! Each activation value is held as two 8-bit levels, `x ≈ d·q1 + (d/254)·q2`, summed in
-//! integers as `254·Σw·q1 + Σw·q2`:
+//! Each activation value is held as two 8-bit levels, `x ≈ d·q1 + (d/256)·q2`, summed in
+//! integers as `256·Σw·q1 + Σw·q2` (a shift, then accumulation into the same sum):
 //! - **precise** ([`Numerics::Precise`], the engine's default): `q2` quantizes the residual
 //!   of `q1`, so activations carry ~15 bits instead of 8. This network amplifies
 //!   activation-rounding noise into logit differences of 0.1-0.5; with two levels results
@@ -26,8 +26,16 @@ use super::round_even;
 pub const NIB_GROUP: usize = 4;
 /// Weight blocks per [`PrepQ8`].
 pub const Q8_GROUP: usize = 2;
-/// Ratio of the first level's step to the second's.
-pub const LEVEL2: i32 = 254;
+/// Ratio of the first level's step to the second's. A power of two, so the kernels
+/// combine levels with a shift. The residual of the first level is at most half a step,
+/// so `q2` reaches ±128 only in an exact tie, where it is clamped to ±127 (an error of
+/// 1/256 of a step instead of 0).
+pub const LEVEL2: i32 = 256;
+/// `log2(LEVEL2)`.
+pub const LEVEL2_SHIFT: u32 = 8;
+/// The shift as the immediate the AVX2 intrinsics take.
+pub const LEVEL2_SHIFT_I32: i32 = 8;
+const _: () = assert!(1 << LEVEL2_SHIFT == LEVEL2 && LEVEL2_SHIFT_I32 as u32 == LEVEL2_SHIFT);
 
 /// How activations are quantized for the integer kernels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,9 +58,9 @@ pub struct PrepNib {
     /// Second level, same layout.
     pub lo2: [i8; 64],
     pub hi2: [i8; 64],
-    /// `d[b] / 254` in lanes `4b..4b+4`: the scale of one unit of the combined integer.
+    /// `d[b] / 256` in lanes `4b..4b+4`: the scale of one unit of the combined integer.
     pub d: [f32; 16],
-    /// Per lane, the combined integer sum (`254·Σq1 + Σq2`) of its 8 values: removes an
+    /// Per lane, the combined integer sum (`256·Σq1 + Σq2`) of its 8 values: removes an
     /// unsigned weight offset (8 for Q4_0, 16 for Q5_0).
     pub lane_sum: [i32; 16],
     /// `[0, s0, 0, s1, 0, s2, 0, s3]`, `s` = sum of the block's values, to multiply
@@ -80,7 +88,7 @@ impl Default for PrepNib {
 pub struct PrepQ8 {
     pub qs: [i8; 64],
     pub qs2: [i8; 64],
-    /// `d[b] / 254` in lanes `8b..8b+8`.
+    /// `d[b] / 256` in lanes `8b..8b+8`.
     pub d: [f32; 16],
     /// `-128 ×` the combined integer sum of each lane's 4 values: undoes the +128 that
     /// makes signed weights unsigned.
@@ -107,7 +115,7 @@ struct Levels {
 }
 
 /// Two-level quantization of 32 values: `q1` as GGML's Q8 (d = amax/127), `q2` the residual
-/// in steps of d/254.
+/// in steps of d/256.
 fn two_levels(x: &[f32]) -> Levels {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;

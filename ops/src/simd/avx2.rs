@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use crate::quant::prep::{LEVEL2, NIB_GROUP, NibBlock, PrepNib, PrepQ8, Q8_GROUP};
+use crate::quant::prep::{LEVEL2_SHIFT_I32, NIB_GROUP, NibBlock, PrepNib, PrepQ8, Q8_GROUP};
 use crate::quant::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, kquant_scales};
 
 /// Declares the safe entry point of a kernel.
@@ -227,7 +227,7 @@ fn nib_group<W: NibBlock, const N: usize>(
             )
         };
         let mut isum = _mm256_add_epi32(
-            _mm256_mullo_epi32(dot(alo, ahi), _mm256_set1_epi32(LEVEL2)),
+            _mm256_slli_epi32::<LEVEL2_SHIFT_I32>(dot(alo, ahi)),
             dot(alo2, ahi2),
         );
         if W::OFFSET != 0 {
@@ -309,7 +309,7 @@ unsafe fn dot_q8_impl(w: &[BlockQ8_0], a: &[PrepQ8]) -> f32 {
         };
         let x = load32_i8(&wb.qs);
         let isum = _mm256_add_epi32(
-            _mm256_mullo_epi32(dot_ss8(x, y), _mm256_set1_epi32(LEVEL2)),
+            _mm256_slli_epi32::<LEVEL2_SHIFT_I32>(dot_ss8(x, y)),
             dot_ss8(x, y2),
         );
         let scale = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(wb.d)), ad);

@@ -11,8 +11,8 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::avx2::{f16_to_f32, hsum_ps};
-use crate::quant::prep::{LEVEL2, NIB_GROUP, NibBlock, PrepNib, PrepQ8, Q8_GROUP};
+use super::avx2::f16_to_f32;
+use crate::quant::prep::{LEVEL2_SHIFT, NIB_GROUP, NibBlock, PrepNib, PrepQ8, Q8_GROUP};
 use crate::quant::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, kquant_scales};
 
 macro_rules! entry {
@@ -205,9 +205,9 @@ fn nib_group<W: NibBlock, const N: usize>(
     };
     let zero = _mm512_setzero_si512();
     let isum1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, alo), hi, ahi);
-    let isum2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, alo2), hi, ahi2);
-    // 254·Σw·q1 + Σw·q2 (below 2^24 per lane: 8 values of at most 31·127·255).
-    let mut isum = _mm512_add_epi32(_mm512_mullo_epi32(isum1, _mm512_set1_epi32(LEVEL2)), isum2);
+    // 256·Σw·q1 + Σw·q2 (below 2^24 per lane: 8 values of at most 31·127·257).
+    let isum = _mm512_slli_epi32::<LEVEL2_SHIFT>(isum1);
+    let mut isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(isum, lo, alo2), hi, ahi2);
     if W::OFFSET != 0 {
         let off = _mm512_mullo_epi32(lane_sum, _mm512_set1_epi32(W::OFFSET));
         isum = _mm512_sub_epi32(isum, off);
@@ -229,32 +229,94 @@ fn nib_group<W: NibBlock, const N: usize>(
     }
 }
 
-/// Nibble weights (Q4_0, Q4_1, Q5_0, Q5_1) · prepared activations.
-pub fn dot_nib<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
-    assert_eq!(a.len(), w.len().div_ceil(NIB_GROUP));
+/// Sums of four 8-lane vectors: `[Σt0, Σt1, Σt2, Σt3]`. Each row's lanes are added in
+/// the same order whatever the other three hold, so a row's result does not depend on
+/// which rows share its tile.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+fn reduce4(t: [__m256; 4]) -> __m128 {
+    let h = _mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));
+    _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
+}
+
+/// 16 lanes folded to 8, plus `extra`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+fn fold(acc: __m512, extra: __m256) -> __m256 {
+    let lo = _mm512_castps512_ps256(acc);
+    let hi = _mm512_extractf32x8_ps::<1>(acc);
+    _mm256_add_ps(_mm256_add_ps(lo, hi), extra)
+}
+
+/// Four rows of nibble weights against one prepared activation row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+fn nib_tile<W: NibBlock>(rows: [&[W]; 4], a: &[PrepNib]) -> [f32; 4] {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut accm = [_mm256_setzero_ps(); 4];
+    let full = rows[0].len() / NIB_GROUP;
+    // Row by row: each row is one sequential stream, which DRAM prefetching follows best.
+    for r in 0..4 {
+        for (g, p) in a.iter().enumerate().take(full) {
+            let blocks = rows[r][NIB_GROUP * g..NIB_GROUP * g + NIB_GROUP]
+                .try_into()
+                .expect("a group of 4");
+            nib_group::<W, 4>(blocks, p, &mut acc[r], &mut accm[r]);
+        }
+    }
+    if let Some(last) = a.get(full) {
+        for r in 0..4 {
+            match &rows[r][NIB_GROUP * full..] {
+                [] => {}
+                [b0] => nib_group(&[*b0], last, &mut acc[r], &mut accm[r]),
+                [b0, b1] => nib_group(&[*b0, *b1], last, &mut acc[r], &mut accm[r]),
+                [b0, b1, b2] => nib_group(&[*b0, *b1, *b2], last, &mut acc[r], &mut accm[r]),
+                _ => unreachable!("a remainder of groups of 4 is shorter than 4"),
+            }
+        }
+    }
+    let sums = reduce4(std::array::from_fn(|r| fold(acc[r], accm[r])));
+    let mut out = [0f32; 4];
+    // SAFETY: four floats into a four-float array.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
+    out
+}
+
+/// Calls `tile` on rows four at a time (a partial last tile repeats its last row, whose
+/// extra results are dropped).
+#[inline(always)]
+fn by_tiles<W>(w: &[W], out: &mut [f32], mut tile: impl FnMut([&[W]; 4]) -> [f32; 4]) {
+    let bpr = w.len() / out.len();
+    for (t, o) in out.chunks_mut(4).enumerate() {
+        let row = |r: usize| {
+            let r = 4 * t + r.min(o.len() - 1);
+            &w[r * bpr..(r + 1) * bpr]
+        };
+        let sums = tile([row(0), row(1), row(2), row(3)]);
+        o.copy_from_slice(&sums[..o.len()]);
+    }
+}
+
+/// Rows of nibble weights (Q4_0, Q4_1, Q5_0, Q5_1) · one prepared activation row:
+/// `out[r] = w[r] · a`, `w` being `out.len()` whole rows.
+pub fn rows_nib<W: NibBlock>(w: &[W], a: &[PrepNib], out: &mut [f32]) {
+    assert!(!out.is_empty() && w.len().is_multiple_of(out.len()));
+    assert_eq!(a.len(), (w.len() / out.len()).div_ceil(NIB_GROUP));
     debug_assert!(crate::simd::SimdLevel::Avx512Vnni.is_supported());
     // SAFETY: handed out only by `simd::dispatch!`, which checks the CPU level.
-    unsafe { dot_nib_impl(w, a) }
+    unsafe { rows_nib_impl(w, a, out) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_nib_impl<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
-    let mut acc = _mm512_setzero_ps();
-    let mut accm = _mm256_setzero_ps();
-    let groups = w.chunks_exact(NIB_GROUP);
-    let tail = groups.remainder();
-    for (g, p) in groups.zip(a) {
-        nib_group::<W, 4>(g.try_into().expect("chunk of 4"), p, &mut acc, &mut accm);
-    }
-    let last = &a[a.len().saturating_sub(1)];
-    match tail {
-        [] => {}
-        [b0] => nib_group(&[*b0], last, &mut acc, &mut accm),
-        [b0, b1] => nib_group(&[*b0, *b1], last, &mut acc, &mut accm),
-        [b0, b1, b2] => nib_group(&[*b0, *b1, *b2], last, &mut acc, &mut accm),
-        _ => unreachable!("a remainder of chunks of 4 is shorter than 4"),
-    }
-    _mm512_reduce_add_ps(acc) + hsum_ps(accm)
+unsafe fn rows_nib_impl<W: NibBlock>(w: &[W], a: &[PrepNib], out: &mut [f32]) {
+    by_tiles(w, out, |rows| nib_tile(rows, a));
+}
+
+/// One row (the same arithmetic as a row of [`rows_nib`]).
+pub fn dot_nib<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
+    let mut out = [0f32];
+    rows_nib(w, a, &mut out);
+    out[0]
 }
 
 /// Two Q8_0 blocks against their prepared activation. Weights are made unsigned by
@@ -277,9 +339,9 @@ fn q8_pair(w: &[BlockQ8_0; 2], p: &PrepQ8, acc: &mut __m512) {
     };
     let x = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
     let isum1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, aq);
-    let isum2 = _mm512_dpbusd_epi32(corr, x, aq2);
-    // 254·Σ(w+128)·q1 + Σ(w+128)·q2 - 128·(254·Σq1 + Σq2): below 2^26 per lane.
-    let isum = _mm512_add_epi32(_mm512_mullo_epi32(isum1, _mm512_set1_epi32(LEVEL2)), isum2);
+    // 256·Σ(w+128)·q1 + Σ(w+128)·q2 - 128·(256·Σq1 + Σq2): below 2^26 per lane.
+    let isum = _mm512_add_epi32(_mm512_slli_epi32::<LEVEL2_SHIFT>(isum1), corr);
+    let isum = _mm512_dpbusd_epi32(isum, x, aq2);
     let d = _mm_cvtph_ps(_mm_cvtsi32_si128(
         i32::from(w[0].d.to_bits()) | (i32::from(w[1].d.to_bits()) << 16),
     ));
@@ -288,26 +350,54 @@ fn q8_pair(w: &[BlockQ8_0; 2], p: &PrepQ8, acc: &mut __m512) {
     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
 }
 
-/// Q8_0 weights · prepared activations.
-pub fn dot_q8(w: &[BlockQ8_0], a: &[PrepQ8]) -> f32 {
-    assert_eq!(a.len(), w.len().div_ceil(Q8_GROUP));
+/// Four rows of Q8_0 weights against one prepared activation row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+fn q8_tile(rows: [&[BlockQ8_0]; 4], a: &[PrepQ8]) -> [f32; 4] {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let full = rows[0].len() / Q8_GROUP;
+    for r in 0..4 {
+        for (g, p) in a.iter().enumerate().take(full) {
+            let pair = rows[r][Q8_GROUP * g..Q8_GROUP * g + Q8_GROUP]
+                .try_into()
+                .expect("a pair");
+            q8_pair(pair, p, &mut acc[r]);
+        }
+    }
+    if let Some(last) = a.get(full) {
+        for r in 0..4 {
+            if let [b] = &rows[r][Q8_GROUP * full..] {
+                q8_pair(&[*b, BlockQ8_0::default()], last, &mut acc[r]);
+            }
+        }
+    }
+    let zero = _mm256_setzero_ps();
+    let sums = reduce4(std::array::from_fn(|r| fold(acc[r], zero)));
+    let mut out = [0f32; 4];
+    // SAFETY: four floats into a four-float array.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
+    out
+}
+
+/// Rows of Q8_0 weights · one prepared activation row.
+pub fn rows_q8(w: &[BlockQ8_0], a: &[PrepQ8], out: &mut [f32]) {
+    assert!(!out.is_empty() && w.len().is_multiple_of(out.len()));
+    assert_eq!(a.len(), (w.len() / out.len()).div_ceil(Q8_GROUP));
     debug_assert!(crate::simd::SimdLevel::Avx512Vnni.is_supported());
     // SAFETY: handed out only by `simd::dispatch!`, which checks the CPU level.
-    unsafe { dot_q8_impl(w, a) }
+    unsafe { rows_q8_impl(w, a, out) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_q8_impl(w: &[BlockQ8_0], a: &[PrepQ8]) -> f32 {
-    let mut acc = _mm512_setzero_ps();
-    let pairs = w.chunks_exact(Q8_GROUP);
-    let tail = pairs.remainder();
-    for (pair, p) in pairs.zip(a) {
-        q8_pair(pair.try_into().expect("chunk of 2"), p, &mut acc);
-    }
-    if let [last] = tail {
-        q8_pair(&[*last, BlockQ8_0::default()], &a[a.len() - 1], &mut acc);
-    }
-    _mm512_reduce_add_ps(acc)
+unsafe fn rows_q8_impl(w: &[BlockQ8_0], a: &[PrepQ8], out: &mut [f32]) {
+    by_tiles(w, out, |rows| q8_tile(rows, a));
+}
+
+/// One row of Q8_0 weights (the same arithmetic as a row of [`rows_q8`]).
+pub fn dot_q8(w: &[BlockQ8_0], a: &[PrepQ8]) -> f32 {
+    let mut out = [0f32];
+    rows_q8(w, a, &mut out);
+    out[0]
 }
 
 /// Σ over the 8 sub-blocks of `min[j] * (bsums[2j] + bsums[2j+1])`.

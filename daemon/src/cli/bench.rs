@@ -1,0 +1,178 @@
+//! `powerinferd bench MODEL [-p 512] [-n 128] [-r 5] [-t THREADS] [--json]`: a llama-bench
+//! analogue. Lists (`-t 1,2`, `-p 128,512`) run every combination.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde_json::json;
+
+use super::common::{NumericsArg, default_threads, load_model};
+use super::exit;
+use crate::bench::{Test, run_test};
+use crate::generate::SessionOptions;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    pub model: String,
+    /// Prompt lengths to test (ppN); 0 skips prompt tests.
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    pub n_prompt: Vec<usize>,
+    /// Generation lengths to test (tgN); 0 skips generation tests.
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    pub n_gen: Vec<usize>,
+    /// Measured repetitions of each test.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    pub repetitions: usize,
+    /// Thread counts to test.
+    #[arg(short = 't', long = "threads", value_delimiter = ',')]
+    pub threads: Vec<usize>,
+    /// How activations are quantized for the integer kernels.
+    #[arg(long, value_enum, default_value_t = NumericsArg::Precise)]
+    pub numerics: NumericsArg,
+    /// Print a JSON list of records shaped like llama-bench's.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+}
+
+pub fn run(a: &BenchArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    if a.repetitions == 0 {
+        let _ = writeln!(err, "error: --repetitions must be at least 1");
+        return exit::BAD_INPUT;
+    }
+    let (path, loaded) = match load_model(&a.model, a.models_dir.as_deref(), err) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let threads = if a.threads.is_empty() {
+        vec![default_threads()]
+    } else {
+        a.threads.clone()
+    };
+    let tests: Vec<Test> = a
+        .n_prompt
+        .iter()
+        .filter(|&&n| n > 0)
+        .map(|&n| Test::Prompt(n))
+        .chain(
+            a.n_gen
+                .iter()
+                .filter(|&&n| n > 0)
+                .map(|&n| Test::Generate(n)),
+        )
+        .collect();
+    let c = &loaded.model.config;
+    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+    let n_params = count_params(&loaded);
+    let name = model_label(&path, &loaded);
+
+    let mut records = Vec::new();
+    if !a.json {
+        let _ = writeln!(
+            out,
+            "| model | size | params | backend | threads | numerics | test | t/s |"
+        );
+        let _ = writeln!(
+            out,
+            "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: |"
+        );
+    }
+    for &t in &threads {
+        for &test in &tests {
+            let mut opts = SessionOptions::new(1, t.max(1));
+            opts.numerics = a.numerics.into();
+            let r = match run_test(&loaded, test, a.repetitions, opts, 1234) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = writeln!(err, "error: {e}");
+                    return exit::FAILURE;
+                }
+            };
+            if !a.json {
+                let _ = writeln!(
+                    out,
+                    "| {name} | {:.2} MiB | {:.2} M | CPU | {} | {} | {} | {:.2} ± {:.2} |",
+                    size as f64 / (1 << 20) as f64,
+                    n_params as f64 / 1e6,
+                    r.n_threads,
+                    a.numerics.name(),
+                    test.name(),
+                    r.avg_ts(),
+                    r.stddev_ts()
+                );
+                let _ = out.flush();
+            }
+            records.push(json!({
+                "build_commit": env!("CARGO_PKG_VERSION"),
+                "model_filename": path.display().to_string(),
+                "model_type": name,
+                "model_size": size,
+                "model_n_params": n_params,
+                "n_batch": crate::generate::PREFILL_BATCH,
+                "n_threads": r.n_threads,
+                "type_k": "f16",
+                "type_v": "f16",
+                "numerics": a.numerics.name(),
+                "n_layer": c.n_layer,
+                "n_prompt": if let Test::Prompt(n) = test { n } else { 0 },
+                "n_gen": if let Test::Generate(n) = test { n } else { 0 },
+                "test": test.name(),
+                "avg_ns": r.avg_ns(),
+                "stddev_ns": r.stddev_ns(),
+                "avg_ts": r.avg_ts(),
+                "stddev_ts": r.stddev_ts(),
+                "samples_ts": r.samples_ts(),
+            }));
+        }
+    }
+    if a.json {
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&records).unwrap_or_default()
+        );
+    }
+    exit::OK
+}
+
+fn count_params(loaded: &crate::generate::LoadedModel) -> u64 {
+    let w = &loaded.model.weights;
+    let m = |x: &powerinfer_ops::tensor::Matrix| (x.n_rows() * x.n_cols()) as u64;
+    let mut n = m(&w.token_embd) + w.output_norm.len() as u64;
+    if !w.output_tied {
+        n += m(&w.output);
+    }
+    for l in &w.layers {
+        n += [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+            .iter()
+            .map(|x| m(x))
+            .sum::<u64>();
+        n += (l.attn_norm.len() + l.ffn_norm.len()) as u64;
+    }
+    n
+}
+
+fn model_label(path: &Path, loaded: &crate::generate::LoadedModel) -> String {
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let dtype = loaded
+        .model
+        .weights
+        .layers
+        .first()
+        .map_or("?", |l| l.wq.wtype().ggml().name());
+    format!("{stem} {dtype}")
+}
