@@ -120,6 +120,24 @@ pub fn run_test(
             samples.push(started.elapsed().as_secs_f64());
         }
     }
+    let prof = session.profile();
+    if prof.enabled() {
+        let total: f64 = prof.report().iter().map(|(_, d)| d.as_secs_f64()).sum();
+        eprintln!(
+            "profile of {} ({} passes, per pass):",
+            test.name(),
+            prof.passes
+        );
+        for (stage, d) in prof.report() {
+            let per = d.as_secs_f64() / prof.passes as f64;
+            eprintln!(
+                "  {:<20} {:>9.1} us  {:>5.1}%",
+                stage.name(),
+                per * 1e6,
+                100.0 * d.as_secs_f64() / total
+            );
+        }
+    }
     Ok(Record {
         test,
         n_threads: opts.n_threads,

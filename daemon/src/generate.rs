@@ -179,6 +179,11 @@ impl<'m> Session<'m> {
         self.kv.n_ctx()
     }
 
+    /// Per-stage times of the forward passes so far (enabled by `POWERINFER_PROFILE`).
+    pub fn profile(&self) -> &crate::model::Profile {
+        &self.scratch.profile
+    }
+
     pub fn n_threads(&self) -> usize {
         self.pool.n_threads()
     }

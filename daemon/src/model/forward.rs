@@ -33,6 +33,95 @@ pub struct BatchToken {
     pub logits: bool,
 }
 
+/// Stages of a forward pass, for [`Profile`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Embed,
+    Norm,
+    QkvProj,
+    RopeKv,
+    Attention,
+    OutProj,
+    GateUp,
+    Activation,
+    Down,
+    Residual,
+    Head,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 11] = [
+        Self::Embed,
+        Self::Norm,
+        Self::QkvProj,
+        Self::RopeKv,
+        Self::Attention,
+        Self::OutProj,
+        Self::GateUp,
+        Self::Activation,
+        Self::Down,
+        Self::Residual,
+        Self::Head,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Embed => "embedding",
+            Self::Norm => "rms_norm",
+            Self::QkvProj => "q/k/v projections",
+            Self::RopeKv => "rope + kv write",
+            Self::Attention => "attention",
+            Self::OutProj => "output projection",
+            Self::GateUp => "ffn gate/up",
+            Self::Activation => "ffn activation",
+            Self::Down => "ffn down",
+            Self::Residual => "residual adds",
+            Self::Head => "norm + lm head",
+        }
+    }
+}
+
+/// Wall time per stage, summed over forward passes; off unless `POWERINFER_PROFILE` is set
+/// (then it costs two clock reads per stage).
+#[derive(Default)]
+pub struct Profile {
+    enabled: bool,
+    last: Option<std::time::Instant>,
+    pub totals: [std::time::Duration; Stage::ALL.len()],
+    pub passes: u64,
+}
+
+impl Profile {
+    fn start(&mut self) {
+        if self.enabled {
+            self.passes += 1;
+            self.last = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Charges the time since the previous mark to `stage`.
+    fn mark(&mut self, stage: Stage) {
+        if let Some(last) = self.last {
+            let now = std::time::Instant::now();
+            self.totals[stage as usize] += now - last;
+            self.last = Some(now);
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// `(stage, total)` for every stage that took time.
+    pub fn report(&self) -> Vec<(Stage, std::time::Duration)> {
+        Stage::ALL
+            .iter()
+            .map(|&s| (s, self.totals[s as usize]))
+            .filter(|(_, d)| !d.is_zero())
+            .collect()
+    }
+}
+
 /// Buffers reused from step to step, grown to the largest batch seen.
 #[derive(Default)]
 pub struct Scratch {
@@ -49,6 +138,7 @@ pub struct Scratch {
     cos_sin: Vec<[f32; 2]>,
     scores: Vec<Vec<f32>>,
     logits: Vec<f32>,
+    pub profile: Profile,
 }
 
 impl Scratch {
@@ -56,6 +146,10 @@ impl Scratch {
     pub fn new(numerics: Numerics) -> Self {
         Self {
             acts: Activations::with_numerics(numerics),
+            profile: Profile {
+                enabled: std::env::var_os("POWERINFER_PROFILE").is_some(),
+                ..Profile::default()
+            },
             ..Self::default()
         }
     }
@@ -98,6 +192,7 @@ impl Model {
         let (n, e, eps) = (batch.len(), c.n_embd, c.rms_eps);
         let half_rot = c.n_rot / 2;
         self.size_scratch(s, n, kv.n_ctx(), pool.n_threads());
+        s.profile.start();
 
         for (t, b) in batch.iter().enumerate() {
             self.weights
@@ -106,14 +201,17 @@ impl Model {
             self.rope
                 .cos_sin(b.pos, &mut s.cos_sin[t * half_rot..(t + 1) * half_rot]);
         }
+        s.profile.mark(Stage::Embed);
 
         for (layer, w) in self.weights.layers.iter().enumerate() {
             // Attention block.
             rms_norm_rows(&s.x, &w.attn_norm, eps, &mut s.xn); // [n][n_embd]
+            s.profile.mark(Stage::Norm);
             s.acts.set(&s.xn, n);
             w.wq.matmul(pool, &mut s.acts, &mut s.q); // [n][n_head · head_dim]
             w.wk.matmul(pool, &mut s.acts, &mut s.k); // [n][n_head_kv · head_dim]
             w.wv.matmul(pool, &mut s.acts, &mut s.v); // [n][n_head_kv · head_dim]
+            s.profile.mark(Stage::QkvProj);
             self.rotate(&mut s.q, &mut s.k, &s.cos_sin);
             for (t, b) in batch.iter().enumerate() {
                 let kv_w = c.n_embd_kv();
@@ -125,20 +223,29 @@ impl Model {
                     &s.v[t * kv_w..(t + 1) * kv_w],
                 );
             }
+            s.profile.mark(Stage::RopeKv);
             self.attention(pool, layer, batch, kv, &s.q, &mut s.scores, &mut s.att); // [n][n_head · head_dim]
+            s.profile.mark(Stage::Attention);
             s.acts.set(&s.att, n);
             w.wo.matmul(pool, &mut s.acts, &mut s.proj); // [n][n_embd]
+            s.profile.mark(Stage::OutProj);
             nn::add(&mut s.x, &s.proj);
+            s.profile.mark(Stage::Residual);
 
             // Feed-forward block.
             rms_norm_rows(&s.x, &w.ffn_norm, eps, &mut s.xn); // [n][n_embd]
+            s.profile.mark(Stage::Norm);
             s.acts.set(&s.xn, n);
             w.gate.matmul(pool, &mut s.acts, &mut s.gate); // [n][n_ff]
             w.up.matmul(pool, &mut s.acts, &mut s.up); // [n][n_ff]
+            s.profile.mark(Stage::GateUp);
             gate_activation(c.ffn, &mut s.gate, &s.up); // h = act(gate) ∘ up
+            s.profile.mark(Stage::Activation);
             s.acts.set(&s.gate, n);
             w.down.matmul(pool, &mut s.acts, &mut s.proj); // [n][n_embd]
+            s.profile.mark(Stage::Down);
             nn::add(&mut s.x, &s.proj);
+            s.profile.mark(Stage::Residual);
         }
 
         // Output head, only for the tokens whose logits are wanted.
@@ -159,6 +266,7 @@ impl Model {
         s.acts.set(&s.xn, wanted.len());
         sized(&mut s.logits, wanted.len() * c.n_vocab);
         self.weights.output.matmul(pool, &mut s.acts, &mut s.logits); // [n_out][n_vocab]
+        s.profile.mark(Stage::Head);
         Ok(&s.logits)
     }
 

@@ -8,7 +8,7 @@ pub mod names;
 mod weights;
 
 pub use config::{Arch, FfnKind, ModelConfig};
-pub use forward::{BatchToken, Model, Scratch};
+pub use forward::{BatchToken, Model, Profile, Scratch, Stage};
 pub use kv_cache::{KvCache, KvType};
 pub use weights::{LayerWeights, Weights};
 
