@@ -1,6 +1,8 @@
 //! Shared helpers of the end-to-end tests: the real default model (fetched on first use,
-//! exactly as the engine does), temporary directories, and running `powerinferd`'s
-//! command line in-process.
+//! exactly as the engine does), synthetic models, temporary directories, and running
+//! `powerinferd`'s command line in-process.
+
+pub mod synth;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

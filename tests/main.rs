@@ -8,3 +8,4 @@ mod parity_model;
 mod parity_tokenize;
 mod quant_reference;
 mod real_model;
+mod synthetic_models;

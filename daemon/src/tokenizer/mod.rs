@@ -11,6 +11,7 @@ mod spm;
 
 use std::collections::HashMap;
 
+pub use bpe::byte_to_char;
 pub use chat::{ChatMessage, render_chat};
 pub use detok::Detokenizer;
 use powerinfer_ops::gguf::{Metadata, Value};

@@ -1,0 +1,253 @@
+//! The forward pass on small random-weight models (ReGLU, dReLU, GQA ratios, odd sizes,
+//! partial RoPE, tied embeddings, every weight type) against an independent float64
+//! reference forward pass, plus batch/sequential equality and load errors.
+
+use powerinfer_daemon::ids::{SeqSlot, TokenId};
+use powerinfer_daemon::model::{BatchToken, FfnKind, KvCache, KvType, LoadError, Model, Scratch};
+use powerinfer_ops::gguf::{GgufFile, Magic};
+use powerinfer_ops::pool::ThreadPool;
+use powerinfer_ops::quant::{Numerics, WeightType};
+use powerinfer_ops::rng::Rng;
+use powerinfer_tests::synth::{Spec, reference_logits};
+
+fn tokens(spec: &Spec, n: usize, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| rng.below(spec.n_vocab() as u64) as u32)
+        .collect()
+}
+
+/// Logits after every token, from the engine: one batch, or one token at a time.
+fn engine_logits(file: &GgufFile, toks: &[u32], kv_type: KvType, batched: bool) -> Vec<Vec<f32>> {
+    let model = Model::load(file).unwrap();
+    let c = &model.config;
+    let pool = ThreadPool::new(2, "test").unwrap();
+    let mut kv = KvCache::new(c.n_layer, 1, toks.len(), c.n_head_kv, c.head_dim, kv_type);
+    let mut s = Scratch::new(Numerics::Precise);
+    let entry = |i: usize| BatchToken {
+        token: TokenId(toks[i]),
+        slot: SeqSlot(0),
+        pos: i,
+        logits: true,
+    };
+    if batched {
+        let batch: Vec<_> = (0..toks.len()).map(entry).collect();
+        let out = model.forward(&pool, &batch, &mut kv, &mut s).unwrap();
+        out.chunks(c.n_vocab).map(<[f32]>::to_vec).collect()
+    } else {
+        (0..toks.len())
+            .map(|i| {
+                model
+                    .forward(&pool, &[entry(i)], &mut kv, &mut s)
+                    .unwrap()
+                    .to_vec()
+            })
+            .collect()
+    }
+}
+
+/// Largest |engine − reference| relative to the reference logits' spread. F32 weights
+/// meet f32 activations (float rounding only); F16 and BF16 weights meet activations
+/// rounded to their own type as GGML does (2^-11 and 2^-8 per value); the 32-element
+/// quant types meet two-level 8-bit activations (~2^-15); k-quants still meet GGML's
+/// Q8_K (one 8-bit scale per 256 values), whose rounding this random network amplifies to
+/// several percent of the logit spread.
+fn tolerance(t: WeightType) -> f64 {
+    match t {
+        WeightType::F32 => 1e-5,
+        WeightType::F16 => 4e-3,
+        WeightType::BF16 => 3e-2,
+        WeightType::Q4_K | WeightType::Q5_K | WeightType::Q6_K => 1e-1,
+        _ => 1e-3,
+    }
+}
+
+fn check(spec: &Spec) {
+    let bytes = spec.to_gguf();
+    let file = GgufFile::from_bytes(&bytes).unwrap();
+    let toks = tokens(spec, 9, spec.seed + 100);
+    let want = reference_logits(&file, spec, &toks);
+    let got = engine_logits(&file, &toks, KvType::F32, true);
+    let spread = {
+        let all: Vec<f64> = want.iter().flatten().copied().collect();
+        let mean = all.iter().sum::<f64>() / all.len() as f64;
+        (all.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / all.len() as f64).sqrt()
+    };
+    let mut worst = 0.0f64;
+    for (g, w) in got.iter().zip(&want) {
+        for (a, b) in g.iter().zip(w) {
+            worst = worst.max((f64::from(*a) - b).abs() / spread);
+        }
+    }
+    eprintln!(
+        "{:?} {} {}: worst relative error {worst:.2e}",
+        spec.wtype, spec.arch, spec.n_embd
+    );
+    assert!(
+        worst <= tolerance(spec.wtype),
+        "{spec:?}: worst relative error {worst}"
+    );
+}
+
+#[test]
+fn swiglu_with_every_gqa_ratio() {
+    for n_head_kv in [1, 2, 3, 6] {
+        check(&Spec {
+            n_embd: 96,
+            n_head: 6,
+            n_head_kv,
+            seed: 10 + n_head_kv as u64,
+            ..Spec::default()
+        });
+    }
+}
+
+#[test]
+fn reglu_from_a_powerinfer_file() {
+    let spec = Spec {
+        magic: Magic::PowerInfer,
+        wtype: WeightType::Q8_0,
+        seed: 20,
+        ..Spec::default()
+    };
+    let file = GgufFile::from_bytes(&spec.to_gguf()).unwrap();
+    assert_eq!(Model::load(&file).unwrap().config.ffn, FfnKind::ReGlu);
+    check(&spec);
+}
+
+#[test]
+fn drelu_bamboo() {
+    let spec = Spec {
+        arch: "bamboo",
+        wtype: WeightType::Q4_1,
+        seed: 30,
+        ..Spec::default()
+    };
+    let file = GgufFile::from_bytes(&spec.to_gguf()).unwrap();
+    assert_eq!(Model::load(&file).unwrap().config.ffn, FfnKind::DRelu);
+    check(&spec);
+}
+
+#[test]
+fn explicit_activation_key_marks_a_relu_llama() {
+    check(&Spec {
+        ffn_activation: Some("relu"),
+        wtype: WeightType::F16,
+        seed: 35,
+        ..Spec::default()
+    });
+}
+
+#[test]
+fn odd_sizes_partial_rope_and_tied_output() {
+    check(&Spec {
+        n_embd: 96,
+        n_ff: 160,
+        n_head: 3,
+        n_head_kv: 1,
+        n_rot: Some(16),
+        rope_base: 500_000.0,
+        n_layer: 3,
+        tied_output: true,
+        wtype: WeightType::Q4_0,
+        seed: 40,
+        ..Spec::default()
+    });
+}
+
+#[test]
+fn every_weight_type() {
+    for (i, wtype) in WeightType::ALL.into_iter().enumerate() {
+        // k-quant rows are whole 256-value super-blocks.
+        let wide = matches!(
+            wtype,
+            WeightType::Q4_K | WeightType::Q5_K | WeightType::Q6_K
+        );
+        check(&Spec {
+            n_embd: if wide { 256 } else { 64 },
+            n_ff: if wide { 512 } else { 96 },
+            wtype,
+            seed: 50 + i as u64,
+            ..Spec::default()
+        });
+    }
+}
+
+#[test]
+fn a_batch_equals_token_by_token_bit_for_bit() {
+    for wtype in [WeightType::Q4_1, WeightType::Q8_0, WeightType::F16] {
+        let spec = Spec {
+            wtype,
+            seed: 60,
+            ..Spec::default()
+        };
+        let file = GgufFile::from_bytes(&spec.to_gguf()).unwrap();
+        let toks = tokens(&spec, 17, 61);
+        let batched = engine_logits(&file, &toks, KvType::F16, true);
+        let stepped = engine_logits(&file, &toks, KvType::F16, false);
+        for (i, (a, b)) in batched.iter().zip(&stepped).enumerate() {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{wtype:?} position {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn f16_cache_stays_close_to_f32() {
+    let spec = Spec {
+        wtype: WeightType::Q8_0,
+        seed: 70,
+        ..Spec::default()
+    };
+    let file = GgufFile::from_bytes(&spec.to_gguf()).unwrap();
+    let toks = tokens(&spec, 12, 71);
+    let a = engine_logits(&file, &toks, KvType::F16, true);
+    let b = engine_logits(&file, &toks, KvType::F32, true);
+    let worst = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(worst < 0.05, "f16 vs f32 cache: {worst}");
+}
+
+#[test]
+fn broken_models_are_refused_with_the_reason() {
+    use powerinfer_ops::gguf::{GgufWriter, Value};
+    let spec = Spec::default();
+    let file = GgufFile::from_bytes(&spec.to_gguf()).unwrap();
+    // Rebuild the file without one tensor, with a wrong shape, and with an unknown arch.
+    let rebuild = |skip: &str, arch: Option<&str>, reshape: Option<&str>| {
+        let mut w = GgufWriter::new();
+        for (k, v) in file.metadata().iter() {
+            let v = match (k, arch) {
+                ("general.architecture", Some(a)) => Value::String(a.into()),
+                _ => v.clone(),
+            };
+            w.add_metadata(k, v).unwrap();
+        }
+        for t in file.tensors().iter().filter(|t| t.name != skip) {
+            let dims = if Some(t.name.as_str()) == reshape {
+                vec![t.dims[1], t.dims[0]]
+            } else {
+                t.dims.clone()
+            };
+            w.add_tensor(&t.name, t.dtype, &dims, file.tensor_bytes(t))
+                .unwrap();
+        }
+        GgufFile::from_bytes(&w.to_bytes()).unwrap()
+    };
+    let err = |f: &GgufFile| Model::load(f).err().expect("refused");
+    assert!(
+        matches!(err(&rebuild("blk.1.ffn_up.weight", None, None)), LoadError::MissingTensor { name } if name == "blk.1.ffn_up.weight")
+    );
+    assert!(matches!(
+        err(&rebuild("", None, Some("blk.0.attn_k.weight"))),
+        LoadError::Shape { .. }
+    ));
+    let e = err(&rebuild("", Some("gpt-j"), None));
+    assert!(e.to_string().contains("gpt-j"), "{e}");
+}
