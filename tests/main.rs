@@ -2,6 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli_inspect;
+mod cli_pull;
+mod cli_run;
 mod gguf_hostile;
 mod gguf_roundtrip;
 mod parity_model;

@@ -6,6 +6,7 @@ mod bench;
 mod common;
 mod inspect;
 mod perplexity;
+mod pull;
 mod run;
 mod tokenize;
 
@@ -53,6 +54,9 @@ enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Prompt-processing and generation speed, as llama-bench measures them.
     Bench(bench::BenchArgs),
+    /// Put a model into the models directory: a catalog alias or an https URL
+    /// (resumable; verified with --sha256).
+    Pull(pull::PullArgs),
 }
 
 /// Runs the command line `args` (program name first), writing to `out` and `err`, and
@@ -80,5 +84,6 @@ where
         Command::Tokenize(a) => tokenize::run(&a, out, err),
         Command::Perplexity(a) => perplexity::run(&a, out, err),
         Command::Bench(a) => bench::run(&a, out, err),
+        Command::Pull(a) => pull::run(&a, out, err),
     }
 }

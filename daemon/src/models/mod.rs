@@ -4,6 +4,7 @@
 //! file stem of a file in the models directory (`foo` for `<models>/foo.gguf`).
 
 pub mod catalog;
+pub mod download;
 mod fetch;
 pub mod zip;
 

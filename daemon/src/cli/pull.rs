@@ -1,0 +1,83 @@
+//! `powerinferd pull ALIAS-OR-URL`: put a model into the models directory.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::exit;
+use crate::models::{self, catalog, download};
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// A catalog alias (smollm2-135m) or an https URL of a GGUF file.
+    pub source: String,
+    /// Expected SHA-256 of the file (hex); the download is refused when it differs.
+    #[arg(long)]
+    pub sha256: Option<String>,
+    /// Name to store the model under (default: the URL's file name without `.gguf`).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+}
+
+pub fn run(a: &PullArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let dir = a
+        .models_dir
+        .clone()
+        .unwrap_or_else(models::default_models_dir);
+    if let Some(entry) = catalog::lookup(&a.source) {
+        let dest = dir.join(entry.file_name());
+        if let Err(e) = models::fetch(entry, &dest) {
+            let _ = writeln!(err, "error: {e}");
+            return exit::FAILURE;
+        }
+        let _ = writeln!(out, "{} -> {}", entry.alias, dest.display());
+        return exit::OK;
+    }
+    if !a.source.contains("://") {
+        let aliases: Vec<_> = models::CATALOG.iter().map(|e| e.alias).collect();
+        let _ = writeln!(
+            err,
+            "error: {:?} is neither a catalog alias ({}) nor a URL",
+            a.source,
+            aliases.join(", ")
+        );
+        return exit::BAD_INPUT;
+    }
+    let name = match a.name.clone().or_else(|| url_stem(&a.source)) {
+        Some(n) if !n.is_empty() && !n.contains(['/', '\\']) && !n.starts_with('.') => n,
+        _ => {
+            let _ = writeln!(
+                err,
+                "error: cannot name the model from {:?}; give --name",
+                a.source
+            );
+            return exit::BAD_INPUT;
+        }
+    };
+    let dest = dir.join(format!("{name}.gguf"));
+    match download::download(&a.source, &dest, a.sha256.as_deref()) {
+        Ok(digest) => {
+            let _ = writeln!(out, "{name} -> {} (sha256 {digest})", dest.display());
+            exit::OK
+        }
+        Err(e @ download::DownloadError::Insecure { .. }) => {
+            let _ = writeln!(err, "error: {e}");
+            exit::BAD_INPUT
+        }
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+/// The last path segment of a URL, without query, fragment or `.gguf`.
+fn url_stem(url: &str) -> Option<String> {
+    let path = url.split(['?', '#']).next()?;
+    let last = path.rsplit('/').next()?;
+    let stem = Path::new(last).file_stem()?.to_string_lossy().into_owned();
+    Some(stem)
+}
