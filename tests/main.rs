@@ -8,6 +8,7 @@ mod gguf_hostile;
 mod gguf_roundtrip;
 mod parity_model;
 mod parity_tokenize;
+mod pretokenize;
 mod quant_reference;
 mod real_model;
 mod synthetic_models;

@@ -15,6 +15,7 @@ pub use bpe::byte_to_char;
 pub use chat::{ChatMessage, render_chat};
 pub use detok::Detokenizer;
 use powerinfer_ops::gguf::{Metadata, Value};
+pub use pretok::PreTokenizer;
 
 use crate::ids::TokenId;
 
@@ -475,13 +476,23 @@ impl Tokenizer {
         frags
     }
 
-    /// Tokens → text (lossy where tokens end inside a UTF-8 character).
+    /// A whole sequence of tokens → text (lossy where tokens end inside a UTF-8
+    /// character). SentencePiece vocabularies that add a space prefix lose it again here,
+    /// as llama.cpp's detokenizer does.
     pub fn decode(&self, tokens: &[TokenId], render_special: bool) -> String {
         let mut bytes = Vec::new();
         for &t in tokens {
             bytes.extend_from_slice(self.token_bytes(t, render_special));
         }
-        String::from_utf8_lossy(&bytes).into_owned()
+        let spm_prefix = matches!(
+            self.kind,
+            Kind::Spm {
+                add_space_prefix: true,
+                ..
+            }
+        );
+        let skip = usize::from(spm_prefix && bytes.first() == Some(&b' '));
+        String::from_utf8_lossy(&bytes[skip..]).into_owned()
     }
 }
 
@@ -531,4 +542,110 @@ fn token_bytes(kind: &Kind, tokens: &[String], types: &[TokenType]) -> Vec<Vec<u
             (TokenType::Normal, Kind::Spm { .. }) => text.replace('\u{2581}', " ").into_bytes(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use powerinfer_ops::gguf::{Array, Metadata, Value};
+
+    use super::*;
+
+    /// A SentencePiece vocabulary: controls, 256 byte tokens, then pieces with scores.
+    fn spm() -> Tokenizer {
+        let pieces = [
+            ("\u{2581}", -1.0),
+            ("h", -2.0),
+            ("e", -2.0),
+            ("l", -2.0),
+            ("o", -2.0),
+            ("w", -2.0),
+            ("r", -2.0),
+            ("d", -2.0),
+            ("ll", -3.0),
+            ("he", -4.0),
+            ("llo", -5.0),
+            ("hello", -6.0),
+            ("\u{2581}hello", -7.0),
+            ("or", -8.0),
+            ("\u{2581}w", -9.0),
+            ("\u{2581}wor", -10.0),
+            ("\u{2581}world", -11.0),
+            ("ld", -12.0),
+        ];
+        let mut tokens = vec!["<unk>".to_owned(), "<s>".to_owned(), "</s>".to_owned()];
+        let mut types = vec![2, 3, 3];
+        let mut scores = vec![0.0, 0.0, 0.0];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+            scores.push(0.0);
+        }
+        for (p, s) in pieces {
+            tokens.push(p.to_owned());
+            types.push(1);
+            scores.push(s);
+        }
+        let mut md = Metadata::new();
+        let mut set = |k: &str, v: Value| md.set(k, v);
+        set("tokenizer.ggml.model", Value::String("llama".into()));
+        set("tokenizer.ggml.tokens", Value::Array(Array::String(tokens)));
+        set("tokenizer.ggml.token_type", Value::Array(Array::I32(types)));
+        set("tokenizer.ggml.scores", Value::Array(Array::F32(scores)));
+        set("tokenizer.ggml.bos_token_id", Value::U32(1));
+        set("tokenizer.ggml.eos_token_id", Value::U32(2));
+        Tokenizer::from_gguf(&md).unwrap()
+    }
+
+    fn texts(tok: &Tokenizer, ids: &[TokenId]) -> Vec<String> {
+        ids.iter()
+            .map(|&t| tok.token_text(t).unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn sentencepiece_merges_by_score_with_a_space_prefix_and_bos() {
+        let tok = spm();
+        let ids = tok.encode("hello world", true, true);
+        assert_eq!(texts(&tok, &ids), ["<s>", "\u{2581}hello", "\u{2581}world"]);
+        assert_eq!(tok.decode(&ids, false), "hello world");
+        // Without BOS when special tokens are not added.
+        assert_eq!(
+            texts(&tok, &tok.encode("hello", false, true)),
+            ["\u{2581}hello"]
+        );
+    }
+
+    #[test]
+    fn sentencepiece_falls_back_to_bytes_and_splits_special_tokens() {
+        let tok = spm();
+        let ids = tok.encode("hé</s>", false, true);
+        assert_eq!(
+            texts(&tok, &ids),
+            ["\u{2581}", "h", "<0xC3>", "<0xA9>", "</s>"]
+        );
+        assert_eq!(tok.decode(&ids, true), "hé</s>");
+        assert!(tok.is_eog(TokenId(2)));
+        // A space after a special token gets the prefix again.
+        let ids = tok.encode("</s>hello", false, true);
+        assert_eq!(texts(&tok, &ids), ["</s>", "\u{2581}hello"]);
+    }
+
+    #[test]
+    fn unknown_models_and_bad_keys_are_named() {
+        let mut md = Metadata::new();
+        md.set("tokenizer.ggml.model", Value::String("wordpiece".into()));
+        md.set(
+            "tokenizer.ggml.tokens",
+            Value::Array(Array::String(vec!["a".into()])),
+        );
+        let e = Tokenizer::from_gguf(&md).err().unwrap();
+        assert!(e.to_string().contains("wordpiece"), "{e}");
+        md.set("tokenizer.ggml.model", Value::String("llama".into()));
+        md.set(
+            "tokenizer.ggml.scores",
+            Value::Array(Array::F32(vec![0.0, 1.0])),
+        );
+        let e = Tokenizer::from_gguf(&md).err().unwrap();
+        assert!(e.to_string().contains("tokenizer.ggml.scores"), "{e}");
+    }
 }
