@@ -4,7 +4,7 @@
 use half::f16;
 
 use super::blocks::*;
-use super::prep::{self, PrepNib, PrepQ8};
+use super::prep::{self, NibBlock, PrepNib, PrepQ8};
 use super::{Block, DotFn, RowKernel, WeightBlock, round_even, signed_absmax};
 use crate::simd::SimdLevel;
 
@@ -222,152 +222,94 @@ fn idot(w: impl Fn(usize) -> i32, a: &[i8; QK]) -> i32 {
     (0..QK).map(|j| w(j) * i32::from(a[j])).sum()
 }
 
-impl WeightBlock for BlockQ4_0 {
-    type Act = BlockQ8_0;
-    type Prep = PrepNib;
-    const PREP_BLOCKS: usize = prep::NIB_GROUP;
+/// GGML's 8-bit activation blocks as the twins read them.
+trait Q8Act {
+    fn d(&self) -> f32;
+    fn qs(&self) -> &[i8; QK];
+    /// `d·Σq` stored with the block (Q8_1), 0 where the type has none (Q8_0).
+    fn s(&self) -> f32;
+}
 
-    fn prepare_ggml(a: &[BlockQ8_0], out: &mut [PrepNib]) {
-        prep::prepare_nib_q8_0(a, out);
+impl Q8Act for BlockQ8_0 {
+    fn d(&self) -> f32 {
+        self.d.to_f32()
     }
-
-    fn prepare_precise(x: &[f32], _: &mut Vec<BlockQ8_0>, out: &mut [PrepNib]) {
-        prep::prepare_nib_f32(x, out);
+    fn qs(&self) -> &[i8; QK] {
+        &self.qs
     }
-
-    fn dot_scalar(w: &[Self], a: &[BlockQ8_0]) -> f32 {
-        assert_eq!(w.len(), a.len());
-        let mut acc = 0.0f32;
-        for (w, a) in w.iter().zip(a) {
-            let q = |j: usize| {
-                let byte = w.qs[j % H];
-                let nib = if j < H { byte & 0xf } else { byte >> 4 };
-                i32::from(nib) - 8
-            };
-            acc += w.d.to_f32() * a.d.to_f32() * idot(q, &a.qs) as f32;
-        }
-        acc
-    }
-
-    fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
-        crate::simd::dispatch!(level, int dot_nib::<BlockQ4_0>, prep::dot_nib_scalar::<BlockQ4_0>)
-    }
-
-    fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
-        crate::simd::dispatch_rows!(level, rows_nib::<BlockQ4_0>, Self::dot_kernel(level))
+    fn s(&self) -> f32 {
+        0.0
     }
 }
 
-impl WeightBlock for BlockQ4_1 {
-    type Act = BlockQ8_1;
-    type Prep = PrepNib;
-    const PREP_BLOCKS: usize = prep::NIB_GROUP;
-
-    fn prepare_ggml(a: &[BlockQ8_1], out: &mut [PrepNib]) {
-        prep::prepare_nib_q8_1(a, out);
+impl Q8Act for BlockQ8_1 {
+    fn d(&self) -> f32 {
+        self.d.to_f32()
     }
-
-    fn prepare_precise(x: &[f32], _: &mut Vec<BlockQ8_1>, out: &mut [PrepNib]) {
-        prep::prepare_nib_f32(x, out);
+    fn qs(&self) -> &[i8; QK] {
+        &self.qs
     }
-
-    fn dot_scalar(w: &[Self], a: &[BlockQ8_1]) -> f32 {
-        assert_eq!(w.len(), a.len());
-        let mut acc = 0.0f32;
-        for (w, a) in w.iter().zip(a) {
-            let q = |j: usize| {
-                let byte = w.qs[j % H];
-                i32::from(if j < H { byte & 0xf } else { byte >> 4 })
-            };
-            acc +=
-                w.d.to_f32() * a.d.to_f32() * idot(q, &a.qs) as f32 + w.m.to_f32() * a.s.to_f32();
-        }
-        acc
-    }
-
-    fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
-        crate::simd::dispatch!(level, int dot_nib::<BlockQ4_1>, prep::dot_nib_scalar::<BlockQ4_1>)
-    }
-
-    fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
-        crate::simd::dispatch_rows!(level, rows_nib::<BlockQ4_1>, Self::dot_kernel(level))
+    fn s(&self) -> f32 {
+        self.s.to_f32()
     }
 }
 
-impl WeightBlock for BlockQ5_0 {
-    type Act = BlockQ8_0;
-    type Prep = PrepNib;
-    const PREP_BLOCKS: usize = prep::NIB_GROUP;
-
-    fn prepare_ggml(a: &[BlockQ8_0], out: &mut [PrepNib]) {
-        prep::prepare_nib_q8_0(a, out);
+/// The GGML dot product of nibble weights with 8-bit activation blocks, per block:
+/// `d_w·d_a·Σ(level − offset)·q + m_w·s_a` (the scalar twin of every kernel).
+fn ggml_nib_dot<W: NibBlock, A: Q8Act>(w: &[W], a: &[A]) -> f32 {
+    assert_eq!(w.len(), a.len());
+    let mut acc = 0.0f32;
+    for (w, a) in w.iter().zip(a) {
+        let (qs, qh) = (w.nibbles(), w.high_bits());
+        let level = |j: usize| {
+            let byte = qs[j % H];
+            let nib = if j < H { byte & 0xf } else { byte >> 4 };
+            i32::from(nib | q5_high(qh, j)) - W::OFFSET
+        };
+        let dm = w.dm_bits();
+        let (d, m) = (
+            f16::from_bits(dm as u16).to_f32(),
+            f16::from_bits((dm >> 16) as u16).to_f32(),
+        );
+        acc += d * a.d() * idot(level, a.qs()) as f32 + m * a.s();
     }
-
-    fn prepare_precise(x: &[f32], _: &mut Vec<BlockQ8_0>, out: &mut [PrepNib]) {
-        prep::prepare_nib_f32(x, out);
-    }
-
-    fn dot_scalar(w: &[Self], a: &[BlockQ8_0]) -> f32 {
-        assert_eq!(w.len(), a.len());
-        let mut acc = 0.0f32;
-        for (w, a) in w.iter().zip(a) {
-            let qh = u32::from_le_bytes(w.qh);
-            let q = |j: usize| {
-                let byte = w.qs[j % H];
-                let nib = if j < H { byte & 0xf } else { byte >> 4 };
-                i32::from(nib | q5_high(qh, j)) - 16
-            };
-            acc += w.d.to_f32() * a.d.to_f32() * idot(q, &a.qs) as f32;
-        }
-        acc
-    }
-
-    fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
-        crate::simd::dispatch!(level, int dot_nib::<BlockQ5_0>, prep::dot_nib_scalar::<BlockQ5_0>)
-    }
-
-    fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
-        crate::simd::dispatch_rows!(level, rows_nib::<BlockQ5_0>, Self::dot_kernel(level))
-    }
+    acc
 }
 
-impl WeightBlock for BlockQ5_1 {
-    type Act = BlockQ8_1;
-    type Prep = PrepNib;
-    const PREP_BLOCKS: usize = prep::NIB_GROUP;
+/// The weight-block implementation shared by Q4_0, Q4_1, Q5_0 and Q5_1.
+macro_rules! nib_weight {
+    ($t:ident, $act:ty, $prepare_ggml:ident) => {
+        impl WeightBlock for $t {
+            type Act = $act;
+            type Prep = PrepNib;
+            const PREP_BLOCKS: usize = prep::NIB_GROUP;
 
-    fn prepare_ggml(a: &[BlockQ8_1], out: &mut [PrepNib]) {
-        prep::prepare_nib_q8_1(a, out);
-    }
+            fn prepare_ggml(a: &[$act], out: &mut [PrepNib]) {
+                prep::$prepare_ggml(a, out);
+            }
 
-    fn prepare_precise(x: &[f32], _: &mut Vec<BlockQ8_1>, out: &mut [PrepNib]) {
-        prep::prepare_nib_f32(x, out);
-    }
+            fn prepare_precise(x: &[f32], _: &mut Vec<$act>, out: &mut [PrepNib]) {
+                prep::prepare_nib_f32(x, out);
+            }
 
-    fn dot_scalar(w: &[Self], a: &[BlockQ8_1]) -> f32 {
-        assert_eq!(w.len(), a.len());
-        let mut acc = 0.0f32;
-        for (w, a) in w.iter().zip(a) {
-            let qh = u32::from_le_bytes(w.qh);
-            let q = |j: usize| {
-                let byte = w.qs[j % H];
-                let nib = if j < H { byte & 0xf } else { byte >> 4 };
-                i32::from(nib | q5_high(qh, j))
-            };
-            acc +=
-                w.d.to_f32() * a.d.to_f32() * idot(q, &a.qs) as f32 + w.m.to_f32() * a.s.to_f32();
+            fn dot_scalar(w: &[Self], a: &[$act]) -> f32 {
+                ggml_nib_dot(w, a)
+            }
+
+            fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
+                crate::simd::dispatch!(level, int dot_nib::<$t>, prep::dot_nib_scalar::<$t>)
+            }
+
+            fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
+                crate::simd::dispatch_rows!(level, rows_nib::<$t>, Self::dot_kernel(level))
+            }
         }
-        acc
-    }
-
-    fn dot_kernel(level: SimdLevel) -> DotFn<Self> {
-        crate::simd::dispatch!(level, int dot_nib::<BlockQ5_1>, prep::dot_nib_scalar::<BlockQ5_1>)
-    }
-
-    fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
-        crate::simd::dispatch_rows!(level, rows_nib::<BlockQ5_1>, Self::dot_kernel(level))
-    }
+    };
 }
+nib_weight!(BlockQ4_0, BlockQ8_0, prepare_nib_q8_0);
+nib_weight!(BlockQ4_1, BlockQ8_1, prepare_nib_q8_1);
+nib_weight!(BlockQ5_0, BlockQ8_0, prepare_nib_q8_0);
+nib_weight!(BlockQ5_1, BlockQ8_1, prepare_nib_q8_1);
 
 impl WeightBlock for BlockQ8_0 {
     type Act = BlockQ8_0;
