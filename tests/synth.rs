@@ -198,6 +198,15 @@ impl Spec {
     }
 }
 
+impl Spec {
+    /// Writes the model to `dir/name.gguf` and returns the path.
+    pub fn write_to(&self, dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let path = dir.join(format!("{name}.gguf"));
+        std::fs::write(&path, self.to_gguf()).expect("write synthetic model");
+        path
+    }
+}
+
 fn matrix(file: &GgufFile, name: &str) -> Vec<Vec<f64>> {
     let m = Matrix::from_gguf(file, file.tensor(name).expect("tensor")).expect("matrix");
     let mut row = vec![0f32; m.n_cols()];

@@ -312,14 +312,14 @@ impl<'m> Session<'m> {
 
 /// Streams text while watching for stop strings: text that could still become the start
 /// of a stop string is held back until it cannot.
-struct StopMatcher<'a> {
+pub(crate) struct StopMatcher<'a> {
     stops: &'a [String],
     held: String,
     done: bool,
 }
 
 impl<'a> StopMatcher<'a> {
-    fn new(stops: &'a [String]) -> Self {
+    pub(crate) fn new(stops: &'a [String]) -> Self {
         Self {
             stops,
             held: String::new(),
@@ -329,7 +329,7 @@ impl<'a> StopMatcher<'a> {
 
     /// Adds text; returns what may be emitted now and whether a stop string was found
     /// (the emitted text then ends just before it).
-    fn push(&mut self, piece: &str) -> (String, bool) {
+    pub(crate) fn push(&mut self, piece: &str) -> (String, bool) {
         if self.done {
             return (String::new(), true);
         }
@@ -362,7 +362,7 @@ impl<'a> StopMatcher<'a> {
         (out, false)
     }
 
-    fn finish(&mut self, tail: &str) -> String {
+    pub(crate) fn finish(&mut self, tail: &str) -> String {
         let mut out = std::mem::take(&mut self.held);
         out.push_str(tail);
         out

@@ -6,6 +6,8 @@
 
 pub mod bench;
 pub mod cli;
+pub mod device;
+pub mod engine;
 pub mod generate;
 pub mod ids;
 pub mod inspect;

@@ -247,15 +247,7 @@ impl Sampler {
     }
 }
 
-/// log Σ exp(x), stable.
-pub fn log_sum_exp(x: &[f32]) -> f32 {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    if !max.is_finite() {
-        return max;
-    }
-    let s: f64 = x.iter().map(|&v| f64::from(v - max).exp()).sum();
-    max + s.ln() as f32
-}
+pub use powerinfer_ops::nn::log_sum_exp;
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@
 //! they run on. It must not depend on anything async (tokio, tonic) or on any GPU toolkit;
 //! GPU crates implement its device trait, never the other way round.
 
+pub mod device;
 pub mod dtype;
 pub mod gguf;
 pub mod matmul;

@@ -202,6 +202,32 @@ impl Matrix {
         cast_slice(self.bytes()).expect("alignment and length checked at construction")
     }
 
+    /// A new matrix (owning its bytes) of the given rows, in that order.
+    pub fn select_rows(&self, rows: &[u32]) -> Result<Matrix, TensorError> {
+        let row_bytes = self.n_bytes / self.n_rows.max(1);
+        let mut bytes = AlignedBytes::zeroed(row_bytes * rows.len());
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            if r >= self.n_rows {
+                return Err(TensorError::Shape {
+                    name: format!("row {r}"),
+                    dims: vec![self.n_cols as u64, self.n_rows as u64],
+                    expected: format!("a row below {}", self.n_rows),
+                });
+            }
+            bytes.as_mut_slice()[i * row_bytes..(i + 1) * row_bytes]
+                .copy_from_slice(&self.bytes()[r * row_bytes..(r + 1) * row_bytes]);
+        }
+        Ok(Matrix {
+            wtype: self.wtype,
+            n_rows: rows.len(),
+            n_cols: self.n_cols,
+            n_bytes: bytes.as_slice().len(),
+            storage: Arc::new(Storage::Heap(bytes)),
+            offset: 0,
+        })
+    }
+
     /// Row `r` as f32 values (an embedding lookup).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.n_rows && out.len() == self.n_cols);

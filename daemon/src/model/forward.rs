@@ -187,6 +187,22 @@ impl Model {
         kv: &mut KvCache,
         s: &'s mut Scratch,
     ) -> Result<&'s [f32], ForwardError> {
+        let mut logits = std::mem::take(&mut s.logits);
+        let result = self.forward_into(pool, batch, kv, s, &mut logits);
+        s.logits = logits;
+        result.map(|()| s.logits.as_slice())
+    }
+
+    /// [`Self::forward`] writing the logits into a caller's buffer (resized as needed), so
+    /// a pipeline can move one buffer between stages instead of copying.
+    pub fn forward_into(
+        &self,
+        pool: &ThreadPool,
+        batch: &[BatchToken],
+        kv: &mut KvCache,
+        s: &mut Scratch,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ForwardError> {
         let c = &self.config;
         self.check(batch, kv)?;
         let (n, e, eps) = (batch.len(), c.n_embd, c.rms_eps);
@@ -250,9 +266,9 @@ impl Model {
 
         // Output head, only for the tokens whose logits are wanted.
         let wanted: Vec<usize> = (0..n).filter(|&t| batch[t].logits).collect();
+        logits.clear();
         if wanted.is_empty() {
-            s.logits.clear();
-            return Ok(&s.logits);
+            return Ok(());
         }
         sized(&mut s.xn, wanted.len() * e);
         for (i, &t) in wanted.iter().enumerate() {
@@ -264,10 +280,10 @@ impl Model {
             );
         }
         s.acts.set(&s.xn, wanted.len());
-        sized(&mut s.logits, wanted.len() * c.n_vocab);
-        self.weights.output.matmul(pool, &mut s.acts, &mut s.logits); // [n_out][n_vocab]
+        sized(logits, wanted.len() * c.n_vocab);
+        self.weights.output.matmul(pool, &mut s.acts, logits); // [n_out][n_vocab]
         s.profile.mark(Stage::Head);
-        Ok(&s.logits)
+        Ok(())
     }
 
     fn check(&self, batch: &[BatchToken], kv: &KvCache) -> Result<(), ForwardError> {

@@ -36,7 +36,63 @@ pub struct KvCache {
     pub(crate) data: KvData,
 }
 
+/// The cache could not be allocated.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot allocate a KV cache of {bytes} bytes ({n_slots} sequences x {n_ctx} tokens)")]
+pub struct KvAllocError {
+    pub bytes: usize,
+    pub n_slots: usize,
+    pub n_ctx: usize,
+}
+
+fn try_filled<T: Clone>(n: usize, v: T) -> Option<Vec<T>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).ok()?;
+    out.resize(n, v);
+    Some(out)
+}
+
 impl KvCache {
+    /// Like [`Self::new`], but a cache too large for memory is an error, not an abort.
+    pub fn try_new(
+        n_layer: usize,
+        n_slots: usize,
+        n_ctx: usize,
+        n_head_kv: usize,
+        head_dim: usize,
+        ty: KvType,
+    ) -> Result<Self, KvAllocError> {
+        let err = || KvAllocError {
+            bytes: Self::bytes_for(n_layer, n_slots, n_ctx, n_head_kv, head_dim, ty),
+            n_slots,
+            n_ctx,
+        };
+        let n = n_layer
+            .checked_mul(n_slots)
+            .and_then(|v| v.checked_mul(n_head_kv))
+            .and_then(|v| v.checked_mul(n_ctx))
+            .and_then(|v| v.checked_mul(head_dim))
+            .ok_or_else(err)?;
+        let data = match ty {
+            KvType::F16 => KvData::F16 {
+                k: try_filled(n, f16::ZERO).ok_or_else(err)?,
+                v: try_filled(n, f16::ZERO).ok_or_else(err)?,
+            },
+            KvType::F32 => KvData::F32 {
+                k: try_filled(n, 0.0).ok_or_else(err)?,
+                v: try_filled(n, 0.0).ok_or_else(err)?,
+            },
+        };
+        Ok(Self {
+            n_layer,
+            n_slots,
+            n_ctx,
+            n_head_kv,
+            head_dim,
+            data,
+        })
+    }
+
     pub fn new(
         n_layer: usize,
         n_slots: usize,

@@ -9,7 +9,7 @@ mod weights;
 
 pub use config::{Arch, FfnKind, ModelConfig};
 pub use forward::{BatchToken, Model, Profile, Scratch, Stage};
-pub use kv_cache::{KvCache, KvType};
+pub use kv_cache::{KvAllocError, KvCache, KvType};
 pub use weights::{LayerWeights, Weights};
 
 use powerinfer_ops::gguf::GgufError;

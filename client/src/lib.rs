@@ -1,0 +1,1 @@
+//! powerinfer-client.

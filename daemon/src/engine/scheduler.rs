@@ -1,0 +1,448 @@
+//! The scheduler: owns the sequences, their KV-cache slots and the admission queue, and
+//! steps all running sequences together (continuous batching).
+//!
+//! Each step holds one token of every decoding sequence plus up to `prefill_chunk` prompt
+//! tokens of sequences still reading their prompt, so a long prompt does not stall the
+//! streams already running. New requests join between steps; finished ones leave; a
+//! sequence whose client has gone (its event channel closed) is dropped before the next
+//! step. Every token's arithmetic is independent of its batch-mates, so a sequence's
+//! output is the same whether it runs alone or beside others.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::cold::ColdHandle;
+use super::sampling::{SamplerHandle, SeqId};
+use super::types::{EngineError, EngineOptions, FinishReason, Timings};
+use crate::ids::{SeqSlot, TokenId};
+use crate::model::BatchToken;
+use crate::sampler::{Sampled, SamplerConfig};
+
+/// Control messages waiting for the scheduler (it drains them every step).
+const INBOX: usize = 256;
+/// Window over which the generation rate is reported.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// A request admitted to the queue.
+pub(crate) struct SeqRequest {
+    pub prompt: Vec<TokenId>,
+    pub max_tokens: usize,
+    pub sampling: SamplerConfig,
+    /// Bounded by `max_tokens` plus the admission and final events, so the scheduler never
+    /// waits on it.
+    pub events: mpsc::Sender<SeqEvent>,
+    pub submitted: Instant,
+}
+
+/// What the scheduler tells a request's stream.
+#[derive(Debug)]
+pub(crate) enum SeqEvent {
+    /// The request got a slot after waiting this long.
+    Admitted(Duration),
+    Token(Sampled),
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        timings: Timings,
+    },
+    Failed(String),
+}
+
+pub(crate) enum SchedMsg {
+    Submit {
+        req: SeqRequest,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Status {
+        reply: oneshot::Sender<SchedStatus>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SchedStatus {
+    /// Sequences holding a slot.
+    pub active: usize,
+    pub queued: usize,
+    /// Tokens generated per second over the last few seconds.
+    pub tokens_per_second: f64,
+    pub generated_total: u64,
+    pub steps_total: u64,
+}
+
+struct Sequence {
+    id: SeqId,
+    slot: SeqSlot,
+    prompt: Vec<TokenId>,
+    /// Prompt tokens already in the KV cache.
+    prefilled: usize,
+    /// The last sampled token, to be fed at `pos` in the next step.
+    pending: Option<TokenId>,
+    generated: usize,
+    max_tokens: usize,
+    events: mpsc::Sender<SeqEvent>,
+    submitted: Instant,
+    admitted: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Sequence {
+    /// Position of the next token fed.
+    fn pos(&self) -> usize {
+        self.prefilled + self.generated.saturating_sub(1)
+    }
+
+    fn timings(&self) -> Timings {
+        let now = Instant::now();
+        let first = self.first_token.unwrap_or(now);
+        Timings {
+            queue: self.admitted - self.submitted,
+            prefill: first - self.admitted,
+            decode: now - first,
+        }
+    }
+}
+
+struct Scheduler {
+    opts: EngineOptions,
+    n_vocab: usize,
+    /// End-of-generation tokens, sorted.
+    eog: Vec<TokenId>,
+    cold: ColdHandle,
+    sampler: SamplerHandle,
+    rx: Receiver<SchedMsg>,
+    queue: VecDeque<(SeqRequest, SeqId)>,
+    running: Vec<Sequence>,
+    free_slots: Vec<SeqSlot>,
+    next_id: SeqId,
+    batch: Vec<BatchToken>,
+    wants: Vec<SeqId>,
+    logits: Vec<f32>,
+    /// (when, tokens generated in that step), for the rate.
+    recent: VecDeque<(Instant, usize)>,
+    generated_total: u64,
+    steps_total: u64,
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        loop {
+            // Idle: block until something arrives; the engine is gone when the inbox closes.
+            if self.running.is_empty() && self.queue.is_empty() {
+                match self.rx.recv() {
+                    Ok(m) => self.handle(m),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(m) => self.handle(m),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if self.running.is_empty() && self.queue.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            if !self.running.is_empty()
+                && let Err(e) = self.step()
+            {
+                self.fail_all(&e.to_string());
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: SchedMsg) {
+        match msg {
+            SchedMsg::Submit { req, reply } => {
+                // Free slots take requests at once; only requests that must wait count
+                // against the queue limit.
+                self.admit();
+                let r = if self.queue.len() >= self.opts.max_queue {
+                    Err(EngineError::QueueFull {
+                        max: self.opts.max_queue,
+                    })
+                } else {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    self.queue.push_back((req, id));
+                    self.admit();
+                    Ok(())
+                };
+                let _ = reply.send(r);
+            }
+            SchedMsg::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn status(&mut self) -> SchedStatus {
+        let now = Instant::now();
+        while self
+            .recent
+            .front()
+            .is_some_and(|&(t, _)| now - t > RATE_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        let tokens: usize = self.recent.iter().map(|&(_, n)| n).sum();
+        let span = self.recent.front().map_or(RATE_WINDOW, |&(t, _)| {
+            (now - t).max(Duration::from_millis(1))
+        });
+        SchedStatus {
+            active: self.running.len(),
+            queued: self.queue.len(),
+            tokens_per_second: if tokens == 0 {
+                0.0
+            } else {
+                tokens as f64 / span.as_secs_f64()
+            },
+            generated_total: self.generated_total,
+            steps_total: self.steps_total,
+        }
+    }
+
+    /// Frees the slots of sequences whose client has gone, and forgets queued ones.
+    fn drop_cancelled(&mut self) {
+        self.queue.retain(|(req, _)| !req.events.is_closed());
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].events.is_closed() {
+                let s = self.running.swap_remove(i);
+                self.release(&s);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn release(&mut self, s: &Sequence) {
+        self.free_slots.push(s.slot);
+        let _ = self.sampler.close(s.id);
+    }
+
+    fn admit(&mut self) {
+        while !self.free_slots.is_empty() {
+            let Some((req, id)) = self.queue.pop_front() else {
+                break;
+            };
+            let slot = self.free_slots.pop().expect("checked non-empty");
+            if self
+                .sampler
+                .open(id, req.sampling, req.prompt.clone())
+                .is_err()
+            {
+                self.free_slots.push(slot);
+                let _ = req
+                    .events
+                    .try_send(SeqEvent::Failed("the sampler has stopped".into()));
+                continue;
+            }
+            let _ = req
+                .events
+                .try_send(SeqEvent::Admitted(req.submitted.elapsed()));
+            self.running.push(Sequence {
+                id,
+                slot,
+                prompt: req.prompt,
+                prefilled: 0,
+                pending: None,
+                generated: 0,
+                max_tokens: req.max_tokens,
+                events: req.events,
+                submitted: req.submitted,
+                admitted: Instant::now(),
+                first_token: None,
+            });
+        }
+    }
+
+    fn step(&mut self) -> Result<(), EngineError> {
+        // Decode tokens first, then prompt chunks within the prefill budget.
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
+        let mut wants = std::mem::take(&mut self.wants);
+        wants.clear();
+        for s in &self.running {
+            if let Some(t) = s.pending {
+                batch.push(BatchToken {
+                    token: t,
+                    slot: s.slot,
+                    pos: s.pos(),
+                    logits: true,
+                });
+                wants.push(s.id);
+            }
+        }
+        let mut budget = self.opts.prefill_chunk.max(1);
+        let mut chunks: Vec<(usize, usize)> = Vec::new(); // (running index, tokens taken)
+        for (i, s) in self.running.iter().enumerate() {
+            if s.prefilled == s.prompt.len() || budget == 0 {
+                continue;
+            }
+            let take = (s.prompt.len() - s.prefilled).min(budget);
+            budget -= take;
+            for k in 0..take {
+                let p = s.prefilled + k;
+                let last = p + 1 == s.prompt.len();
+                batch.push(BatchToken {
+                    token: s.prompt[p],
+                    slot: s.slot,
+                    pos: p,
+                    logits: last,
+                });
+                if last {
+                    wants.push(s.id);
+                }
+            }
+            chunks.push((i, take));
+        }
+        if batch.is_empty() {
+            self.batch = batch;
+            self.wants = wants;
+            return Ok(());
+        }
+
+        let logits = std::mem::take(&mut self.logits);
+        let done = self.cold.step(batch, logits)?;
+        self.batch = done.batch;
+        if let Err(e) = done.result {
+            self.logits = done.logits;
+            return Err(EngineError::Internal(format!("forward pass: {e}")));
+        }
+        for (i, take) in chunks {
+            self.running[i].prefilled += take;
+        }
+        let sampled = self.sampler.sample(wants, done.logits, self.n_vocab)?;
+        self.logits = sampled.logits;
+        self.wants = sampled.seqs;
+        self.steps_total += 1;
+        let produced = sampled.picks.len();
+        self.generated_total += produced as u64;
+        self.recent.push_back((Instant::now(), produced));
+        if self.recent.len() > 4096 {
+            self.recent.pop_front();
+        }
+        for (id, s) in sampled.picks {
+            self.route(id, s);
+        }
+        Ok(())
+    }
+
+    /// Delivers a sampled token to its sequence and ends the sequence when it is done.
+    fn route(&mut self, id: SeqId, sampled: Sampled) {
+        let Some(i) = self.running.iter().position(|s| s.id == id) else {
+            return;
+        };
+        let eog = self.is_eog(sampled.token);
+        let s = &mut self.running[i];
+        s.first_token.get_or_insert_with(Instant::now);
+        let finish = if eog {
+            Some(FinishReason::Stop)
+        } else {
+            s.generated += 1;
+            s.pending = Some(sampled.token);
+            // Capacity is max_tokens + 2: never full while the sequence runs.
+            let _ = s.events.try_send(SeqEvent::Token(sampled));
+            if s.generated >= s.max_tokens {
+                Some(FinishReason::Length)
+            } else if s.pos() >= self.opts.n_ctx {
+                Some(FinishReason::Context)
+            } else {
+                None
+            }
+        };
+        if let Some(finish) = finish {
+            let s = self.running.swap_remove(i);
+            let _ = s.events.try_send(SeqEvent::Done {
+                finish,
+                prompt_tokens: s.prompt.len(),
+                completion_tokens: s.generated,
+                timings: s.timings(),
+            });
+            self.release(&s);
+        }
+    }
+
+    fn is_eog(&self, t: TokenId) -> bool {
+        self.eog.binary_search(&t).is_ok()
+    }
+
+    fn fail_all(&mut self, reason: &str) {
+        for s in std::mem::take(&mut self.running) {
+            let _ = s.events.try_send(SeqEvent::Failed(reason.to_owned()));
+            self.release(&s);
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct SchedHandle {
+    tx: SyncSender<SchedMsg>,
+}
+
+impl SchedHandle {
+    /// Starts the scheduler on thread `pi-sched`.
+    pub fn spawn(
+        opts: &EngineOptions,
+        n_vocab: usize,
+        eog: &[TokenId],
+        cold: ColdHandle,
+        sampler: SamplerHandle,
+    ) -> Result<Self, EngineError> {
+        let (tx, rx) = sync_channel(INBOX);
+        let mut eog = eog.to_vec();
+        eog.sort();
+        let sched = Scheduler {
+            free_slots: (0..opts.max_sequences).rev().map(SeqSlot).collect(),
+            opts: opts.clone(),
+            n_vocab,
+            eog,
+            cold,
+            sampler,
+            rx,
+            queue: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 1,
+            batch: Vec::new(),
+            wants: Vec::new(),
+            logits: Vec::new(),
+            recent: VecDeque::new(),
+            generated_total: 0,
+            steps_total: 0,
+        };
+        std::thread::Builder::new()
+            .name("pi-sched".into())
+            .spawn(move || sched.run())
+            .map_err(|e| EngineError::Internal(format!("cannot start the scheduler: {e}")))?;
+        Ok(Self { tx })
+    }
+
+    /// Queues a request; refused when the queue is full.
+    pub async fn submit(&self, req: SeqRequest) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(SchedMsg::Submit { req, reply })
+            .map_err(|e| match e {
+                std::sync::mpsc::TrySendError::Full(_) => EngineError::QueueFull { max: INBOX },
+                std::sync::mpsc::TrySendError::Disconnected(_) => EngineError::Stopped,
+            })?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    pub async fn status(&self) -> Result<SchedStatus, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(SchedMsg::Status { reply })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+}

@@ -1,0 +1,252 @@
+//! The engine's actors on a synthetic model: the same tokens as the direct forward path,
+//! continuous batching that does not change any sequence's output, chunked prefill,
+//! cancellation, queue limits.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use powerinfer_daemon::engine::{
+    Engine, EngineError, EngineOptions, FinishReason, GenerateSpec, Input, StreamItem,
+};
+use powerinfer_daemon::generate::{GenParams, LoadedModel, Session, SessionOptions};
+use powerinfer_daemon::ids::TokenId;
+use powerinfer_daemon::sampler::SamplerConfig;
+use powerinfer_ops::quant::WeightType;
+use powerinfer_tests::TempDir;
+use powerinfer_tests::synth::Spec;
+use tokio_stream::StreamExt;
+
+fn model(dir: &TempDir) -> PathBuf {
+    Spec {
+        wtype: WeightType::Q4_1,
+        n_layer: 3,
+        seed: 900,
+        ..Spec::default()
+    }
+    .write_to(dir.path(), "tiny")
+}
+
+fn options(max_sequences: usize) -> EngineOptions {
+    EngineOptions {
+        n_ctx: 256,
+        max_sequences,
+        max_queue: 4,
+        threads: 2,
+        ..EngineOptions::default()
+    }
+}
+
+fn greedy(prompt: &str, max_tokens: usize) -> GenerateSpec {
+    GenerateSpec {
+        max_tokens: Some(max_tokens),
+        sampling: SamplerConfig::greedy(),
+        ..GenerateSpec::new(Input::Text(prompt.into()))
+    }
+}
+
+/// Runs a generation to its end: token ids and the final event.
+async fn collect(
+    engine: &Engine,
+    spec: GenerateSpec,
+) -> (Vec<TokenId>, powerinfer_daemon::engine::FinalEvent) {
+    let mut stream = engine.generate(spec).await.unwrap();
+    let mut ids = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item.unwrap() {
+            StreamItem::Token(t) => ids.push(t.id),
+            StreamItem::Final(f) => return (ids, f),
+        }
+    }
+    panic!("the stream ended without a final event");
+}
+
+fn prompts() -> Vec<String> {
+    (0..16)
+        .map(|i| format!("prompt number {i}: {}", "xyz ".repeat(i % 5)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_tokens_equal_the_direct_forward_path() {
+    let dir = TempDir::new("engine-direct");
+    let path = model(&dir);
+    let engine = tokio::task::block_in_place(|| Engine::load("tiny", &path, options(4))).unwrap();
+    let (ids, fin) = collect(&engine, greedy("hello world", 24)).await;
+
+    let loaded = LoadedModel::load(&path).unwrap();
+    let prompt = loaded.tokenizer.encode("hello world", true, true);
+    let mut s = Session::new(&loaded, SessionOptions::new(256, 2)).unwrap();
+    let params = GenParams {
+        max_tokens: 24,
+        sampler: SamplerConfig::greedy(),
+        stop: Vec::new(),
+    };
+    let direct = tokio::task::block_in_place(|| {
+        s.generate(&prompt, &params, |_| std::ops::ControlFlow::Continue(()))
+    })
+    .unwrap();
+    assert_eq!(ids, direct.generated);
+    assert_eq!(fin.prompt_tokens, prompt.len());
+    assert_eq!(fin.completion_tokens, ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_streams_match_their_runs_alone() {
+    let dir = TempDir::new("engine-batch");
+    let path = model(&dir);
+    let engine = tokio::task::block_in_place(|| Engine::load("tiny", &path, options(16))).unwrap();
+    let mut alone = Vec::new();
+    for p in prompts() {
+        alone.push(collect(&engine, greedy(&p, 20)).await.0);
+    }
+    let together: Vec<_> = futures_join(
+        prompts()
+            .into_iter()
+            .map(|p| collect(&engine, greedy(&p, 20))),
+    )
+    .await;
+    for (i, ((ids, fin), want)) in together.into_iter().zip(&alone).enumerate() {
+        assert_eq!(&ids, want, "stream {i}");
+        assert!(matches!(
+            fin.finish,
+            FinishReason::Length | FinishReason::Stop
+        ));
+    }
+    let info = engine.info().await.unwrap();
+    assert!(info.sched.steps_total > 0);
+}
+
+/// Polls futures concurrently on the current task.
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.map(Box::pin).collect();
+    let mut outs: Vec<Option<F::Output>> = handles.iter().map(|_| None).collect();
+    let mut handles: Vec<_> = handles.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (h, o) in handles.iter_mut().zip(outs.iter_mut()) {
+            if let Some(f) = h {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *o = Some(v);
+                        *h = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outs.into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_is_read_in_chunks_without_stalling_running_streams() {
+    let dir = TempDir::new("engine-chunks");
+    let path = model(&dir);
+    let opts = EngineOptions {
+        prefill_chunk: 8,
+        ..options(2)
+    };
+    let engine = tokio::task::block_in_place(|| Engine::load("tiny", &path, opts)).unwrap();
+    let long_prompt = "a long prompt ".repeat(12); // ~170 byte-level tokens
+    let alone = collect(&engine, greedy(&long_prompt, 5)).await.0;
+
+    // A running stream keeps producing tokens while the long prompt is read 8 at a time.
+    let mut running = engine.generate(greedy("short", 60)).await.unwrap();
+    let first = running.next().await.unwrap().unwrap();
+    assert!(matches!(first, StreamItem::Token(_)));
+    let long = engine.generate(greedy(&long_prompt, 5)).await.unwrap();
+    let mut during = 0;
+    let long_task = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        let mut long = long;
+        while let Some(item) = long.next().await {
+            if let StreamItem::Token(t) = item.unwrap() {
+                ids.push(t.id);
+            }
+        }
+        ids
+    });
+    while !long_task.is_finished() {
+        match running.next().await {
+            Some(Ok(StreamItem::Token(_))) => during += 1,
+            _ => break,
+        }
+    }
+    assert!(
+        during >= 10,
+        "only {during} tokens of the running stream while the long prompt was read"
+    );
+    assert_eq!(
+        long_task.await.unwrap(),
+        alone,
+        "chunked prefill gives the same tokens"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_stream_frees_its_slot() {
+    let dir = TempDir::new("engine-cancel");
+    let path = model(&dir);
+    let engine = tokio::task::block_in_place(|| Engine::load("tiny", &path, options(1))).unwrap();
+    let mut first = engine.generate(greedy("endless", 200)).await.unwrap();
+    let _ = first.next().await;
+    let _ = first.next().await;
+    drop(first);
+    // With one slot, this only runs once the dropped sequence has been freed.
+    let started = Instant::now();
+    let (ids, _) =
+        tokio::time::timeout(Duration::from_secs(30), collect(&engine, greedy("next", 3)))
+            .await
+            .expect("the slot was freed");
+    assert_eq!(ids.len(), 3);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let info = engine.info().await.unwrap();
+    assert_eq!(info.sched.active, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_and_bad_requests_are_refused() {
+    let dir = TempDir::new("engine-queue");
+    let path = model(&dir);
+    let opts = EngineOptions {
+        max_queue: 1,
+        ..options(1)
+    };
+    let engine = tokio::task::block_in_place(|| Engine::load("tiny", &path, opts)).unwrap();
+    let mut running = engine.generate(greedy("one", 250)).await.unwrap();
+    let _ = running.next().await; // admitted: holds the only slot
+    let _queued = engine.generate(greedy("two", 5)).await.unwrap();
+    let third = engine.generate(greedy("three", 5)).await;
+    assert!(
+        matches!(third, Err(EngineError::QueueFull { max: 1 })),
+        "{third:?}"
+    );
+
+    let bad = |spec| async {
+        engine
+            .generate(spec)
+            .await
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    assert!(bad(greedy("", 5)).await.contains("empty"));
+    assert!(bad(greedy(&"z".repeat(300), 5)).await.contains("limit"));
+    let mut s = greedy("x", 5);
+    s.sampling.top_p = 3.0;
+    assert!(bad(s).await.contains("top_p"));
+    let mut s = greedy("x", 5);
+    s.input = Input::Tokens(vec![TokenId(99_999)]);
+    assert!(bad(s).await.contains("out of range"));
+    let mut s = greedy("x", 5);
+    s.top_logprobs = 100;
+    assert!(bad(s).await.contains("top_logprobs"));
+}
