@@ -234,8 +234,7 @@ async fn a_full_queue_and_bad_requests_are_refused() {
         engine
             .generate(spec)
             .await
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string()
     };
     assert!(bad(greedy("", 5)).await.contains("empty"));

@@ -80,6 +80,17 @@ impl SamplerConfig {
     }
 }
 
+/// A seed for requests that give none: different on every call.
+pub fn random_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    (t ^ (u64::from(std::process::id()) << 32)).wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
 /// One chosen token.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {

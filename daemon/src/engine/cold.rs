@@ -20,6 +20,8 @@ pub(crate) enum ColdMsg {
         /// The buffer the logits are written into, moved back with the reply.
         logits: Vec<f32>,
         reply: SyncSender<StepDone>,
+        /// The step's span (disabled unless the step is traced).
+        span: tracing::Span,
     },
     ActiveFraction {
         reply: SyncSender<Vec<f32>>,
@@ -50,7 +52,10 @@ impl ColdExecutor {
                     batch,
                     mut logits,
                     reply,
+                    span,
                 } => {
+                    let stage = tracing::info_span!(parent: &span, "cold.forward", tokens = batch.len(), layers = self.model.config.n_layer);
+                    let _enter = stage.enter();
                     let result = self.model.forward_into(
                         &self.pool,
                         &batch,
@@ -131,13 +136,19 @@ impl ColdHandle {
     }
 
     /// Runs one step and waits for it.
-    pub fn step(&self, batch: Vec<BatchToken>, logits: Vec<f32>) -> Result<StepDone, EngineError> {
+    pub fn step(
+        &self,
+        batch: Vec<BatchToken>,
+        logits: Vec<f32>,
+        span: &tracing::Span,
+    ) -> Result<StepDone, EngineError> {
         let (reply, rx) = sync_channel(1);
         self.tx
             .send(ColdMsg::Step {
                 batch,
                 logits,
                 reply,
+                span: span.clone(),
             })
             .map_err(|_| EngineError::Stopped)?;
         rx.recv().map_err(|_| EngineError::Stopped)

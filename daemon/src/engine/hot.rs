@@ -63,7 +63,7 @@ impl HotHandle {
                     HotExecutor { device, rx }.run();
                 }
                 Err(e) => {
-                    let _ = ready_tx.send(Err(EngineError::Device(e.to_string())));
+                    let _ = ready_tx.send(Err(EngineError::Device(e)));
                 }
             })
             .map_err(|e| EngineError::Internal(format!("cannot start the hot executor: {e}")))?;

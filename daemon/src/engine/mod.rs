@@ -93,6 +93,9 @@ impl Engine {
             )));
         }
         opts.max_prompt_tokens = opts.max_prompt_tokens.min(opts.n_ctx - 1);
+        if opts.sparsity != SparsityMode::Dense {
+            return Err(sparsity_unavailable(opts.sparsity));
+        }
         let LoadedModel { model, tokenizer } = loaded;
         let (model, tokenizer) = (Arc::new(model), Arc::new(tokenizer));
         let hot = HotHandle::spawn(&opts)?;
@@ -138,7 +141,8 @@ impl Engine {
     }
 
     /// Starts a generation; its tokens arrive on the returned stream, then one final
-    /// event. Dropping the stream cancels the generation within one step.
+    /// event. Dropping the stream cancels the generation within one step. The current
+    /// `tracing` span is the request's: the phases and sampled steps are traced below it.
     pub async fn generate(
         &self,
         spec: GenerateSpec,
@@ -159,10 +163,7 @@ impl Engine {
         }
         let sparsity = spec.sparsity.unwrap_or(self.opts.sparsity);
         if sparsity != SparsityMode::Dense {
-            return Err(EngineError::InvalidArgument(format!(
-                "sparsity mode {} needs predictors or thresholds this model does not have",
-                sparsity.name()
-            )));
+            return Err(sparsity_unavailable(sparsity));
         }
         let prompt = self.text.encode(spec.input).await?;
         self.check_prompt(&prompt)?;
@@ -183,6 +184,7 @@ impl Engine {
                 sampling,
                 events: events_tx,
                 submitted: Instant::now(),
+                span: tracing::Span::current(),
             })
             .await?;
         let stats = SparsityStats {
@@ -192,6 +194,7 @@ impl Engine {
             cold_share: 1.0,
         };
         let stream = StreamTask {
+            span: tracing::Span::current(),
             tokenizer: self.tokenizer.clone(),
             stop: spec.stop,
             sparsity: stats,
@@ -278,9 +281,18 @@ impl Engine {
     }
 }
 
+fn sparsity_unavailable(mode: SparsityMode) -> EngineError {
+    EngineError::InvalidArgument(format!(
+        "sparsity mode {} needs predictors or thresholds this model does not have",
+        mode.name()
+    ))
+}
+
 /// Turns one sequence's scheduler events into stream items: text in whole characters,
 /// stop strings applied, the final summary.
 struct StreamTask {
+    /// The request's span: usage and the finish reason are recorded on it at the end.
+    span: tracing::Span,
     tokenizer: Arc<Tokenizer>,
     stop: Vec<String>,
     sparsity: SparsityStats,
@@ -369,6 +381,14 @@ impl StreamTask {
                     return;
                 }
             };
+            if let StreamItem::Final(f) = &item {
+                self.span
+                    .record("gen_ai.usage.input_tokens", f.prompt_tokens);
+                self.span
+                    .record("gen_ai.usage.output_tokens", f.completion_tokens);
+                self.span
+                    .record("gen_ai.response.finish_reasons", f.finish.name());
+            }
             let _ = out.send(Ok(item)).await;
             return;
         }

@@ -30,6 +30,7 @@ pub(crate) enum SamplerMsg {
         logits: Vec<f32>,
         n_vocab: usize,
         reply: SyncSender<SampleDone>,
+        span: tracing::Span,
     },
 }
 
@@ -67,7 +68,11 @@ impl SamplerActor {
                     logits,
                     n_vocab,
                     reply,
+                    span,
                 } => {
+                    let stage =
+                        tracing::info_span!(parent: &span, "sample", sequences = seqs.len());
+                    let _enter = stage.enter();
                     let mut picks = Vec::with_capacity(seqs.len());
                     for (i, &seq) in seqs.iter().enumerate() {
                         let Some(s) = self.samplers.get_mut(&seq) else {
@@ -136,6 +141,7 @@ impl SamplerHandle {
         seqs: Vec<SeqId>,
         logits: Vec<f32>,
         n_vocab: usize,
+        span: &tracing::Span,
     ) -> Result<SampleDone, EngineError> {
         let (reply, rx) = sync_channel(1);
         self.tx
@@ -144,6 +150,7 @@ impl SamplerHandle {
                 logits,
                 n_vocab,
                 reply,
+                span: span.clone(),
             })
             .map_err(|_| EngineError::Stopped)?;
         rx.recv().map_err(|_| EngineError::Stopped)

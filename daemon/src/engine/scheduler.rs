@@ -25,6 +25,10 @@ use crate::sampler::{Sampled, SamplerConfig};
 const INBOX: usize = 256;
 /// Window over which the generation rate is reported.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// A traced sequence gets a `step` span (with its actor stages) for its prompt steps and
+/// for one decode step in this many: enough to see where a step's time goes, few enough
+/// that exporting spans costs nothing measurable per token.
+const TRACE_DECODE_EVERY: usize = 16;
 
 /// A request admitted to the queue.
 pub(crate) struct SeqRequest {
@@ -35,6 +39,17 @@ pub(crate) struct SeqRequest {
     /// waits on it.
     pub events: mpsc::Sender<SeqEvent>,
     pub submitted: Instant,
+    /// The request's span (disabled when nothing traces it); the scheduler hangs the
+    /// `queue`, `prefill`, `decode` and `step` spans below it.
+    pub span: tracing::Span,
+}
+
+/// A request waiting for a slot.
+struct Waiting {
+    req: SeqRequest,
+    id: SeqId,
+    /// Open while the request waits.
+    phase: tracing::Span,
 }
 
 /// What the scheduler tells a request's stream.
@@ -87,6 +102,9 @@ struct Sequence {
     submitted: Instant,
     admitted: Instant,
     first_token: Option<Instant>,
+    span: tracing::Span,
+    /// `prefill` until the first token, then `decode`; closed when the sequence leaves.
+    phase: tracing::Span,
 }
 
 impl Sequence {
@@ -114,7 +132,7 @@ struct Scheduler {
     cold: ColdHandle,
     sampler: SamplerHandle,
     rx: Receiver<SchedMsg>,
-    queue: VecDeque<(SeqRequest, SeqId)>,
+    queue: VecDeque<Waiting>,
     running: Vec<Sequence>,
     free_slots: Vec<SeqSlot>,
     next_id: SeqId,
@@ -172,7 +190,8 @@ impl Scheduler {
                 } else {
                     let id = self.next_id;
                     self.next_id += 1;
-                    self.queue.push_back((req, id));
+                    let phase = tracing::info_span!(parent: &req.span, "queue", seq = id);
+                    self.queue.push_back(Waiting { req, id, phase });
                     self.admit();
                     Ok(())
                 };
@@ -212,7 +231,7 @@ impl Scheduler {
 
     /// Frees the slots of sequences whose client has gone, and forgets queued ones.
     fn drop_cancelled(&mut self) {
-        self.queue.retain(|(req, _)| !req.events.is_closed());
+        self.queue.retain(|w| !w.req.events.is_closed());
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].events.is_closed() {
@@ -231,9 +250,10 @@ impl Scheduler {
 
     fn admit(&mut self) {
         while !self.free_slots.is_empty() {
-            let Some((req, id)) = self.queue.pop_front() else {
+            let Some(Waiting { req, id, phase }) = self.queue.pop_front() else {
                 break;
             };
+            drop(phase);
             let slot = self.free_slots.pop().expect("checked non-empty");
             if self
                 .sampler
@@ -249,6 +269,7 @@ impl Scheduler {
             let _ = req
                 .events
                 .try_send(SeqEvent::Admitted(req.submitted.elapsed()));
+            let prefill = tracing::info_span!(parent: &req.span, "prefill", seq = id, prompt_tokens = req.prompt.len());
             self.running.push(Sequence {
                 id,
                 slot,
@@ -261,6 +282,8 @@ impl Scheduler {
                 submitted: req.submitted,
                 admitted: Instant::now(),
                 first_token: None,
+                phase: prefill,
+                span: req.span,
             });
         }
     }
@@ -311,8 +334,9 @@ impl Scheduler {
             return Ok(());
         }
 
+        let span = self.step_span(batch.len(), chunks.len());
         let logits = std::mem::take(&mut self.logits);
-        let done = self.cold.step(batch, logits)?;
+        let done = self.cold.step(batch, logits, &span)?;
         self.batch = done.batch;
         if let Err(e) = done.result {
             self.logits = done.logits;
@@ -321,7 +345,9 @@ impl Scheduler {
         for (i, take) in chunks {
             self.running[i].prefilled += take;
         }
-        let sampled = self.sampler.sample(wants, done.logits, self.n_vocab)?;
+        let sampled = self
+            .sampler
+            .sample(wants, done.logits, self.n_vocab, &span)?;
         self.logits = sampled.logits;
         self.wants = sampled.seqs;
         self.steps_total += 1;
@@ -337,6 +363,25 @@ impl Scheduler {
         Ok(())
     }
 
+    /// The span of this step: under the phase span of the first traced sequence, when
+    /// that sequence is reading its prompt or is at a sampled decode step; else disabled.
+    fn step_span(&self, batch_tokens: usize, prefilling: usize) -> tracing::Span {
+        let traced = self.running.iter().find(|s| !s.phase.is_disabled());
+        match traced {
+            Some(s) if s.first_token.is_none() || s.generated % TRACE_DECODE_EVERY == 1 => {
+                tracing::info_span!(
+                    parent: &s.phase,
+                    "step",
+                    step = self.steps_total,
+                    batch_tokens,
+                    sequences = self.running.len(),
+                    prefilling,
+                )
+            }
+            _ => tracing::Span::none(),
+        }
+    }
+
     /// Delivers a sampled token to its sequence and ends the sequence when it is done.
     fn route(&mut self, id: SeqId, sampled: Sampled) {
         let Some(i) = self.running.iter().position(|s| s.id == id) else {
@@ -344,7 +389,10 @@ impl Scheduler {
         };
         let eog = self.is_eog(sampled.token);
         let s = &mut self.running[i];
-        s.first_token.get_or_insert_with(Instant::now);
+        if s.first_token.is_none() {
+            s.first_token = Some(Instant::now());
+            s.phase = tracing::info_span!(parent: &s.span, "decode", seq = id);
+        }
         let finish = if eog {
             Some(FinishReason::Stop)
         } else {

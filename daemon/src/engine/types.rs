@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use powerinfer_ops::quant::Numerics;
 
+use crate::device::DeviceOpenError;
 use crate::ids::TokenId;
 use crate::model::{KvType, LoadError};
 use crate::sampler::SamplerConfig;
@@ -88,6 +89,17 @@ pub enum FinishReason {
     StopSequence,
     /// The context is full.
     Context,
+}
+
+impl FinishReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::StopSequence => "stop_sequence",
+            Self::Context => "context",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -186,8 +198,8 @@ pub enum EngineError {
     InvalidArgument(String),
     #[error("the queue is full ({max} requests waiting)")]
     QueueFull { max: usize },
-    #[error("device: {0}")]
-    Device(String),
+    #[error(transparent)]
+    Device(#[from] DeviceOpenError),
     #[error("the engine has stopped")]
     Stopped,
     #[error("{0}")]
