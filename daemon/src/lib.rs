@@ -5,6 +5,7 @@
 //! Depends on `powerinfer-ops` for every number it computes; it owns no kernels.
 
 pub mod bench;
+pub mod bench_serving;
 pub mod cli;
 pub mod device;
 pub mod engine;
@@ -16,4 +17,5 @@ pub mod models;
 pub mod perplexity;
 pub mod progress;
 pub mod sampler;
+pub mod server;
 pub mod tokenizer;

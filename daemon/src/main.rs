@@ -7,7 +7,8 @@ fn main() -> ExitCode {
     let status = powerinfer_daemon::cli::run(
         std::env::args_os(),
         &mut std::io::stdout().lock(),
-        &mut std::io::stderr().lock(),
+        // Unlocked: the daemon's log lines are written to stderr from other threads.
+        &mut std::io::stderr(),
     );
     ExitCode::from(status)
 }

@@ -3,11 +3,13 @@
 //! included, in-process.
 
 mod bench;
+mod bench_serving;
 mod common;
 mod inspect;
 mod perplexity;
 mod pull;
 mod run;
+mod serve;
 mod tokenize;
 
 use std::ffi::OsString;
@@ -57,6 +59,8 @@ enum Command {
     /// Put a model into the models directory: a catalog alias or an https URL
     /// (resumable; verified with --sha256).
     Pull(pull::PullArgs),
+    /// The daemon: serve the gRPC API until SIGINT or SIGTERM.
+    Serve(serve::ServeArgs),
 }
 
 /// Runs the command line `args` (program name first), writing to `out` and `err`, and
@@ -85,5 +89,6 @@ where
         Command::Perplexity(a) => perplexity::run(&a, out, err),
         Command::Bench(a) => bench::run(&a, out, err),
         Command::Pull(a) => pull::run(&a, out, err),
+        Command::Serve(a) => serve::run(&a, err),
     }
 }

@@ -1,0 +1,137 @@
+//! `powerinferd serve`: the daemon. Configuration from flags over `POWERINFER_*` over the
+//! TOML file over defaults; runs until SIGINT or SIGTERM, then drains and exits 0.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::exit;
+use crate::server::telemetry::{Logs, Telemetry};
+use crate::server::{self, FlagConfig, ServeConfig};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// gRPC address to listen on [default: 127.0.0.1:50051].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Models directory [default: $POWERINFER_HOME/models].
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Configuration file [default: /etc/powerinfer/powerinferd.toml, if it exists].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Let clients name model files by path (refused by default).
+    #[arg(long)]
+    pub allow_paths: bool,
+    /// Compute threads per model [default: all CPUs].
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Context size per sequence, in tokens [default: 2048].
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// Sequences decoded together per model [default: 8].
+    #[arg(long)]
+    pub max_sequences: Option<usize>,
+    /// Load this model at start (repeatable; adds to the configuration file's list).
+    #[arg(long)]
+    pub preload: Vec<String>,
+    /// Export traces over OTLP/gRPC to this endpoint (also OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl ServeArgs {
+    fn flags(&self) -> FlagConfig {
+        FlagConfig {
+            listen: self.listen.clone(),
+            models_dir: self.models_dir.clone(),
+            config: self.config.clone(),
+            allow_paths: self.allow_paths,
+            threads: self.threads,
+            ctx: self.ctx,
+            max_sequences: self.max_sequences,
+            preload: self.preload.clone(),
+            otlp_endpoint: self.otlp_endpoint.clone(),
+        }
+    }
+}
+
+pub fn run(a: &ServeArgs, err: &mut dyn Write) -> u8 {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let config = match ServeConfig::resolve(&a.flags(), &env) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(err, "error: configuration: {e}");
+            return exit::BAD_INPUT;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("pi-io")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(err, "error: cannot start the runtime: {e}");
+            return exit::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let telemetry = match Telemetry::install(config.otlp_endpoint.as_deref(), Logs::Stderr) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = writeln!(err, "error: telemetry: {e}");
+                return exit::BAD_INPUT;
+            }
+        };
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = writeln!(err, "error: cannot listen on {}: {e}", config.listen);
+                return exit::FAILURE;
+            }
+        };
+        if let Ok(addr) = listener.local_addr() {
+            let _ = writeln!(
+                err,
+                "powerinferd {} listening on {addr}",
+                env!("CARGO_PKG_VERSION")
+            );
+        }
+        let result = server::serve(listener, config, shutdown_signal()).await;
+        // Traces are flushed last, after the engines have stopped.
+        telemetry.shutdown();
+        match result {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                let _ = writeln!(err, "error: {e}");
+                exit::FAILURE
+            }
+        }
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

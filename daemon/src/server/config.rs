@@ -1,0 +1,340 @@
+//! The daemon's configuration: command-line flags over `POWERINFER_*` environment
+//! variables over the TOML file (`/etc/powerinfer/powerinferd.toml`, or `--config`) over
+//! defaults. Parsed and validated once into [`ServeConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::engine::{EngineOptions, SparsityMode};
+use crate::model::KvType;
+use crate::models;
+
+/// The system-wide configuration file, read when it exists and `--config` is not given.
+pub const SYSTEM_CONFIG: &str = "/etc/powerinfer/powerinferd.toml";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{name} = {value:?}: {reason}")]
+    Invalid {
+        name: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// A model loaded at start.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Preload {
+    pub model: String,
+    pub ctx: Option<usize>,
+    pub sparsity: Option<String>,
+    pub device: Option<String>,
+    pub vram_budget: Option<u64>,
+}
+
+/// The TOML file (every key optional).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub models_dir: Option<PathBuf>,
+    pub allow_paths: Option<bool>,
+    pub threads: Option<usize>,
+    pub ctx: Option<usize>,
+    pub max_sequences: Option<usize>,
+    pub max_queue: Option<usize>,
+    pub max_prompt_tokens: Option<usize>,
+    pub default_max_tokens: Option<usize>,
+    pub prefill_chunk: Option<usize>,
+    pub kv_type: Option<String>,
+    pub drain_timeout_secs: Option<u64>,
+    pub otlp_endpoint: Option<String>,
+    #[serde(default)]
+    pub preload: Vec<Preload>,
+}
+
+/// Values given on the command line (`None`: not given).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FlagConfig {
+    pub listen: Option<String>,
+    pub models_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub allow_paths: bool,
+    pub threads: Option<usize>,
+    pub ctx: Option<usize>,
+    pub max_sequences: Option<usize>,
+    pub preload: Vec<String>,
+    pub otlp_endpoint: Option<String>,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub models_dir: PathBuf,
+    /// Whether clients may name model files by path.
+    pub allow_paths: bool,
+    /// Defaults of every loaded model (a load request may override the context size,
+    /// sparsity, device and device budget).
+    pub engine: EngineOptions,
+    /// Longest a shutdown waits for running streams.
+    pub drain_timeout: Duration,
+    pub otlp_endpoint: Option<String>,
+    pub preload: Vec<Preload>,
+}
+
+fn invalid(name: &str, value: impl ToString, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        name: name.to_owned(),
+        value: value.to_string(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// Reads a TOML file.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+impl ServeConfig {
+    /// Resolves flags over `env` (a lookup of environment variables) over the file
+    /// (`--config`, else the system file if it exists) over defaults.
+    pub fn resolve(
+        flags: &FlagConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let file = match &flags.config {
+            Some(p) => read_file(p)?,
+            None if Path::new(SYSTEM_CONFIG).exists() => read_file(Path::new(SYSTEM_CONFIG))?,
+            None => FileConfig::default(),
+        };
+        Self::resolve_with(flags, env, file)
+    }
+
+    pub fn resolve_with(
+        flags: &FlagConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+        file: FileConfig,
+    ) -> Result<Self, ConfigError> {
+        let env_num = |name: &str| -> Result<Option<usize>, ConfigError> {
+            env(name)
+                .map(|v| {
+                    v.trim()
+                        .parse::<usize>()
+                        .map_err(|_| invalid(name, &v, "expected a whole number"))
+                })
+                .transpose()
+        };
+        let listen = flags
+            .listen
+            .clone()
+            .or_else(|| env("POWERINFER_LISTEN"))
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|_| invalid("listen", &listen, "expected ADDRESS:PORT"))?;
+        let models_dir = flags
+            .models_dir
+            .clone()
+            .or_else(|| env("POWERINFER_MODELS_DIR").map(PathBuf::from))
+            .or(file.models_dir)
+            .unwrap_or_else(models::default_models_dir);
+        let allow_paths = flags.allow_paths
+            || env("POWERINFER_ALLOW_PATHS")
+                .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
+            || file.allow_paths.unwrap_or(false);
+
+        let defaults = EngineOptions::default();
+        let pick = |flag: Option<usize>,
+                    env_name: &str,
+                    file: Option<usize>,
+                    default: usize|
+         -> Result<usize, ConfigError> {
+            Ok(flag.or(env_num(env_name)?).or(file).unwrap_or(default))
+        };
+        let n_ctx = pick(flags.ctx, "POWERINFER_CTX", file.ctx, defaults.n_ctx)?;
+        let threads = pick(
+            flags.threads,
+            "POWERINFER_THREADS",
+            file.threads,
+            defaults.threads,
+        )?;
+        let max_sequences = pick(
+            flags.max_sequences,
+            "POWERINFER_MAX_SEQUENCES",
+            file.max_sequences,
+            defaults.max_sequences,
+        )?;
+        let max_queue = pick(
+            None,
+            "POWERINFER_MAX_QUEUE",
+            file.max_queue,
+            defaults.max_queue,
+        )?;
+        let max_prompt_tokens = pick(
+            None,
+            "POWERINFER_MAX_PROMPT_TOKENS",
+            file.max_prompt_tokens,
+            n_ctx.saturating_sub(1),
+        )?;
+        let default_max_tokens = pick(
+            None,
+            "POWERINFER_DEFAULT_MAX_TOKENS",
+            file.default_max_tokens,
+            defaults.default_max_tokens,
+        )?;
+        let prefill_chunk = pick(
+            None,
+            "POWERINFER_PREFILL_CHUNK",
+            file.prefill_chunk,
+            defaults.prefill_chunk,
+        )?;
+        for (name, v) in [
+            ("ctx", n_ctx),
+            ("threads", threads),
+            ("max_sequences", max_sequences),
+            ("prefill_chunk", prefill_chunk),
+        ] {
+            if v == 0 {
+                return Err(invalid(name, v, "must be at least 1"));
+            }
+        }
+        let kv_type = match env("POWERINFER_KV_TYPE").or(file.kv_type).as_deref() {
+            None | Some("f16") => KvType::F16,
+            Some("f32") => KvType::F32,
+            Some(other) => return Err(invalid("kv_type", other, "expected f16 or f32")),
+        };
+        let drain_secs = env_num("POWERINFER_DRAIN_TIMEOUT_SECS")?
+            .map(|v| v as u64)
+            .or(file.drain_timeout_secs)
+            .unwrap_or(30);
+        let otlp_endpoint = flags
+            .otlp_endpoint
+            .clone()
+            .or_else(|| env("POWERINFER_OTLP_ENDPOINT"))
+            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            .or(file.otlp_endpoint)
+            .filter(|s| !s.is_empty());
+        let mut preload = file.preload;
+        preload.extend(flags.preload.iter().map(|m| Preload {
+            model: m.clone(),
+            ..Preload::default()
+        }));
+        for p in &preload {
+            if let Some(s) = &p.sparsity
+                && SparsityMode::parse(s).is_none()
+            {
+                return Err(invalid(
+                    "preload.sparsity",
+                    s,
+                    "expected dense, predictor or gate",
+                ));
+            }
+        }
+        Ok(Self {
+            listen,
+            models_dir,
+            allow_paths,
+            engine: EngineOptions {
+                n_ctx,
+                max_sequences,
+                max_queue,
+                max_prompt_tokens,
+                default_max_tokens,
+                prefill_chunk,
+                threads,
+                kv_type,
+                ..defaults
+            },
+            drain_timeout: Duration::from_secs(drain_secs),
+            otlp_endpoint,
+            preload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file_beat_defaults() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:6000"
+            ctx = 1024
+            threads = 3
+            max_queue = 9
+            [[preload]]
+            model = "smollm2-135m"
+            ctx = 512
+            "#,
+        )
+        .unwrap();
+        let flags = FlagConfig {
+            threads: Some(1),
+            ..FlagConfig::default()
+        };
+        let e = [
+            ("POWERINFER_CTX", "4096"),
+            ("POWERINFER_THREADS", "2"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+        ];
+        let c = ServeConfig::resolve_with(&flags, &env(&e), file).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:6000", "file over default");
+        assert_eq!(c.engine.n_ctx, 4096, "env over file");
+        assert_eq!(c.engine.threads, 1, "flag over env");
+        assert_eq!(c.engine.max_queue, 9);
+        assert_eq!(c.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(c.preload[0].ctx, Some(512));
+        let d = ServeConfig::resolve_with(&FlagConfig::default(), &env(&[]), FileConfig::default())
+            .unwrap();
+        assert_eq!(d.listen.to_string(), DEFAULT_LISTEN, "loopback by default");
+        assert!(!d.allow_paths);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = [("POWERINFER_CTX", "lots")];
+        let err =
+            ServeConfig::resolve_with(&FlagConfig::default(), &env(&e), FileConfig::default())
+                .unwrap_err();
+        assert!(err.to_string().contains("POWERINFER_CTX"), "{err}");
+        let err = toml::from_str::<FileConfig>("nonsense = 1").unwrap_err();
+        assert!(err.to_string().contains("nonsense"), "{err}");
+        let flags = FlagConfig {
+            listen: Some("everywhere".into()),
+            ..FlagConfig::default()
+        };
+        assert!(ServeConfig::resolve_with(&flags, &env(&[]), FileConfig::default()).is_err());
+    }
+}

@@ -1,0 +1,393 @@
+//! The loaded models: loading (resolving names, fetching catalog models on demand),
+//! unloading, lookup for requests, per-model health, and the event feed of WatchModels.
+//!
+//! Loads are serialized (one at a time, as a model load saturates the disk and the CPU
+//! anyway); lookups never wait for a load. A failed load changes nothing that was loaded.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::broadcast;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::Instrument;
+
+use super::status::ServerError;
+use crate::engine::{Engine, EngineInfo, EngineOptions, SparsityMode};
+use crate::models::{self, PathPolicy};
+
+/// Events a slow WatchModels client may fall behind by before it misses some.
+const EVENT_BACKLOG: usize = 64;
+
+/// What a load asks for; `None` fields take the server's defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadSpec {
+    pub reference: String,
+    pub ctx: Option<usize>,
+    pub sparsity: Option<SparsityMode>,
+    pub device: Option<String>,
+    pub vram_budget: Option<u64>,
+}
+
+impl LoadSpec {
+    pub fn named(reference: &str) -> Self {
+        Self {
+            reference: reference.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A change in the set of loaded models.
+#[derive(Clone, Debug)]
+pub enum ModelEvent {
+    Loading {
+        model: String,
+        progress: f32,
+        stage: &'static str,
+    },
+    Loaded(Box<EngineInfo>),
+    Unloaded(String),
+    Failed {
+        model: String,
+        error: String,
+    },
+}
+
+/// A loaded model as Status and ListModels report it.
+#[derive(Clone, Debug)]
+pub struct ModelSnapshot {
+    pub info: EngineInfo,
+    /// Mean fraction of feed-forward neurons computed, per layer, since the load.
+    pub active_fraction: Vec<f32>,
+}
+
+pub struct ModelManager {
+    models_dir: PathBuf,
+    paths: PathPolicy,
+    defaults: EngineOptions,
+    loaded: RwLock<BTreeMap<String, Arc<Engine>>>,
+    load_lock: tokio::sync::Mutex<()>,
+    /// Taken at shutdown, which ends every WatchModels stream.
+    events: std::sync::Mutex<Option<broadcast::Sender<ModelEvent>>>,
+    health: HealthReporter,
+    /// Every name given a health status, so shutdown can end their health watches.
+    health_names: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// The name a model is served under: the reference itself, or a path's file stem.
+pub fn model_name(reference: &str) -> String {
+    let is_path =
+        reference.contains('/') || reference.contains('\\') || reference.ends_with(".gguf");
+    if is_path {
+        Path::new(reference).file_stem().map_or_else(
+            || reference.to_owned(),
+            |s| s.to_string_lossy().into_owned(),
+        )
+    } else {
+        reference.to_owned()
+    }
+}
+
+impl ModelManager {
+    pub fn new(
+        models_dir: PathBuf,
+        allow_paths: bool,
+        defaults: EngineOptions,
+        health: HealthReporter,
+    ) -> Self {
+        Self {
+            models_dir,
+            paths: if allow_paths {
+                PathPolicy::Allow
+            } else {
+                PathPolicy::Refuse
+            },
+            defaults,
+            loaded: RwLock::new(BTreeMap::new()),
+            load_lock: tokio::sync::Mutex::new(()),
+            events: std::sync::Mutex::new(Some(broadcast::channel(EVENT_BACKLOG).0)),
+            health,
+            health_names: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+        }
+    }
+
+    async fn set_health(&self, name: &str, status: ServingStatus) {
+        self.health_names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_owned());
+        self.health.set_service_status(name, status).await;
+    }
+
+    pub fn models_dir(&self) -> &Path {
+        &self.models_dir
+    }
+
+    pub fn defaults(&self) -> &EngineOptions {
+        &self.defaults
+    }
+
+    fn events(&self) -> std::sync::MutexGuard<'_, Option<broadcast::Sender<ModelEvent>>> {
+        self.events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The event feed; after shutdown has begun, a feed that ends at once.
+    pub fn subscribe(&self) -> broadcast::Receiver<ModelEvent> {
+        match &*self.events() {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        }
+    }
+
+    fn emit(&self, event: ModelEvent) {
+        if let Some(tx) = &*self.events() {
+            // No subscriber is fine.
+            let _ = tx.send(event);
+        }
+    }
+
+    fn loaded_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Engine>>> {
+        // A poisoned lock only means a panic elsewhere while holding it; the map itself is
+        // always consistent (single inserts and removes).
+        self.loaded
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn loaded_map_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Engine>>> {
+        self.loaded
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Engine>> {
+        self.loaded_map().get(name).cloned()
+    }
+
+    pub fn loaded(&self) -> Vec<Arc<Engine>> {
+        self.loaded_map().values().cloned().collect()
+    }
+
+    /// The engine serving `reference`, loading it with the defaults if it is not loaded
+    /// (as Ollama does for a generate request).
+    pub async fn get_or_load(&self, reference: &str) -> Result<Arc<Engine>, ServerError> {
+        if reference.is_empty() {
+            return Err(ServerError::InvalidArgument("model is required".into()));
+        }
+        let name = model_name(reference);
+        if name != reference && self.paths == PathPolicy::Refuse {
+            return Err(ServerError::PathRefused(reference.to_owned()));
+        }
+        if let Some(e) = self.get(&name) {
+            return Ok(e);
+        }
+        self.load(LoadSpec::named(reference)).await
+    }
+
+    fn options_for(&self, spec: &LoadSpec) -> EngineOptions {
+        let mut opts = self.defaults.clone();
+        if let Some(ctx) = spec.ctx {
+            opts.n_ctx = ctx;
+            opts.max_prompt_tokens = self.defaults.max_prompt_tokens.min(ctx.saturating_sub(1));
+        }
+        if let Some(s) = spec.sparsity {
+            opts.sparsity = s;
+        }
+        if let Some(d) = &spec.device {
+            opts.device = d.clone();
+        }
+        if let Some(b) = spec.vram_budget {
+            opts.vram_budget = b;
+        }
+        opts
+    }
+
+    /// Checks that a loaded model satisfies a load request's explicit settings.
+    fn check_same(
+        name: &str,
+        engine: &Engine,
+        want: &EngineOptions,
+        spec: &LoadSpec,
+    ) -> Result<(), ServerError> {
+        let have = engine.options();
+        let differs = |setting: &'static str, current: String| ServerError::LoadedDifferently {
+            name: name.to_owned(),
+            setting,
+            current,
+        };
+        if spec.ctx.is_some() && want.n_ctx != have.n_ctx {
+            return Err(differs("context size", have.n_ctx.to_string()));
+        }
+        if spec.sparsity.is_some() && want.sparsity != have.sparsity {
+            return Err(differs("sparsity", have.sparsity.name().to_owned()));
+        }
+        if spec.device.is_some() && want.device != have.device {
+            return Err(differs("device", have.device.clone()));
+        }
+        if spec.vram_budget.is_some() && want.vram_budget != have.vram_budget {
+            return Err(differs("device budget", have.vram_budget.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Loads a model (returning the loaded one if it is already there with compatible
+    /// settings). Resolution, fetching and loading run on blocking threads.
+    pub async fn load(&self, spec: LoadSpec) -> Result<Arc<Engine>, ServerError> {
+        if spec.reference.trim().is_empty() {
+            return Err(ServerError::InvalidArgument("model is required".into()));
+        }
+        let name = model_name(&spec.reference);
+        let is_path = name != spec.reference;
+        if is_path && self.paths == PathPolicy::Refuse {
+            return Err(ServerError::PathRefused(spec.reference));
+        }
+        let opts = self.options_for(&spec);
+        let _guard = self.load_lock.lock().await;
+        if let Some(e) = self.get(&name) {
+            Self::check_same(&name, &e, &opts, &spec)?;
+            return Ok(e);
+        }
+        let span = tracing::info_span!("load_model", model = %name);
+        self.load_new(name, spec.reference, opts)
+            .instrument(span)
+            .await
+    }
+
+    async fn load_new(
+        &self,
+        name: String,
+        reference: String,
+        opts: EngineOptions,
+    ) -> Result<Arc<Engine>, ServerError> {
+        tracing::info!(%reference, "loading");
+        self.set_health(&name, ServingStatus::NotServing).await;
+        self.emit(ModelEvent::Loading {
+            model: name.clone(),
+            progress: 0.0,
+            stage: "resolving",
+        });
+        let result = self.load_blocking(&name, &reference, opts).await;
+        match result {
+            Ok(engine) => {
+                let engine = Arc::new(engine);
+                self.loaded_map_mut().insert(name.clone(), engine.clone());
+                self.set_health(&name, ServingStatus::Serving).await;
+                if let Ok(info) = engine.info().await {
+                    self.emit(ModelEvent::Loaded(Box::new(info)));
+                }
+                tracing::info!("loaded");
+                Ok(engine)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "load failed");
+                self.health.clone().clear_service_status(&name).await;
+                self.emit(ModelEvent::Failed {
+                    model: name,
+                    error: e.to_string(),
+                });
+                Err(e)
+            }
+        }
+    }
+
+    async fn load_blocking(
+        &self,
+        name: &str,
+        reference: &str,
+        opts: EngineOptions,
+    ) -> Result<Engine, ServerError> {
+        let (dir, paths, r) = (self.models_dir.clone(), self.paths, reference.to_owned());
+        let path = tokio::task::spawn_blocking(move || models::resolve(&r, &dir, paths))
+            .await
+            .map_err(|e| ServerError::Internal(format!("resolving the model: {e}")))??;
+        self.emit(ModelEvent::Loading {
+            model: name.to_owned(),
+            progress: 0.5,
+            stage: "loading",
+        });
+        let n = name.to_owned();
+        let engine = tokio::task::spawn_blocking(move || Engine::load(&n, &path, opts))
+            .await
+            .map_err(|e| ServerError::Internal(format!("loading the model: {e}")))??;
+        Ok(engine)
+    }
+
+    /// Unloads a model: new requests no longer reach it; streams already running finish,
+    /// and its memory is freed when the last one ends.
+    pub async fn unload(&self, reference: &str) -> Result<(), ServerError> {
+        let name = model_name(reference);
+        let _guard = self.load_lock.lock().await;
+        let removed = self.loaded_map_mut().remove(&name);
+        if removed.is_none() {
+            return Err(ServerError::NotLoaded(name));
+        }
+        self.set_health(&name, ServingStatus::NotServing).await;
+        tracing::info!(model = %name, "unloaded");
+        self.emit(ModelEvent::Unloaded(name));
+        Ok(())
+    }
+
+    /// Shutdown has begun: every model is marked not serving, then the event feeds and
+    /// the models' health watches end (so they do not hold the drain open).
+    pub async fn drain(&self) {
+        self.events().take();
+        let names: Vec<String> = std::mem::take(
+            &mut *self
+                .health_names
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_iter()
+        .collect();
+        let mut health = self.health.clone();
+        for name in &names {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        for name in &names {
+            health.clear_service_status(name).await;
+        }
+    }
+
+    /// Drops every engine (their actors stop after their current step).
+    pub fn clear(&self) {
+        self.loaded_map_mut().clear();
+    }
+
+    pub async fn snapshots(&self) -> Vec<ModelSnapshot> {
+        let mut out = Vec::new();
+        for engine in self.loaded() {
+            if let Some(s) = snapshot(&engine).await {
+                out.push(s);
+            }
+        }
+        out
+    }
+}
+
+/// A loaded model's state, `None` when its engine has stopped.
+pub async fn snapshot(engine: &Engine) -> Option<ModelSnapshot> {
+    let info = engine.info().await.ok()?;
+    let active_fraction = engine.active_fraction().ok()?;
+    Some(ModelSnapshot {
+        info,
+        active_fraction,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(model_name("smollm2-135m"), "smollm2-135m");
+        assert_eq!(model_name("/models/tiny.gguf"), "tiny");
+        assert_eq!(model_name("tiny.gguf"), "tiny");
+    }
+}

@@ -1,0 +1,143 @@
+//! `powerinferd serve`: the gRPC server over the loaded models.
+//!
+//! [`serve`] takes an already-bound listener and a shutdown future, so tests bind
+//! `127.0.0.1:0` and drive the real client. Shutdown: stop accepting, mark every model not
+//! serving, let running streams finish within the drain deadline, then drop the engines
+//! (their actors stop after their current step).
+
+pub mod config;
+pub mod convert;
+pub mod grpc;
+pub mod manager;
+pub mod status;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use powerinfer_proto::v1::control_service_server::ControlServiceServer;
+use powerinfer_proto::v1::inference_service_server::InferenceServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+pub use self::config::{ConfigError, FileConfig, FlagConfig, Preload, ServeConfig};
+use self::grpc::{ControlApi, InferenceApi, Shared};
+pub use self::manager::{LoadSpec, ModelManager};
+use crate::engine::SparsityMode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the server task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Serves gRPC on `listener` until `shutdown` completes, then drains and returns.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<InferenceServiceServer<InferenceApi>>()
+        .await;
+    health
+        .set_serving::<ControlServiceServer<ControlApi>>()
+        .await;
+    let manager = Arc::new(ModelManager::new(
+        config.models_dir.clone(),
+        config.allow_paths,
+        config.engine.clone(),
+        health.clone(),
+    ));
+    let shared = Arc::new(Shared {
+        manager: manager.clone(),
+        started: Instant::now(),
+        draining: AtomicBool::new(false),
+    });
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(powerinfer_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let local = listener.local_addr().ok();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(InferenceServiceServer::new(InferenceApi(shared.clone())))
+        .add_service(ControlServiceServer::new(ControlApi(shared.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let mut server = tokio::spawn(server);
+    tracing::info!(listen = ?local, models_dir = %config.models_dir.display(), "serving");
+
+    // Preloads run once the server answers, so clients can watch them.
+    let preloads = tokio::spawn(preload(manager.clone(), config.preload.clone()));
+
+    let early = tokio::select! {
+        () = shutdown => None,
+        r = &mut server => Some(r),
+    };
+    if let Some(result) = early {
+        preloads.abort();
+        manager.clear();
+        return result?.map_err(ServeError::from);
+    }
+
+    tracing::info!(deadline = ?config.drain_timeout, "shutting down: draining streams");
+    shared.draining.store(true, Ordering::Release);
+    preloads.abort();
+    manager.drain().await;
+    // The server-wide statuses last: NOT_SERVING, then cleared, which ends their watches.
+    let services = [
+        "",
+        <InferenceServiceServer<InferenceApi> as tonic::server::NamedService>::NAME,
+        <ControlServiceServer<ControlApi> as tonic::server::NamedService>::NAME,
+    ];
+    let mut health = health;
+    for s in services {
+        health
+            .set_service_status(s, ServingStatus::NotServing)
+            .await;
+    }
+    for s in services {
+        health.clear_service_status(s).await;
+    }
+    let _ = stop_tx.send(());
+    let result = match tokio::time::timeout(config.drain_timeout, &mut server).await {
+        Ok(r) => r?.map_err(ServeError::from),
+        Err(_) => {
+            tracing::warn!("drain deadline passed; closing the remaining streams");
+            server.abort();
+            Ok(())
+        }
+    };
+    manager.clear();
+    tracing::info!("stopped");
+    result
+}
+
+async fn preload(manager: Arc<ModelManager>, list: Vec<Preload>) {
+    for p in list {
+        let spec = LoadSpec {
+            reference: p.model.clone(),
+            ctx: p.ctx,
+            sparsity: p.sparsity.as_deref().and_then(SparsityMode::parse),
+            device: p.device.clone(),
+            vram_budget: p.vram_budget,
+        };
+        // A failed preload is reported (log, WatchModels, health) and the server goes on
+        // serving whatever else it has.
+        if let Err(e) = manager.load(spec).await {
+            tracing::error!(model = %p.model, error = %e, "preload failed");
+        }
+    }
+}
