@@ -2,6 +2,7 @@
 //! exactly as the engine does), synthetic models, temporary directories, and running
 //! `powerinferd`'s command line in-process.
 
+pub mod server;
 pub mod synth;
 
 use std::path::{Path, PathBuf};

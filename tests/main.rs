@@ -12,4 +12,7 @@ mod parity_tokenize;
 mod pretokenize;
 mod quant_reference;
 mod real_model;
+mod server_api;
+mod server_real;
 mod synthetic_models;
+mod telemetry;
