@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde_json::json;
 
+use super::bench_serving as serving;
 use super::common::{NumericsArg, default_threads, load_model};
 use super::exit;
 use crate::bench::{Test, run_test};
@@ -43,6 +44,17 @@ pub struct BenchArgs {
     /// Print a JSON list of records shaped like llama-bench's.
     #[arg(long)]
     pub json: bool,
+    /// Measure the serving pipeline's own cost per token at batch 1: the direct loop
+    /// against the engine's actors and the gRPC API over loopback (-n tokens, -r rounds).
+    #[arg(long, conflicts_with = "server")]
+    pub pipeline: bool,
+    /// Measure concurrent streams through the gRPC API over loopback: tokens/s, time to
+    /// first token, inter-token latency (-n tokens per stream).
+    #[arg(long)]
+    pub server: bool,
+    /// Concurrent streams to test with --server.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub streams: Vec<usize>,
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
 }
@@ -61,6 +73,23 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     } else {
         a.threads.clone()
     };
+    if a.pipeline || a.server {
+        let n_gen = a.n_gen.first().copied().filter(|&n| n > 1).unwrap_or(128);
+        return if a.pipeline {
+            serving::pipeline(
+                &path,
+                &loaded,
+                &threads,
+                n_gen,
+                a.repetitions,
+                a.json,
+                out,
+                err,
+            )
+        } else {
+            serving::server(&path, &threads, &a.streams, n_gen, a.json, out, err)
+        };
+    }
     let tests: Vec<Test> = a
         .n_prompt
         .iter()
