@@ -19,3 +19,4 @@ pub use dtype::GgmlType;
 pub mod quant;
 pub mod rng;
 pub mod simd;
+pub mod sparse;

@@ -14,6 +14,7 @@ use crate::matmul;
 use crate::pod::{Pod, as_bytes, cast_slice};
 use crate::pool::ThreadPool;
 use crate::quant::*;
+use crate::simd::SimdLevel;
 use crate::storage::{AlignedBytes, Storage};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -258,6 +259,102 @@ impl Matrix {
     }
 }
 
+/// Dot products of single rows of one matrix with the token rows of a prepared batch:
+/// the type-erased view the neuron-sparse operators compute through.
+pub trait RowDots: Sync {
+    /// `out[k] = row (r0 + k) · x_t` for `k < out.len()`, with the bits of the dense
+    /// product's rows.
+    fn rows(&self, t: usize, r0: usize, out: &mut [f32]);
+}
+
+/// `acc += h · row r` for single rows of one matrix.
+pub trait RowAxpy: Sync {
+    fn axpy(&self, r: usize, h: f32, acc: &mut [f32]);
+}
+
+struct TypedDots<'a, W: WeightBlock> {
+    w: &'a [W],
+    bpr: usize,
+    xs: &'a [W::Prep],
+    stride: usize,
+    kernel: RowKernel<W>,
+}
+
+impl<W: WeightBlock> RowDots for TypedDots<'_, W> {
+    fn rows(&self, t: usize, r0: usize, out: &mut [f32]) {
+        let w = &self.w[r0 * self.bpr..(r0 + out.len()) * self.bpr];
+        self.kernel
+            .run(w, &self.xs[t * self.stride..(t + 1) * self.stride], out);
+    }
+}
+
+struct TypedAxpy<'a, W: AxpyBlock> {
+    w: &'a [W],
+    bpr: usize,
+    f: AxpyFn<W>,
+}
+
+impl<W: AxpyBlock> RowAxpy for TypedAxpy<'_, W> {
+    fn axpy(&self, r: usize, h: f32, acc: &mut [f32]) {
+        (self.f)(&self.w[r * self.bpr..(r + 1) * self.bpr], h, acc);
+    }
+}
+
+impl Matrix {
+    /// Calls `f` with this matrix's rows against `x`, which must have been prepared for
+    /// this matrix's type ([`Activations::prepare_for`]).
+    pub fn with_row_dots<R>(
+        &self,
+        x: &Activations,
+        level: SimdLevel,
+        f: impl FnOnce(&dyn RowDots) -> R,
+    ) -> R {
+        assert_eq!(
+            x.n_cols, self.n_cols,
+            "activation width must equal the matrix width"
+        );
+        with_block!(self.wtype, W => {
+            let bpr = self.n_cols / W::LEN;
+            let dots = TypedDots::<W> {
+                w: self.blocks::<W>(),
+                bpr,
+                xs: x.prepared_ref::<W>(),
+                stride: prep_len::<W>(bpr),
+                kernel: W::row_kernel(level),
+            };
+            f(&dots)
+        })
+    }
+
+    /// Calls `f` with this matrix's row axpy at `level`.
+    pub fn with_row_axpy<R>(&self, level: SimdLevel, f: impl FnOnce(&dyn RowAxpy) -> R) -> R {
+        with_block!(self.wtype, W => {
+            let axpy = TypedAxpy::<W> {
+                w: self.blocks::<W>(),
+                bpr: self.n_cols / W::LEN,
+                f: W::axpy_kernel(level),
+            };
+            f(&axpy)
+        })
+    }
+
+    /// The matrix transposed, stored in the same weight type (dequantized, transposed and
+    /// quantized again, so quantized types lose a little: the neuron-major form of a
+    /// down projection for the sparse operators).
+    pub fn transposed(&self) -> Matrix {
+        let (r, c) = (self.n_rows, self.n_cols);
+        let mut row = vec![0.0; c];
+        let mut t = vec![0.0; r * c];
+        for i in 0..r {
+            self.dequantize_row(i, &mut row);
+            for (j, v) in row.iter().enumerate() {
+                t[j * r + i] = *v;
+            }
+        }
+        Matrix::quantize(self.wtype, &t, c, r)
+    }
+}
+
 /// Number of activation formats (prepared buffers) an [`Activations`] keeps.
 const N_SLOTS: usize = 7;
 
@@ -284,6 +381,7 @@ pub struct Activations {
 pub(crate) trait ActSlot: WeightBlock {
     const SLOT: usize;
     fn buffers(a: &mut Activations) -> &mut (Vec<Self::Act>, Vec<Self::Prep>);
+    fn prep_ref(a: &Activations) -> &[Self::Prep];
 }
 
 macro_rules! slot {
@@ -292,6 +390,9 @@ macro_rules! slot {
             const SLOT: usize = $slot;
             fn buffers(a: &mut Activations) -> &mut (Vec<Self::Act>, Vec<Self::Prep>) {
                 &mut a.$field
+            }
+            fn prep_ref(a: &Activations) -> &[Self::Prep] {
+                &a.$field.1
             }
         }
     )*};
@@ -348,6 +449,23 @@ impl Activations {
 
     pub fn n_cols(&self) -> usize {
         self.n_cols
+    }
+
+    /// Prepares the batch for weights of type `wtype` (a no-op when already prepared),
+    /// for the operators that read it through [`Matrix::with_row_dots`].
+    pub fn prepare_for(&mut self, wtype: WeightType) {
+        with_block!(wtype, W => {
+            self.prepared::<W>();
+        })
+    }
+
+    fn prepared_ref<W: ActSlot>(&self) -> &[W::Prep] {
+        assert!(
+            self.ready[W::SLOT],
+            "activations not prepared for {}",
+            W::DTYPE
+        );
+        W::prep_ref(self)
     }
 
     /// The batch prepared for weights of type `W`: `n_tok` rows of `prep_len` units.

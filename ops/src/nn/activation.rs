@@ -92,6 +92,46 @@ pub fn dual_relu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// A gated FFN's combination of gate `g` and up `u` into the neuron's value `h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Glu {
+    /// SwiGLU: `silu(g) · u`.
+    Silu,
+    /// ReGLU: `relu(g) · u`.
+    Relu,
+    /// dReLU: `relu(g) · relu(u)`.
+    DualRelu,
+    /// GEGLU: `gelu(g) · u`.
+    Gelu,
+}
+
+impl Glu {
+    /// The gate's activation alone (what gate mode thresholds).
+    #[inline]
+    pub fn act(self, g: f32) -> f32 {
+        match self {
+            Self::Silu => silu_scalar(g),
+            Self::Relu | Self::DualRelu => g.max(0.0),
+            Self::Gelu => gelu_scalar(g),
+        }
+    }
+
+    /// `h` for one neuron, in scalar arithmetic (the same bits wherever it runs).
+    #[inline]
+    pub fn apply(self, g: f32, u: f32) -> f32 {
+        match self {
+            Self::DualRelu => g.max(0.0) * u.max(0.0),
+            _ => self.act(g) * u,
+        }
+    }
+
+    /// Whether an inactive gate (`act(g) = 0`) makes the neuron exactly 0: gate mode is
+    /// then exact.
+    pub fn gate_is_exact(self) -> bool {
+        matches!(self, Self::Relu | Self::DualRelu)
+    }
+}
+
 /// In-place softmax. An empty slice is left alone; `-inf` entries (masked positions)
 /// become 0.
 pub fn softmax(x: &mut [f32]) {

@@ -8,8 +8,8 @@ mod norm;
 mod rope;
 
 pub use activation::{
-    add, dual_relu_mul, gelu, gelu_mul, log_sum_exp, mul, relu, relu_mul, scale, silu, silu_mul,
-    softmax,
+    Glu, add, dual_relu_mul, gelu, gelu_mul, log_sum_exp, mul, relu, relu_mul, scale, silu,
+    silu_mul, softmax,
 };
 pub use attention::{KvElem, attend};
 pub use exp::{exp_approx, exp_approx_slice};

@@ -6,12 +6,14 @@
 //! boundary is the [`WeightType`] enum, matched exhaustively wherever a type must be
 //! handled.
 
+pub mod axpy;
 mod blocks;
 mod float;
 mod kquant;
 mod legacy;
 pub mod prep;
 
+pub use axpy::{AxpyBlock, AxpyFn, axpy_scalar};
 pub use blocks::*;
 pub(crate) use kquant::kquant_scales;
 pub use prep::{Numerics, PrepNib, PrepQ8};

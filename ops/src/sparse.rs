@@ -1,0 +1,631 @@
+//! Neuron-sparse feed-forward operators (DESIGN.md §4).
+//!
+//! Neuron `i` of an FFN is row `i` of `gate`, of `up` and of `down_t` (the down projection
+//! stored neuron-major). Given the active neurons of each token:
+//!
+//! - [`rows_sparse`]: row-sparse dot, `out[t][i] = w_i · x_t` for active `i`, 0 elsewhere;
+//! - [`axpy_sparse`]: row-sparse axpy, `out[t] = Σ h[t][i] · down_t[i]` over active `i`
+//!   with `h[t][i] ≠ 0`;
+//! - [`ffn_sparse`]: both fused with the gated activation, one pass over the neurons.
+//!
+//! Determinism: the neurons are cut into fixed ranges of [`NEURON_RANGE`] indices. Each
+//! range's contribution is summed in index order into its own accumulator, and the ranges
+//! are then added in range order. Neither depends on the thread count or on which thread
+//! ran what, so results are the same bits on every run; and since a skipped neuron only
+//! removes an exact `+ 0`, a gated-off neuron changes nothing (gate mode on a ReLU model
+//! equals dense mode bit for bit).
+
+use std::ops::Range;
+
+use crate::nn::Glu;
+use crate::pool::{SharedMut, ThreadPool};
+use crate::simd::{self, SimdLevel};
+use crate::tensor::{Activations, Matrix, RowAxpy, RowDots};
+
+/// Neurons per range: the unit of work and of the deterministic reduction.
+pub const NEURON_RANGE: usize = 128;
+
+/// Output columns a thread folds at a time.
+const FOLD_COLS: usize = 256;
+/// Below this many additions the fold runs on the calling thread (a pool call costs more).
+const FOLD_PARALLEL_MIN: usize = 1 << 15;
+
+/// The active neurons of each token of a batch: strictly increasing indices below
+/// `n_rows`.
+#[derive(Clone, Debug)]
+pub struct ActiveSet {
+    n_rows: usize,
+    idx: Vec<u32>,
+    start: Vec<usize>,
+}
+
+impl ActiveSet {
+    pub fn new(n_rows: usize) -> Self {
+        Self {
+            n_rows,
+            idx: Vec::new(),
+            start: vec![0],
+        }
+    }
+
+    /// Empties the set (keeping its buffers) for neurons `0..n_rows`.
+    pub fn reset(&mut self, n_rows: usize) {
+        self.n_rows = n_rows;
+        self.idx.clear();
+        self.start.clear();
+        self.start.push(0);
+    }
+
+    /// Adds a token whose active neurons are `rows` (strictly increasing, below `n_rows`).
+    pub fn push_token(&mut self, rows: impl IntoIterator<Item = u32>) {
+        let first = self.idx.len();
+        self.idx.extend(rows);
+        let added = &self.idx[first..];
+        assert!(
+            added.windows(2).all(|p| p[0] < p[1])
+                && added.last().is_none_or(|&r| (r as usize) < self.n_rows),
+            "active neurons must be increasing and below {}",
+            self.n_rows
+        );
+        self.start.push(self.idx.len());
+    }
+
+    /// Adds a token with every neuron active.
+    pub fn push_all(&mut self) {
+        self.push_token(0..self.n_rows as u32);
+    }
+
+    /// Adds a token whose active neurons are those `i` with `active(i)`.
+    pub fn push_where(&mut self, active: impl Fn(usize) -> bool) {
+        let n = self.n_rows as u32;
+        self.push_token((0..n).filter(|&i| active(i as usize)));
+    }
+
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+
+    pub fn n_tok(&self) -> usize {
+        self.start.len() - 1
+    }
+
+    pub fn token(&self, t: usize) -> &[u32] {
+        &self.idx[self.start[t]..self.start[t + 1]]
+    }
+
+    /// Active (token, neuron) pairs in all.
+    pub fn n_active(&self) -> usize {
+        self.idx.len()
+    }
+
+    /// Active pairs over all pairs (1 for an empty batch).
+    pub fn fraction(&self) -> f64 {
+        let all = self.n_tok() * self.n_rows;
+        if all == 0 {
+            1.0
+        } else {
+            self.n_active() as f64 / all as f64
+        }
+    }
+}
+
+/// One unit of work: the active neurons of token `t` inside one neuron range, as a span of
+/// the set's index list.
+#[derive(Clone, Copy, Debug)]
+struct Item {
+    t: u32,
+    lo: u32,
+    hi: u32,
+}
+
+/// Buffers the sparse operators reuse from call to call (grown, never shrunk).
+#[derive(Default)]
+pub struct SparseScratch {
+    items: Vec<Item>,
+    /// Per token, the span of `items` that belongs to it.
+    token_items: Vec<Range<usize>>,
+    partials: Vec<f32>,
+}
+
+impl SparseScratch {
+    /// Cuts every token's active list at the neuron-range boundaries.
+    fn plan(&mut self, active: &ActiveSet) {
+        self.items.clear();
+        self.token_items.clear();
+        for t in 0..active.n_tok() {
+            let first = self.items.len();
+            let rows = active.token(t);
+            let base = active.start[t];
+            let mut lo = 0;
+            while lo < rows.len() {
+                let range_end = (rows[lo] as usize / NEURON_RANGE + 1) * NEURON_RANGE;
+                let hi = lo + rows[lo..].partition_point(|&r| (r as usize) < range_end);
+                self.items.push(Item {
+                    t: t as u32,
+                    lo: (base + lo) as u32,
+                    hi: (base + hi) as u32,
+                });
+                lo = hi;
+            }
+            self.token_items.push(first..self.items.len());
+        }
+    }
+
+    fn partials(&mut self, n_items: usize, n_cols: usize) -> &mut [f32] {
+        let n = n_items * n_cols;
+        if self.partials.len() < n {
+            self.partials.resize(n, 0.0);
+        }
+        &mut self.partials[..n]
+    }
+}
+
+/// Runs of consecutive neurons in `rows`, as index ranges into `rows`.
+fn runs(rows: &[u32]) -> impl Iterator<Item = Range<usize>> + '_ {
+    let mut k = 0;
+    std::iter::from_fn(move || {
+        if k >= rows.len() {
+            return None;
+        }
+        let start = k;
+        k += 1;
+        while k < rows.len() && rows[k] == rows[k - 1] + 1 {
+            k += 1;
+        }
+        Some(start..k)
+    })
+}
+
+/// Row-sparse dot: `out[t * n_rows + i] = w_i · x_t` for the active neurons `i` of each
+/// token, 0 elsewhere. Active rows have exactly the bits of the dense product.
+pub fn rows_sparse(
+    pool: &ThreadPool,
+    w: &Matrix,
+    x: &mut Activations,
+    active: &ActiveSet,
+    out: &mut [f32],
+) {
+    rows_sparse_at(simd::detected(), pool, w, x, active, out);
+}
+
+/// [`rows_sparse`] with the kernels of `level`.
+pub fn rows_sparse_at(
+    level: SimdLevel,
+    pool: &ThreadPool,
+    w: &Matrix,
+    x: &mut Activations,
+    active: &ActiveSet,
+    out: &mut [f32],
+) {
+    let n_rows = w.n_rows();
+    assert_eq!(active.n_rows(), n_rows, "active set is for another matrix");
+    assert_eq!(active.n_tok(), x.n_tok(), "one active list per token");
+    assert_eq!(out.len(), x.n_tok() * n_rows);
+    out.fill(0.0);
+    x.prepare_for(w.wtype());
+    let x = &*x;
+    let row_bytes = w.n_bytes() / n_rows.max(1);
+    let chunk = crate::matmul::rows_per_chunk(active.n_active(), row_bytes, pool.n_threads());
+    let out = SharedMut::new(out);
+    w.with_row_dots(x, level, |dots| {
+        pool.for_each_chunk(active.n_active(), chunk, |range| {
+            // The token of the chunk's first entry, then advance token by token.
+            let mut t = active.start.partition_point(|&s| s <= range.start) - 1;
+            let mut k = range.start;
+            while k < range.end {
+                let end = range.end.min(active.start[t + 1]);
+                let rows = &active.idx[k..end];
+                for run in runs(rows) {
+                    let r0 = rows[run.start] as usize;
+                    let base = t * n_rows + r0;
+                    // SAFETY: every (token, neuron) pair is one output element, and each
+                    // pair belongs to exactly one chunk.
+                    let o = unsafe { out.slice(base..base + run.len()) };
+                    dots.rows(t, r0, o);
+                }
+                k = end;
+                t += 1;
+            }
+        });
+    });
+}
+
+/// Row-sparse axpy: `out[t] = Σ h[t][i] · w_t[i]` over the active neurons `i` of token
+/// `t` with `h[t][i] ≠ 0` (`w_t` neuron-major: `n_rows` neurons of `n_cols` outputs; `h`
+/// `n_tok × n_rows`, `out` `n_tok × n_cols`).
+pub fn axpy_sparse(
+    pool: &ThreadPool,
+    w_t: &Matrix,
+    h: &[f32],
+    active: &ActiveSet,
+    scratch: &mut SparseScratch,
+    out: &mut [f32],
+) {
+    axpy_sparse_at(simd::detected(), pool, w_t, h, active, scratch, out);
+}
+
+/// [`axpy_sparse`] with the kernels of `level`.
+pub fn axpy_sparse_at(
+    level: SimdLevel,
+    pool: &ThreadPool,
+    w_t: &Matrix,
+    h: &[f32],
+    active: &ActiveSet,
+    scratch: &mut SparseScratch,
+    out: &mut [f32],
+) {
+    let (n_rows, n_cols, n_tok) = (w_t.n_rows(), w_t.n_cols(), active.n_tok());
+    assert_eq!(active.n_rows(), n_rows, "active set is for another matrix");
+    assert_eq!(h.len(), n_tok * n_rows);
+    assert_eq!(out.len(), n_tok * n_cols);
+    scratch.plan(active);
+    let items = std::mem::take(&mut scratch.items);
+    let partials = SharedMut::new(scratch.partials(items.len(), n_cols));
+    w_t.with_row_axpy(level, |axpy| {
+        pool.for_each_chunk(items.len(), 1, |range| {
+            for k in range {
+                let it = items[k];
+                let t = it.t as usize;
+                // SAFETY: item k owns partial row k.
+                let acc = unsafe { partials.slice(k * n_cols..(k + 1) * n_cols) };
+                acc.fill(0.0);
+                for &i in &active.idx[it.lo as usize..it.hi as usize] {
+                    let hv = h[t * n_rows + i as usize];
+                    if hv != 0.0 {
+                        axpy.axpy(i as usize, hv, acc);
+                    }
+                }
+            }
+        });
+    });
+    scratch.items = items;
+    fold(pool, scratch, n_cols, out);
+}
+
+/// The fused sparse FFN: for the active neurons `i` of each token, `g = gate_i · x` (or
+/// `gate_given[t][i]` when the gate was already computed in full, as gate mode does),
+/// `u = up_i · x`, `h = glu(g, u)`, and `out[t] = Σ h · down_t[i]`; one pass over the
+/// neurons and the same bits as [`rows_sparse`] + [`Glu::apply`] + [`axpy_sparse`].
+#[allow(clippy::too_many_arguments)]
+pub fn ffn_sparse(
+    pool: &ThreadPool,
+    gate: &Matrix,
+    up: &Matrix,
+    down_t: &Matrix,
+    glu: Glu,
+    x: &mut Activations,
+    gate_given: Option<&[f32]>,
+    active: &ActiveSet,
+    scratch: &mut SparseScratch,
+    out: &mut [f32],
+) {
+    ffn_sparse_at(
+        simd::detected(),
+        pool,
+        [gate, up, down_t],
+        glu,
+        x,
+        gate_given,
+        active,
+        scratch,
+        out,
+    );
+}
+
+/// [`ffn_sparse`] with the kernels of `level`; `w` is `[gate, up, down_t]`.
+#[allow(clippy::too_many_arguments)]
+pub fn ffn_sparse_at(
+    level: SimdLevel,
+    pool: &ThreadPool,
+    w: [&Matrix; 3],
+    glu: Glu,
+    x: &mut Activations,
+    gate_given: Option<&[f32]>,
+    active: &ActiveSet,
+    scratch: &mut SparseScratch,
+    out: &mut [f32],
+) {
+    let [gate, up, down_t] = w;
+    let (n_ff, n_tok, n_embd) = (gate.n_rows(), x.n_tok(), down_t.n_cols());
+    assert!(
+        up.n_rows() == n_ff && down_t.n_rows() == n_ff && up.n_cols() == gate.n_cols(),
+        "gate, up and down_t must have one row per neuron"
+    );
+    assert_eq!(active.n_rows(), n_ff, "active set is for another FFN");
+    assert_eq!(active.n_tok(), n_tok, "one active list per token");
+    assert_eq!(out.len(), n_tok * n_embd);
+    if let Some(g) = gate_given {
+        assert_eq!(g.len(), n_tok * n_ff);
+    } else {
+        x.prepare_for(gate.wtype());
+    }
+    x.prepare_for(up.wtype());
+    let x = &*x;
+    scratch.plan(active);
+    let items = std::mem::take(&mut scratch.items);
+    let partials = SharedMut::new(scratch.partials(items.len(), n_embd));
+    let body = |gate_src: GateSource<'_>, up_dots: &dyn RowDots, axpy: &dyn RowAxpy| {
+        pool.for_each_chunk(items.len(), 1, |range| {
+            let mut g = [0.0f32; NEURON_RANGE];
+            let mut u = [0.0f32; NEURON_RANGE];
+            for k in range {
+                let it = items[k];
+                let t = it.t as usize;
+                let rows = &active.idx[it.lo as usize..it.hi as usize];
+                for run in runs(rows) {
+                    let r0 = rows[run.start] as usize;
+                    match gate_src {
+                        GateSource::Dots(d) => d.rows(t, r0, &mut g[run.clone()]),
+                        GateSource::Given(gv) => g[run.clone()]
+                            .copy_from_slice(&gv[t * n_ff + r0..t * n_ff + r0 + run.len()]),
+                    }
+                    up_dots.rows(t, r0, &mut u[run.clone()]);
+                }
+                // SAFETY: item k owns partial row k.
+                let acc = unsafe { partials.slice(k * n_embd..(k + 1) * n_embd) };
+                acc.fill(0.0);
+                for (j, &i) in rows.iter().enumerate() {
+                    let hv = glu.apply(g[j], u[j]);
+                    if hv != 0.0 {
+                        axpy.axpy(i as usize, hv, acc);
+                    }
+                }
+            }
+        });
+    };
+    up.with_row_dots(x, level, |up_dots| {
+        down_t.with_row_axpy(level, |axpy| match gate_given {
+            Some(gv) => body(GateSource::Given(gv), up_dots, axpy),
+            None => gate.with_row_dots(x, level, |gd| body(GateSource::Dots(gd), up_dots, axpy)),
+        })
+    });
+    scratch.items = items;
+    fold(pool, scratch, n_embd, out);
+}
+
+/// Where the fused FFN takes gate values from.
+#[derive(Clone, Copy)]
+enum GateSource<'a> {
+    Dots(&'a dyn RowDots),
+    Given(&'a [f32]),
+}
+
+/// `out[t] = Σ partials of t's items`, added in item (neuron range) order.
+fn fold(pool: &ThreadPool, scratch: &SparseScratch, n_cols: usize, out: &mut [f32]) {
+    let n_tok = scratch.token_items.len();
+    let partials = &scratch.partials;
+    let fold_cols = |t: usize, cols: Range<usize>, o: &mut [f32]| {
+        o.fill(0.0);
+        for k in scratch.token_items[t].clone() {
+            let p = &partials[k * n_cols + cols.start..k * n_cols + cols.end];
+            for (a, b) in o.iter_mut().zip(p) {
+                *a += *b;
+            }
+        }
+    };
+    if scratch.items.len() * n_cols < FOLD_PARALLEL_MIN {
+        for (t, o) in out.chunks_exact_mut(n_cols).enumerate() {
+            fold_cols(t, 0..n_cols, o);
+        }
+        return;
+    }
+    let per_tok = n_cols.div_ceil(FOLD_COLS);
+    let out = SharedMut::new(out);
+    pool.for_each_chunk(n_tok * per_tok, 1, |range| {
+        for w in range {
+            let (t, c) = (w / per_tok, w % per_tok);
+            let cols = c * FOLD_COLS..((c + 1) * FOLD_COLS).min(n_cols);
+            // SAFETY: (token, column block) pairs are disjoint output ranges.
+            let o = unsafe { out.slice(t * n_cols + cols.start..t * n_cols + cols.end) };
+            fold_cols(t, cols, o);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::WeightType;
+    use crate::rng::Rng;
+
+    const FRACTIONS: [f64; 6] = [0.0, 0.01, 0.1, 0.5, 0.9, 1.0];
+
+    fn random_set(rng: &mut Rng, n_rows: usize, n_tok: usize, p: f64) -> ActiveSet {
+        let mut a = ActiveSet::new(n_rows);
+        for _ in 0..n_tok {
+            let keep: Vec<bool> = (0..n_rows).map(|_| rng.next_f64() < p).collect();
+            a.push_where(|i| keep[i]);
+        }
+        a
+    }
+
+    fn random_matrix(rng: &mut Rng, wtype: WeightType, n_rows: usize, n_cols: usize) -> Matrix {
+        let v: Vec<f32> = (0..n_rows * n_cols).map(|_| rng.normal()).collect();
+        Matrix::quantize(wtype, &v, n_rows, n_cols)
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn row_sparse_dot_is_the_dense_product_with_inactive_rows_zeroed() {
+        let mut rng = Rng::new(11);
+        let (n_rows, n_cols, n_tok) = (300, 256, 3);
+        let pools: Vec<ThreadPool> = [1, 2, 3]
+            .iter()
+            .map(|&n| ThreadPool::new(n, "t").unwrap())
+            .collect();
+        for wtype in WeightType::ALL {
+            let w = random_matrix(&mut rng, wtype, n_rows, n_cols);
+            let x: Vec<f32> = (0..n_tok * n_cols).map(|_| rng.normal()).collect();
+            let mut acts = Activations::new();
+            acts.set(&x, n_tok);
+            let mut dense = vec![0.0; n_tok * n_rows];
+            w.matmul(&pools[0], &mut acts, &mut dense);
+            for p in FRACTIONS {
+                let active = random_set(&mut rng, n_rows, n_tok, p);
+                let mut want = vec![0.0f32; n_tok * n_rows];
+                for t in 0..n_tok {
+                    for &i in active.token(t) {
+                        let k = t * n_rows + i as usize;
+                        want[k] = dense[k];
+                    }
+                }
+                for pool in &pools {
+                    let mut got = vec![f32::NAN; n_tok * n_rows];
+                    rows_sparse(pool, &w, &mut acts, &active, &mut got);
+                    assert_eq!(bits(&got), bits(&want), "{wtype:?} at {p}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_sparse_axpy_matches_f64_and_is_deterministic_and_exact_under_skips() {
+        let mut rng = Rng::new(12);
+        let (n_rows, n_cols, n_tok) = (300, 256, 3);
+        let pools: Vec<ThreadPool> = [1, 2, 3]
+            .iter()
+            .map(|&n| ThreadPool::new(n, "t").unwrap())
+            .collect();
+        let mut scratch = SparseScratch::default();
+        for wtype in WeightType::ALL {
+            let w = random_matrix(&mut rng, wtype, n_rows, n_cols);
+            let mut deq = vec![0.0; n_rows * n_cols];
+            for r in 0..n_rows {
+                w.dequantize_row(r, &mut deq[r * n_cols..(r + 1) * n_cols]);
+            }
+            let h: Vec<f32> = (0..n_tok * n_rows).map(|_| rng.normal()).collect();
+            for p in FRACTIONS {
+                let active = random_set(&mut rng, n_rows, n_tok, p);
+                // The same values through "every neuron active, the inactive ones 0".
+                let mut zeroed = vec![0.0f32; n_tok * n_rows];
+                let mut all = ActiveSet::new(n_rows);
+                for t in 0..n_tok {
+                    for &i in active.token(t) {
+                        zeroed[t * n_rows + i as usize] = h[t * n_rows + i as usize];
+                    }
+                    all.push_all();
+                }
+                let mut reference = vec![0.0f32; n_tok * n_cols];
+                axpy_sparse(&pools[0], &w, &zeroed, &all, &mut scratch, &mut reference);
+                for t in 0..n_tok {
+                    for j in 0..n_cols {
+                        let (mut exact, mut mag) = (0.0f64, 0.0f64);
+                        for &i in active.token(t) {
+                            let v = f64::from(h[t * n_rows + i as usize])
+                                * f64::from(deq[i as usize * n_cols + j]);
+                            exact += v;
+                            mag += v.abs();
+                        }
+                        let got = f64::from(reference[t * n_cols + j]);
+                        assert!(
+                            (got - exact).abs() <= 1e-6 * mag + 1e-30,
+                            "{wtype:?} at {p}: {got} vs {exact}"
+                        );
+                    }
+                }
+                for pool in &pools {
+                    for level in crate::simd::supported_levels() {
+                        let mut got = vec![f32::NAN; n_tok * n_cols];
+                        axpy_sparse_at(level, pool, &w, &h, &active, &mut scratch, &mut got);
+                        // +0 and -0 may differ where nothing was added; compare values.
+                        let same = got.iter().zip(&reference).all(|(a, b)| a == b);
+                        assert!(
+                            same,
+                            "{wtype:?} at {p}, {level}, {} threads",
+                            pool.n_threads()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_ffn_equals_its_parts_for_every_glu_and_gate_source() {
+        let mut rng = Rng::new(13);
+        let (n_ff, n_embd, n_tok) = (300, 256, 2);
+        let pool = ThreadPool::new(2, "t").unwrap();
+        let mut scratch = SparseScratch::default();
+        for (wtype, down_type) in [
+            (WeightType::Q4_1, WeightType::Q4_1),
+            (WeightType::Q4_0, WeightType::Q8_0),
+            (WeightType::Q4_K, WeightType::Q6_K),
+            (WeightType::F16, WeightType::F32),
+        ] {
+            let gate = random_matrix(&mut rng, wtype, n_ff, n_embd);
+            let up = random_matrix(&mut rng, wtype, n_ff, n_embd);
+            let down_t = random_matrix(&mut rng, down_type, n_ff, n_embd);
+            let x: Vec<f32> = (0..n_tok * n_embd).map(|_| rng.normal()).collect();
+            let mut acts = Activations::new();
+            acts.set(&x, n_tok);
+            for glu in [Glu::Silu, Glu::Relu, Glu::DualRelu, Glu::Gelu] {
+                for p in [0.0, 0.1, 0.5, 1.0] {
+                    let active = random_set(&mut rng, n_ff, n_tok, p);
+                    let mut g = vec![0.0; n_tok * n_ff];
+                    let mut u = vec![0.0; n_tok * n_ff];
+                    rows_sparse(&pool, &gate, &mut acts, &active, &mut g);
+                    rows_sparse(&pool, &up, &mut acts, &active, &mut u);
+                    let h: Vec<f32> = g.iter().zip(&u).map(|(&a, &b)| glu.apply(a, b)).collect();
+                    let mut want = vec![0.0; n_tok * n_embd];
+                    axpy_sparse(&pool, &down_t, &h, &active, &mut scratch, &mut want);
+                    let mut got = vec![f32::NAN; n_tok * n_embd];
+                    let w = [&gate, &up, &down_t];
+                    let level = simd::detected();
+                    ffn_sparse_at(
+                        level,
+                        &pool,
+                        w,
+                        glu,
+                        &mut acts,
+                        None,
+                        &active,
+                        &mut scratch,
+                        &mut got,
+                    );
+                    assert_eq!(got, want, "{wtype:?}/{down_type:?} {glu:?} at {p}");
+                    // The gate computed in full beforehand (gate mode) gives the same.
+                    let mut g_all = vec![0.0; n_tok * n_ff];
+                    gate.matmul(&pool, &mut acts, &mut g_all);
+                    got.fill(f32::NAN);
+                    ffn_sparse_at(
+                        level,
+                        &pool,
+                        w,
+                        glu,
+                        &mut acts,
+                        Some(&g_all),
+                        &active,
+                        &mut scratch,
+                        &mut got,
+                    );
+                    assert_eq!(got, want, "given gate: {wtype:?} {glu:?} at {p}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn active_sets_refuse_unsorted_or_out_of_range_neurons() {
+        let bad = |rows: Vec<u32>| {
+            std::panic::catch_unwind(move || {
+                let mut a = ActiveSet::new(10);
+                a.push_token(rows);
+            })
+            .is_err()
+        };
+        assert!(bad(vec![3, 2]));
+        assert!(bad(vec![1, 1]));
+        assert!(bad(vec![10]));
+        assert!(!bad(vec![0, 5, 9]));
+        let mut a = ActiveSet::new(4);
+        a.push_all();
+        a.push_token([]);
+        a.push_where(|i| i % 2 == 1);
+        assert_eq!((a.n_tok(), a.n_active()), (3, 6));
+        assert_eq!(a.token(2), &[1, 3]);
+        assert!((a.fraction() - 0.5).abs() < 1e-12);
+    }
+}
