@@ -14,5 +14,6 @@ mod quant_reference;
 mod real_model;
 mod server_api;
 mod server_real;
+mod sparsity;
 mod synthetic_models;
 mod telemetry;

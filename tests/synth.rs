@@ -26,6 +26,9 @@ pub struct Spec {
     pub tied_output: bool,
     /// Explicit `powerinfer.ffn_activation`, when set.
     pub ffn_activation: Option<&'static str>,
+    /// Store the down projection neuron-major as `ffn_down_t` (PowerInfer's files) in
+    /// place of `ffn_down`.
+    pub down_t: bool,
     pub seed: u64,
 }
 
@@ -44,6 +47,7 @@ impl Default for Spec {
             wtype: WeightType::F32,
             tied_output: false,
             ffn_activation: None,
+            down_t: false,
             seed: 1,
         }
     }
@@ -172,13 +176,23 @@ impl Spec {
                 fan(e),
             );
             tensor(&format!("blk.{l}.ffn_up.weight"), self.wtype, f, e, fan(e));
-            tensor(
-                &format!("blk.{l}.ffn_down.weight"),
-                self.wtype,
-                e,
-                f,
-                fan(f),
-            );
+            if self.down_t {
+                tensor(
+                    &format!("blk.{l}.ffn_down_t.weight"),
+                    self.wtype,
+                    f,
+                    e,
+                    fan(f),
+                );
+            } else {
+                tensor(
+                    &format!("blk.{l}.ffn_down.weight"),
+                    self.wtype,
+                    e,
+                    f,
+                    fan(f),
+                );
+            }
         }
         if !self.tied_output {
             tensor("output.weight", self.wtype, self.n_vocab(), e, fan(e));
@@ -223,6 +237,13 @@ fn vector(file: &GgufFile, name: &str) -> Vec<f64> {
         .expect("f32 vector")
         .iter()
         .map(|&v| f64::from(v))
+        .collect()
+}
+
+fn transpose(m: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let cols = m.first().map_or(0, Vec::len);
+    (0..cols)
+        .map(|j| m.iter().map(|r| r[j]).collect())
         .collect()
 }
 
@@ -273,7 +294,12 @@ pub fn reference_logits(file: &GgufFile, spec: &Spec, tokens: &[u32]) -> Vec<Vec
     for l in 0..spec.n_layer {
         let m = |n: &str| matrix(file, &format!("blk.{l}.{n}.weight"));
         let (wq, wk, wv, wo) = (m("attn_q"), m("attn_k"), m("attn_v"), m("attn_output"));
-        let (gate, up, down) = (m("ffn_gate"), m("ffn_up"), m("ffn_down"));
+        let (gate, up) = (m("ffn_gate"), m("ffn_up"));
+        let down = if file.tensor(&format!("blk.{l}.ffn_down_t.weight")).is_some() {
+            transpose(&m("ffn_down_t"))
+        } else {
+            m("ffn_down")
+        };
         let attn_norm = vector(file, &format!("blk.{l}.attn_norm.weight"));
         let ffn_norm = vector(file, &format!("blk.{l}.ffn_norm.weight"));
         let mut keys = Vec::new();

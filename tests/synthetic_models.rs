@@ -3,7 +3,9 @@
 //! reference forward pass, plus batch/sequential equality and load errors.
 
 use powerinfer_daemon::ids::{SeqSlot, TokenId};
-use powerinfer_daemon::model::{BatchToken, FfnKind, KvCache, KvType, LoadError, Model, Scratch};
+use powerinfer_daemon::model::{
+    BatchToken, FfnKind, KvCache, KvType, LoadError, Model, Scratch, SparsityMode,
+};
 use powerinfer_ops::gguf::{GgufFile, Magic};
 use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::quant::{Numerics, WeightType};
@@ -29,6 +31,7 @@ fn engine_logits(file: &GgufFile, toks: &[u32], kv_type: KvType, batched: bool) 
         slot: SeqSlot(0),
         pos: i,
         logits: true,
+        sparsity: SparsityMode::Dense,
     };
     if batched {
         let batch: Vec<_> = (0..toks.len()).map(entry).collect();
@@ -250,4 +253,18 @@ fn broken_models_are_refused_with_the_reason() {
     ));
     let e = err(&rebuild("", Some("gpt-j"), None));
     assert!(e.to_string().contains("gpt-j"), "{e}");
+}
+
+#[test]
+fn neuron_major_down_from_a_powerinfer_file() {
+    for (arch, magic) in [("llama", Magic::PowerInfer), ("bamboo", Magic::Gguf)] {
+        check(&Spec {
+            arch,
+            magic,
+            down_t: true,
+            wtype: WeightType::Q8_0,
+            seed: 60,
+            ..Spec::default()
+        });
+    }
 }

@@ -11,7 +11,9 @@ use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::quant::Numerics;
 
 use crate::ids::{SeqSlot, TokenId};
-use crate::model::{BatchToken, ForwardError, KvCache, KvType, LoadError, Model, Scratch};
+use crate::model::{
+    BatchToken, ForwardError, KvCache, KvType, LoadError, Model, Scratch, SparsityMode, sidecar,
+};
 use crate::sampler::{Sampled, Sampler, SamplerConfig};
 use crate::tokenizer::{Detokenizer, Tokenizer, TokenizerError};
 
@@ -48,8 +50,25 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn load(path: &Path) -> Result<Self, LoadError> {
+        Self::load_for(path, SparsityMode::Dense)
+    }
+
+    /// Loads `path` ready for `sparsity` (and for dense requests): the sidecar written by
+    /// `prepare` is read when it exists, and the neuron-major down projections are made
+    /// when a sparse mode needs them. A mode the model cannot run is refused here.
+    pub fn load_for(path: &Path, sparsity: SparsityMode) -> Result<Self, LoadError> {
         let file = GgufFile::open(path)?;
-        let model = Model::load(&file)?;
+        let mut model = Model::load(&file)?;
+        let side = sidecar::path_for(path);
+        if side.exists() {
+            sidecar::read(&side, &mut model)?;
+        }
+        if sparsity != SparsityMode::Dense {
+            model.ensure_neuron_form();
+        }
+        if let Some(why) = model.sparsity_unavailable(sparsity) {
+            return Err(LoadError::Other(why));
+        }
         let tokenizer =
             Tokenizer::from_gguf(file.metadata()).map_err(|e| LoadError::Other(e.to_string()))?;
         if tokenizer.n_vocab() != model.config.n_vocab {
@@ -130,6 +149,8 @@ pub struct SessionOptions {
     pub n_threads: usize,
     pub kv_type: KvType,
     pub numerics: Numerics,
+    /// How the FFN neurons of every token are chosen.
+    pub sparsity: SparsityMode,
 }
 
 impl SessionOptions {
@@ -140,6 +161,7 @@ impl SessionOptions {
             n_threads,
             kv_type: KvType::F16,
             numerics: Numerics::Precise,
+            sparsity: SparsityMode::Dense,
         }
     }
 }
@@ -151,11 +173,18 @@ pub struct Session<'m> {
     pool: ThreadPool,
     kv: KvCache,
     scratch: Scratch,
+    sparsity: SparsityMode,
+    /// Active neurons summed per layer over every token run, and the tokens run.
+    active_totals: Vec<u64>,
+    tokens_run: u64,
 }
 
 impl<'m> Session<'m> {
     pub fn new(loaded: &'m LoadedModel, opts: SessionOptions) -> Result<Self, GenerateError> {
         let c = &loaded.model.config;
+        if let Some(why) = loaded.model.sparsity_unavailable(opts.sparsity) {
+            return Err(ForwardError::Sparsity(why).into());
+        }
         let n = opts.n_threads.max(1);
         let pool =
             ThreadPool::new(n, "pi-cpu").map_err(|source| GenerateError::Threads { n, source })?;
@@ -172,6 +201,9 @@ impl<'m> Session<'m> {
                 opts.kv_type,
             ),
             scratch: Scratch::new(opts.numerics),
+            sparsity: opts.sparsity,
+            active_totals: vec![0; c.n_layer],
+            tokens_run: 0,
         })
     }
 
@@ -204,11 +236,34 @@ impl<'m> Session<'m> {
                 slot: SeqSlot(0),
                 pos: start + i,
                 logits: logits_for(i),
+                sparsity: self.sparsity,
             })
             .collect();
-        Ok(self
-            .model
-            .forward(&self.pool, &batch, &mut self.kv, &mut self.scratch)?)
+        self.model
+            .forward(&self.pool, &batch, &mut self.kv, &mut self.scratch)?;
+        let n_layer = self.model.config.n_layer;
+        for counts in self.scratch.active_counts.chunks_exact(n_layer) {
+            for (total, &c) in self.active_totals.iter_mut().zip(counts) {
+                *total += u64::from(c);
+            }
+        }
+        self.tokens_run += tokens.len() as u64;
+        Ok(self.scratch.logits())
+    }
+
+    /// Mean fraction of FFN neurons computed per layer over every token run so far.
+    pub fn active_fraction_per_layer(&self) -> Vec<f32> {
+        let all = self.tokens_run as f64 * self.model.config.n_ff as f64;
+        self.active_totals
+            .iter()
+            .map(|&a| {
+                if all > 0.0 {
+                    (a as f64 / all) as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect()
     }
 
     /// Reads `prompt` and generates from it, calling `on_token` for every token; a

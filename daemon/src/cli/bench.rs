@@ -8,7 +8,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::bench_serving as serving;
-use super::common::{NumericsArg, default_threads, load_model};
+use super::common::{NumericsArg, SparsityArg, default_threads, load_model};
 use super::exit;
 use crate::bench::{Test, run_test};
 use crate::generate::SessionOptions;
@@ -41,6 +41,9 @@ pub struct BenchArgs {
     /// How activations are quantized for the integer kernels.
     #[arg(long, value_enum, default_value_t = NumericsArg::Precise)]
     pub numerics: NumericsArg,
+    /// How FFN neurons are chosen: dense, predictor or gate.
+    #[arg(long, value_enum, default_value_t = SparsityArg::Dense)]
+    pub sparsity: SparsityArg,
     /// Print a JSON list of records shaped like llama-bench's.
     #[arg(long)]
     pub json: bool,
@@ -64,7 +67,8 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         let _ = writeln!(err, "error: --repetitions must be at least 1");
         return exit::BAD_INPUT;
     }
-    let (path, loaded) = match load_model(&a.model, a.models_dir.as_deref(), err) {
+    let (path, loaded) = match load_model(&a.model, a.models_dir.as_deref(), a.sparsity.into(), err)
+    {
         Ok(m) => m,
         Err(code) => return code,
     };
@@ -122,6 +126,7 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         for &test in &tests {
             let mut opts = SessionOptions::new(1, t.max(1));
             opts.numerics = a.numerics.into();
+            opts.sparsity = a.sparsity.into();
             let r = match run_test(&loaded, test, a.repetitions, opts, 1234) {
                 Ok(r) => r,
                 Err(e) => {
@@ -154,6 +159,7 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
                 "type_k": "f16",
                 "type_v": "f16",
                 "numerics": a.numerics.name(),
+                "sparsity": crate::model::SparsityMode::from(a.sparsity).name(),
                 "n_layer": c.n_layer,
                 "n_prompt": if let Test::Prompt(n) = test { n } else { 0 },
                 "n_gen": if let Test::Generate(n) = test { n } else { 0 },
@@ -177,20 +183,7 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
 }
 
 fn count_params(loaded: &crate::generate::LoadedModel) -> u64 {
-    let w = &loaded.model.weights;
-    let m = |x: &powerinfer_ops::tensor::Matrix| (x.n_rows() * x.n_cols()) as u64;
-    let mut n = m(&w.token_embd) + w.output_norm.len() as u64;
-    if !w.output_tied {
-        n += m(&w.output);
-    }
-    for l in &w.layers {
-        n += [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
-            .iter()
-            .map(|x| m(x))
-            .sum::<u64>();
-        n += (l.attn_norm.len() + l.ffn_norm.len()) as u64;
-    }
-    n
+    loaded.model.weights.n_params()
 }
 
 fn model_label(path: &Path, loaded: &crate::generate::LoadedModel) -> String {

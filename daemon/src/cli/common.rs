@@ -8,6 +8,7 @@ use powerinfer_ops::quant::Numerics;
 
 use super::exit;
 use crate::generate::LoadedModel;
+use crate::model::SparsityMode;
 use crate::models::{self, PathPolicy};
 use crate::sampler::SamplerConfig;
 
@@ -70,6 +71,7 @@ pub fn default_threads() -> usize {
 pub fn load_model(
     reference: &str,
     models_dir: Option<&Path>,
+    sparsity: SparsityMode,
     err: &mut dyn Write,
 ) -> Result<(PathBuf, LoadedModel), u8> {
     let dir = models_dir.map_or_else(models::default_models_dir, Path::to_path_buf);
@@ -77,11 +79,33 @@ pub fn load_model(
         let _ = writeln!(err, "error: {e}");
         exit::BAD_INPUT
     })?;
-    let loaded = LoadedModel::load(&path).map_err(|e| {
+    let loaded = LoadedModel::load_for(&path, sparsity).map_err(|e| {
         let _ = writeln!(err, "error: {}: {e}", path.display());
         exit::BAD_INPUT
     })?;
     Ok((path, loaded))
+}
+
+/// `--sparsity`: how FFN neurons are chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum SparsityArg {
+    /// Every neuron (default).
+    #[default]
+    Dense,
+    /// Predictors (from a PowerInfer file or `prepare`'s sidecar) choose.
+    Predictor,
+    /// The gate chooses (exact on ReLU models; calibrated thresholds on SiLU/GELU ones).
+    Gate,
+}
+
+impl From<SparsityArg> for SparsityMode {
+    fn from(s: SparsityArg) -> Self {
+        match s {
+            SparsityArg::Dense => SparsityMode::Dense,
+            SparsityArg::Predictor => SparsityMode::Predictor,
+            SparsityArg::Gate => SparsityMode::Gate,
+        }
+    }
 }
 
 /// `--numerics`: how activations are quantized for the integer kernels.

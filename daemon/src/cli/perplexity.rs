@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::common::{default_threads, load_model};
+use super::common::{SparsityArg, default_threads, load_model};
 use super::exit;
 use crate::generate::{Session, SessionOptions};
 use crate::perplexity::{PerplexityError, perplexity};
@@ -20,6 +20,9 @@ pub struct PerplexityArgs {
     pub ctx: usize,
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
+    /// How FFN neurons are chosen: dense, predictor or gate.
+    #[arg(long, value_enum, default_value_t = SparsityArg::Dense)]
+    pub sparsity: SparsityArg,
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
 }
@@ -32,13 +35,19 @@ pub fn run(a: &PerplexityArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             return exit::BAD_INPUT;
         }
     };
-    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), err) {
+    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), a.sparsity.into(), err) {
         Ok(m) => m,
         Err(code) => return code,
     };
     let tokens = loaded.tokenizer.encode(&text, true, true);
     let threads = a.threads.unwrap_or_else(default_threads);
-    let mut session = match Session::new(&loaded, SessionOptions::new(a.ctx, threads)) {
+    let mut session = match Session::new(
+        &loaded,
+        SessionOptions {
+            sparsity: a.sparsity.into(),
+            ..SessionOptions::new(a.ctx, threads)
+        },
+    ) {
         Ok(s) => s,
         Err(e) => {
             let _ = writeln!(err, "error: {e}");

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use super::common::{SamplingArgs, default_threads, load_model};
+use super::common::{SamplingArgs, SparsityArg, default_threads, load_model};
 use super::exit;
 use crate::generate::{GenParams, GenerateError, Session, SessionOptions, StopReason};
 use crate::tokenizer::{ChatMessage, render_chat};
@@ -35,6 +35,9 @@ pub struct RunArgs {
     /// Compute threads (default: all CPUs).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
+    /// How FFN neurons are chosen: dense, predictor or gate.
+    #[arg(long, value_enum, default_value_t = SparsityArg::Dense)]
+    pub sparsity: SparsityArg,
     /// Context size in tokens (default: prompt + max tokens, within the model's).
     #[arg(long)]
     pub ctx: Option<usize>,
@@ -50,7 +53,7 @@ pub struct RunArgs {
 }
 
 pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), err) {
+    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), a.sparsity.into(), err) {
         Ok(m) => m,
         Err(code) => return code,
     };
@@ -94,7 +97,13 @@ pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         .unwrap_or_else(|| (prompt.len() + a.max_tokens + 1).next_multiple_of(256))
         .min(n_ctx_train.max(1));
     let threads = a.threads.unwrap_or_else(default_threads).max(1);
-    let mut session = match Session::new(&loaded, SessionOptions::new(n_ctx, threads)) {
+    let mut session = match Session::new(
+        &loaded,
+        SessionOptions {
+            sparsity: a.sparsity.into(),
+            ..SessionOptions::new(n_ctx, threads)
+        },
+    ) {
         Ok(s) => s,
         Err(e) => {
             let _ = writeln!(err, "error: {e}");

@@ -24,7 +24,12 @@ pub struct TokenizeArgs {
 }
 
 pub fn run(a: &TokenizeArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), err) {
+    let (_, loaded) = match load_model(
+        &a.model,
+        a.models_dir.as_deref(),
+        crate::model::SparsityMode::Dense,
+        err,
+    ) {
         Ok(m) => m,
         Err(code) => return code,
     };

@@ -7,7 +7,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use powerinfer_ops::pool::ThreadPool;
 
-use super::predictor::Predictor;
+use super::predictor::Activity;
 use super::types::{EngineError, EngineOptions};
 use crate::model::{BatchToken, ForwardError, KvCache, Model, Scratch};
 
@@ -19,6 +19,8 @@ pub(crate) enum ColdMsg {
         batch: Vec<BatchToken>,
         /// The buffer the logits are written into, moved back with the reply.
         logits: Vec<f32>,
+        /// The buffer the active-neuron counts (`[n_tok][n_layer]`) are written into.
+        active: Vec<u32>,
         reply: SyncSender<StepDone>,
         /// The step's span (disabled unless the step is traced).
         span: tracing::Span,
@@ -32,6 +34,7 @@ pub(crate) enum ColdMsg {
 pub(crate) struct StepDone {
     pub batch: Vec<BatchToken>,
     pub logits: Vec<f32>,
+    pub active: Vec<u32>,
     pub result: Result<(), ForwardError>,
 }
 
@@ -40,7 +43,7 @@ struct ColdExecutor {
     pool: ThreadPool,
     kv: KvCache,
     scratch: Scratch,
-    predictor: Predictor,
+    activity: Activity,
     rx: Receiver<ColdMsg>,
 }
 
@@ -51,6 +54,7 @@ impl ColdExecutor {
                 ColdMsg::Step {
                     batch,
                     mut logits,
+                    mut active,
                     reply,
                     span,
                 } => {
@@ -63,17 +67,20 @@ impl ColdExecutor {
                         &mut self.scratch,
                         &mut logits,
                     );
+                    active.clear();
                     if result.is_ok() {
-                        self.predictor.record_dense_step(batch.len());
+                        active.extend_from_slice(&self.scratch.active_counts);
+                        self.activity.record(&active);
                     }
                     let _ = reply.send(StepDone {
                         batch,
                         logits,
+                        active,
                         result,
                     });
                 }
                 ColdMsg::ActiveFraction { reply } => {
-                    let _ = reply.send(self.predictor.active_fraction());
+                    let _ = reply.send(self.activity.active_fraction());
                 }
             }
         }
@@ -113,14 +120,14 @@ impl ColdHandle {
                 })();
                 match setup {
                     Ok((pool, kv)) => {
-                        let predictor = Predictor::dense(c.n_layer, c.n_ff);
+                        let activity = Activity::new(c.n_layer, c.n_ff);
                         let _ = ready_tx.send(Ok(()));
                         ColdExecutor {
                             scratch: Scratch::new(opts.numerics),
                             model,
                             pool,
                             kv,
-                            predictor,
+                            activity,
                             rx,
                         }
                         .run();
@@ -140,6 +147,7 @@ impl ColdHandle {
         &self,
         batch: Vec<BatchToken>,
         logits: Vec<f32>,
+        active: Vec<u32>,
         span: &tracing::Span,
     ) -> Result<StepDone, EngineError> {
         let (reply, rx) = sync_channel(1);
@@ -147,6 +155,7 @@ impl ColdHandle {
             .send(ColdMsg::Step {
                 batch,
                 logits,
+                active,
                 reply,
                 span: span.clone(),
             })

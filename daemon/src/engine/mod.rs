@@ -84,7 +84,7 @@ impl Engine {
         let mut opts = opts;
         opts.max_sequences = opts.max_sequences.max(1);
         opts.threads = opts.threads.max(1);
-        let loaded = LoadedModel::load(path)?;
+        let loaded = LoadedModel::load_for(path, opts.sparsity)?;
         let n_ctx_train = loaded.model.config.n_ctx_train;
         if opts.n_ctx == 0 || opts.n_ctx > n_ctx_train.max(1) {
             return Err(EngineError::InvalidArgument(format!(
@@ -93,21 +93,18 @@ impl Engine {
             )));
         }
         opts.max_prompt_tokens = opts.max_prompt_tokens.min(opts.n_ctx - 1);
-        if opts.sparsity != SparsityMode::Dense {
-            return Err(sparsity_unavailable(opts.sparsity));
-        }
         let LoadedModel { model, tokenizer } = loaded;
         let (model, tokenizer) = (Arc::new(model), Arc::new(tokenizer));
         let hot = HotHandle::spawn(&opts)?;
         let cold = ColdHandle::spawn(model.clone(), &opts)?;
         let sampler = SamplerHandle::spawn()?;
-        let sched = SchedHandle::spawn(
-            &opts,
-            model.config.n_vocab,
-            tokenizer.eog_tokens(),
-            cold.clone(),
-            sampler,
-        )?;
+        let shape = scheduler::ModelShape {
+            n_vocab: model.config.n_vocab,
+            n_layer: model.config.n_layer,
+            n_ff: model.config.n_ff,
+        };
+        let sched =
+            SchedHandle::spawn(&opts, shape, tokenizer.eog_tokens(), cold.clone(), sampler)?;
         let text = TextHandle::spawn(tokenizer.clone());
         Ok(Self {
             name: name.to_owned(),
@@ -162,8 +159,8 @@ impl Engine {
             ));
         }
         let sparsity = spec.sparsity.unwrap_or(self.opts.sparsity);
-        if sparsity != SparsityMode::Dense {
-            return Err(sparsity_unavailable(sparsity));
+        if let Some(why) = self.model.sparsity_unavailable(sparsity) {
+            return Err(EngineError::InvalidArgument(why));
         }
         let prompt = self.text.encode(spec.input).await?;
         self.check_prompt(&prompt)?;
@@ -184,6 +181,7 @@ impl Engine {
                 sampling,
                 events: events_tx,
                 submitted: Instant::now(),
+                sparsity,
                 span: tracing::Span::current(),
             })
             .await?;
@@ -250,17 +248,7 @@ impl Engine {
     pub async fn info(&self) -> Result<EngineInfo, EngineError> {
         let c = &self.model.config;
         let w = &self.model.weights;
-        let parameters = {
-            let m = |x: &powerinfer_ops::tensor::Matrix| (x.n_rows() * x.n_cols()) as u64;
-            let mut n = m(&w.token_embd) + if w.output_tied { 0 } else { m(&w.output) };
-            for l in &w.layers {
-                n += [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
-                    .iter()
-                    .map(|x| m(x))
-                    .sum::<u64>();
-            }
-            n
-        };
+        let parameters = w.n_params();
         Ok(EngineInfo {
             name: self.name.clone(),
             path: self.path.clone(),
@@ -279,13 +267,6 @@ impl Engine {
             loaded_at: self.loaded_at,
         })
     }
-}
-
-fn sparsity_unavailable(mode: SparsityMode) -> EngineError {
-    EngineError::InvalidArgument(format!(
-        "sparsity mode {} needs predictors or thresholds this model does not have",
-        mode.name()
-    ))
 }
 
 /// Turns one sequence's scheduler events into stream items: text in whole characters,
@@ -368,11 +349,15 @@ impl StreamTask {
                     prompt_tokens,
                     completion_tokens,
                     timings,
+                    active_fraction_per_layer,
                 } => StreamItem::Final(FinalEvent {
                     prompt_tokens,
                     completion_tokens,
                     timings,
-                    sparsity: self.sparsity.clone(),
+                    sparsity: SparsityStats {
+                        active_fraction_per_layer,
+                        ..self.sparsity.clone()
+                    },
                     finish,
                     text: stops.finish(&detok.finish()),
                 }),

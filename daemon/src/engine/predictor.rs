@@ -1,20 +1,19 @@
-//! The predictor: which feed-forward neurons of each layer a step computes.
+//! Neuron activity: which feed-forward neurons the steps computed, per layer.
 //!
-//! For layers that live wholly on one side (all of them without a GPU) it runs inline in
-//! that side's executor, so it costs no message per layer. This engine computes
-//! densely: every neuron is active; the sparse modes add their decision here.
+//! The decision itself (every neuron, the gate's, or the predictor's) runs inline in the
+//! forward pass of the executor that owns the layer (DESIGN.md §3: layers wholly on one
+//! side exchange no per-layer messages); the executor reports each step's active counts
+//! and this keeps the totals.
 
-/// Per-layer decisions and the activity they produced.
-pub struct Predictor {
+/// Active and available neurons per layer since the engine started.
+pub struct Activity {
     n_ff: usize,
-    /// Neurons computed and neurons available, per layer, since the engine started.
     active: Vec<u64>,
     total: Vec<u64>,
 }
 
-impl Predictor {
-    /// A dense predictor (the engine refuses other modes until they are implemented).
-    pub fn dense(n_layer: usize, n_ff: usize) -> Self {
+impl Activity {
+    pub fn new(n_layer: usize, n_ff: usize) -> Self {
         Self {
             n_ff,
             active: vec![0; n_layer],
@@ -22,27 +21,34 @@ impl Predictor {
         }
     }
 
-    /// Records one step of `n_tokens` tokens: in dense mode every neuron of every layer.
-    pub fn record_dense_step(&mut self, n_tokens: usize) {
-        let n = (n_tokens * self.n_ff) as u64;
-        for (a, t) in self.active.iter_mut().zip(&mut self.total) {
-            *a += n;
-            *t += n;
+    /// Records one step: `counts` is `[n_tok][n_layer]` active neurons.
+    pub fn record(&mut self, counts: &[u32]) {
+        let n_layer = self.active.len();
+        for row in counts.chunks_exact(n_layer.max(1)) {
+            for (l, &c) in row.iter().enumerate() {
+                self.active[l] += u64::from(c);
+                self.total[l] += self.n_ff as u64;
+            }
         }
     }
 
     /// Fraction of neurons computed per layer so far (1 for a layer not yet run).
     pub fn active_fraction(&self) -> Vec<f32> {
-        self.active
-            .iter()
-            .zip(&self.total)
-            .map(|(&a, &t)| {
-                if t == 0 {
-                    1.0
-                } else {
-                    (a as f64 / t as f64) as f32
-                }
-            })
-            .collect()
+        fractions(&self.active, &self.total)
     }
+}
+
+/// `active / total` per layer, 1 where nothing ran.
+pub fn fractions(active: &[u64], total: &[u64]) -> Vec<f32> {
+    active
+        .iter()
+        .zip(total)
+        .map(|(&a, &t)| {
+            if t == 0 {
+                1.0
+            } else {
+                (a as f64 / t as f64) as f32
+            }
+        })
+        .collect()
 }

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::cold::ColdHandle;
 use super::sampling::{SamplerHandle, SeqId};
-use super::types::{EngineError, EngineOptions, FinishReason, Timings};
+use super::types::{EngineError, EngineOptions, FinishReason, SparsityMode, Timings};
 use crate::ids::{SeqSlot, TokenId};
 use crate::model::BatchToken;
 use crate::sampler::{Sampled, SamplerConfig};
@@ -30,6 +30,14 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// that exporting spans costs nothing measurable per token.
 const TRACE_DECODE_EVERY: usize = 16;
 
+/// The sizes the scheduler keeps per-request statistics in.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ModelShape {
+    pub n_vocab: usize,
+    pub n_layer: usize,
+    pub n_ff: usize,
+}
+
 /// A request admitted to the queue.
 pub(crate) struct SeqRequest {
     pub prompt: Vec<TokenId>,
@@ -39,6 +47,8 @@ pub(crate) struct SeqRequest {
     /// waits on it.
     pub events: mpsc::Sender<SeqEvent>,
     pub submitted: Instant,
+    /// How this request's FFN neurons are chosen (checked against the model already).
+    pub sparsity: SparsityMode,
     /// The request's span (disabled when nothing traces it); the scheduler hangs the
     /// `queue`, `prefill`, `decode` and `step` spans below it.
     pub span: tracing::Span,
@@ -63,6 +73,8 @@ pub(crate) enum SeqEvent {
         prompt_tokens: usize,
         completion_tokens: usize,
         timings: Timings,
+        /// Mean fraction of FFN neurons computed per layer over the request's tokens.
+        active_fraction_per_layer: Vec<f32>,
     },
     Failed(String),
 }
@@ -105,6 +117,10 @@ struct Sequence {
     span: tracing::Span,
     /// `prefill` until the first token, then `decode`; closed when the sequence leaves.
     phase: tracing::Span,
+    sparsity: SparsityMode,
+    /// Active FFN neurons summed per layer over this sequence's tokens, and the tokens.
+    active_totals: Vec<u64>,
+    tokens_run: u64,
 }
 
 impl Sequence {
@@ -122,11 +138,19 @@ impl Sequence {
             decode: now - first,
         }
     }
+
+    fn active_fraction(&self, n_ff: usize) -> Vec<f32> {
+        let total = self.tokens_run * n_ff as u64;
+        let totals = vec![total; self.active_totals.len()];
+        super::predictor::fractions(&self.active_totals, &totals)
+    }
 }
 
 struct Scheduler {
     opts: EngineOptions,
     n_vocab: usize,
+    n_layer: usize,
+    n_ff: usize,
     /// End-of-generation tokens, sorted.
     eog: Vec<TokenId>,
     cold: ColdHandle,
@@ -139,6 +163,8 @@ struct Scheduler {
     batch: Vec<BatchToken>,
     wants: Vec<SeqId>,
     logits: Vec<f32>,
+    /// Active-neuron counts of the last step, `[n_tok][n_layer]` in batch order.
+    active: Vec<u32>,
     /// (when, tokens generated in that step), for the rate.
     recent: VecDeque<(Instant, usize)>,
     generated_total: u64,
@@ -284,6 +310,9 @@ impl Scheduler {
                 first_token: None,
                 phase: prefill,
                 span: req.span,
+                sparsity: req.sparsity,
+                active_totals: vec![0; self.n_layer],
+                tokens_run: 0,
             });
         }
     }
@@ -301,6 +330,7 @@ impl Scheduler {
                     slot: s.slot,
                     pos: s.pos(),
                     logits: true,
+                    sparsity: s.sparsity,
                 });
                 wants.push(s.id);
             }
@@ -321,6 +351,7 @@ impl Scheduler {
                     slot: s.slot,
                     pos: p,
                     logits: last,
+                    sparsity: s.sparsity,
                 });
                 if last {
                     wants.push(s.id);
@@ -336,8 +367,11 @@ impl Scheduler {
 
         let span = self.step_span(batch.len(), chunks.len());
         let logits = std::mem::take(&mut self.logits);
-        let done = self.cold.step(batch, logits, &span)?;
+        let active = std::mem::take(&mut self.active);
+        let done = self.cold.step(batch, logits, active, &span)?;
         self.batch = done.batch;
+        self.active = done.active;
+        self.count_active();
         if let Err(e) = done.result {
             self.logits = done.logits;
             return Err(EngineError::Internal(format!("forward pass: {e}")));
@@ -361,6 +395,23 @@ impl Scheduler {
             self.route(id, s);
         }
         Ok(())
+    }
+
+    /// Adds the last step's active-neuron counts to the sequences of its tokens.
+    fn count_active(&mut self) {
+        let n_layer = self.n_layer;
+        for (b, counts) in self
+            .batch
+            .iter()
+            .zip(self.active.chunks_exact(n_layer.max(1)))
+        {
+            if let Some(s) = self.running.iter_mut().find(|s| s.slot == b.slot) {
+                for (t, &c) in s.active_totals.iter_mut().zip(counts) {
+                    *t += u64::from(c);
+                }
+                s.tokens_run += 1;
+            }
+        }
     }
 
     /// The span of this step: under the phase span of the first traced sequence, when
@@ -415,6 +466,7 @@ impl Scheduler {
                 prompt_tokens: s.prompt.len(),
                 completion_tokens: s.generated,
                 timings: s.timings(),
+                active_fraction_per_layer: s.active_fraction(self.n_ff),
             });
             self.release(&s);
         }
@@ -441,7 +493,7 @@ impl SchedHandle {
     /// Starts the scheduler on thread `pi-sched`.
     pub fn spawn(
         opts: &EngineOptions,
-        n_vocab: usize,
+        shape: ModelShape,
         eog: &[TokenId],
         cold: ColdHandle,
         sampler: SamplerHandle,
@@ -452,7 +504,9 @@ impl SchedHandle {
         let sched = Scheduler {
             free_slots: (0..opts.max_sequences).rev().map(SeqSlot).collect(),
             opts: opts.clone(),
-            n_vocab,
+            n_vocab: shape.n_vocab,
+            n_layer: shape.n_layer,
+            n_ff: shape.n_ff,
             eog,
             cold,
             sampler,
@@ -463,6 +517,7 @@ impl SchedHandle {
             batch: Vec::new(),
             wants: Vec::new(),
             logits: Vec::new(),
+            active: Vec::new(),
             recent: VecDeque::new(),
             generated_total: 0,
             steps_total: 0,

@@ -11,36 +11,7 @@ use crate::model::{KvType, LoadError};
 use crate::sampler::SamplerConfig;
 use crate::tokenizer::ChatMessage;
 
-/// How feed-forward neurons are chosen.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SparsityMode {
-    /// Every neuron.
-    #[default]
-    Dense,
-    /// Low-rank predictors decide which neurons fire.
-    Predictor,
-    /// The gate decides.
-    Gate,
-}
-
-impl SparsityMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Dense => "dense",
-            Self::Predictor => "predictor",
-            Self::Gate => "gate",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "dense" => Some(Self::Dense),
-            "predictor" => Some(Self::Predictor),
-            "gate" => Some(Self::Gate),
-            _ => None,
-        }
-    }
-}
+pub use crate::model::SparsityMode;
 
 /// What to generate from.
 #[derive(Clone, Debug, PartialEq)]

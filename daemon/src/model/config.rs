@@ -60,6 +60,17 @@ impl FfnKind {
     pub fn is_relu(self) -> bool {
         matches!(self, Self::ReGlu | Self::DRelu)
     }
+
+    /// The per-neuron combination the sparse operators compute.
+    pub fn glu(self) -> powerinfer_ops::nn::Glu {
+        use powerinfer_ops::nn::Glu;
+        match self {
+            Self::SwiGlu => Glu::Silu,
+            Self::ReGlu => Glu::Relu,
+            Self::DRelu => Glu::DualRelu,
+            Self::GeGlu => Glu::Gelu,
+        }
+    }
 }
 
 /// Metadata key naming the FFN activation explicitly (`silu`, `relu`, `gelu`), for files

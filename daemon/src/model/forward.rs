@@ -8,11 +8,14 @@ use powerinfer_ops::gguf::GgufFile;
 use powerinfer_ops::nn::{self, KvElem, Rope};
 use powerinfer_ops::pool::{SharedMut, ThreadPool};
 use powerinfer_ops::quant::Numerics;
-use powerinfer_ops::tensor::Activations;
+use powerinfer_ops::sparse::{ActiveSet, SparseScratch, ffn_sparse};
+use powerinfer_ops::tensor::{Activations, Matrix};
 
 use super::config::{FfnKind, ModelConfig};
 use super::kv_cache::{KvCache, KvData};
-use super::weights::Weights;
+use super::names::key;
+use super::sparsity::{SparsityData, SparsityMode};
+use super::weights::{self, LayerWeights, Weights};
 use super::{ForwardError, LoadError};
 use crate::ids::{SeqSlot, TokenId};
 
@@ -20,6 +23,7 @@ use crate::ids::{SeqSlot, TokenId};
 pub struct Model {
     pub config: ModelConfig,
     pub weights: Weights,
+    pub sparsity: SparsityData,
     rope: Rope,
 }
 
@@ -31,6 +35,8 @@ pub struct BatchToken {
     pub pos: usize,
     /// Whether this token's next-token logits are wanted.
     pub logits: bool,
+    /// How this token's FFN neurons are chosen.
+    pub sparsity: SparsityMode,
 }
 
 /// Stages of a forward pass, for [`Profile`].
@@ -138,6 +144,18 @@ pub struct Scratch {
     cos_sin: Vec<[f32; 2]>,
     scores: Vec<Vec<f32>>,
     logits: Vec<f32>,
+    // The neuron-sparse FFN: active sets, operator scratch, predictor buffers, and the
+    // tokens that take the row-major dense path in a mixed batch.
+    active: Option<ActiveSet>,
+    sparse: SparseScratch,
+    pred_acts: Activations,
+    pred_hidden: Vec<f32>,
+    pred_logits: Vec<f32>,
+    row_major: Vec<usize>,
+    gathered: Vec<f32>,
+    gathered_acts: Activations,
+    /// Active neurons of each token of the last batch, per layer (`[n_tok][n_layer]`).
+    pub active_counts: Vec<u32>,
     pub profile: Profile,
 }
 
@@ -146,12 +164,21 @@ impl Scratch {
     pub fn new(numerics: Numerics) -> Self {
         Self {
             acts: Activations::with_numerics(numerics),
+            pred_acts: Activations::with_numerics(numerics),
+            gathered_acts: Activations::with_numerics(numerics),
             profile: Profile {
                 enabled: std::env::var_os("POWERINFER_PROFILE").is_some(),
                 ..Profile::default()
             },
             ..Self::default()
         }
+    }
+}
+
+impl Scratch {
+    /// The logits of the last [`Model::forward`].
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
     }
 }
 
@@ -164,6 +191,7 @@ impl Model {
     pub fn load(file: &GgufFile) -> Result<Self, LoadError> {
         let config = ModelConfig::from_metadata(file.metadata(), file.header().magic)?;
         let weights = Weights::load(file, &config)?;
+        let sparsity = load_file_sparsity(file, &config)?;
         let rope = Rope::new(
             config.n_rot,
             config.rope_base,
@@ -174,8 +202,37 @@ impl Model {
         Ok(Self {
             config,
             weights,
+            sparsity,
             rope,
         })
+    }
+
+    /// Gives every layer the neuron-major down projection the sparse modes compute with,
+    /// transposing `ffn_down` where the file has no `ffn_down_t` (in the same weight type;
+    /// the row-major form stays for dense requests).
+    pub fn ensure_neuron_form(&mut self) {
+        for l in &mut self.weights.layers {
+            if l.down_t.is_none()
+                && let Some(d) = &l.down
+            {
+                l.down_t = Some(d.transposed());
+            }
+        }
+    }
+
+    /// Whether every layer has its neuron-major down projection.
+    pub fn has_neuron_form(&self) -> bool {
+        self.weights.layers.iter().all(|l| l.down_t.is_some())
+    }
+
+    /// Why `mode` cannot run on this model as loaded, if it cannot.
+    pub fn sparsity_unavailable(&self, mode: SparsityMode) -> Option<String> {
+        if mode != SparsityMode::Dense && !self.has_neuron_form() {
+            return Some(format!(
+                "sparsity mode {mode} was not prepared at load (load the model with it)"
+            ));
+        }
+        self.sparsity.unavailable(mode, self.config.ffn.is_relu())
     }
 
     /// Runs `batch` through the model, writing keys and values into `kv`, and returns the
@@ -207,6 +264,7 @@ impl Model {
         self.check(batch, kv)?;
         let (n, e, eps) = (batch.len(), c.n_embd, c.rms_eps);
         let half_rot = c.n_rot / 2;
+        let n_layer = c.n_layer;
         self.size_scratch(s, n, kv.n_ctx(), pool.n_threads());
         s.profile.start();
 
@@ -252,14 +310,18 @@ impl Model {
             rms_norm_rows(&s.x, &w.ffn_norm, eps, &mut s.xn); // [n][n_embd]
             s.profile.mark(Stage::Norm);
             s.acts.set(&s.xn, n);
-            w.gate.matmul(pool, &mut s.acts, &mut s.gate); // [n][n_ff]
-            w.up.matmul(pool, &mut s.acts, &mut s.up); // [n][n_ff]
-            s.profile.mark(Stage::GateUp);
-            gate_activation(c.ffn, &mut s.gate, &s.up); // h = act(gate) ∘ up
-            s.profile.mark(Stage::Activation);
-            s.acts.set(&s.gate, n);
-            w.down.matmul(pool, &mut s.acts, &mut s.proj); // [n][n_embd]
-            s.profile.mark(Stage::Down);
+            match (&w.down, self.ffn_path(batch, w)) {
+                (Some(down), FfnPath::RowMajor) => {
+                    self.ffn_dense(pool, w, down, s, n);
+                    s.active_counts[layer..]
+                        .iter_mut()
+                        .step_by(n_layer)
+                        .for_each(|a| {
+                            *a = c.n_ff as u32;
+                        });
+                }
+                _ => self.ffn_neurons(pool, layer, batch, s)?,
+            }
             nn::add(&mut s.x, &s.proj);
             s.profile.mark(Stage::Residual);
         }
@@ -286,11 +348,172 @@ impl Model {
         Ok(())
     }
 
+    /// How this batch's FFN runs: wholly row-major (dense requests, where the file has
+    /// `ffn_down`), or through the neuron-sparse operator (dense requests then among them
+    /// on the row-major path all the same, so a request's numbers never depend on its
+    /// neighbours).
+    fn ffn_path(&self, batch: &[BatchToken], w: &LayerWeights) -> FfnPath {
+        if w.down.is_some() && batch.iter().all(|b| b.sparsity == SparsityMode::Dense) {
+            FfnPath::RowMajor
+        } else {
+            FfnPath::Neurons
+        }
+    }
+
+    /// The dense FFN on row-major matrices: `proj = down · (act(gate · xn) ∘ (up · xn))`
+    /// for the batch in `s.acts`.
+    fn ffn_dense(
+        &self,
+        pool: &ThreadPool,
+        w: &LayerWeights,
+        down: &Matrix,
+        s: &mut Scratch,
+        n: usize,
+    ) {
+        w.gate.matmul(pool, &mut s.acts, &mut s.gate); // [n][n_ff]
+        w.up.matmul(pool, &mut s.acts, &mut s.up); // [n][n_ff]
+        s.profile.mark(Stage::GateUp);
+        gate_activation(self.config.ffn, &mut s.gate, &s.up); // h = act(gate) ∘ up
+        s.profile.mark(Stage::Activation);
+        s.acts.set(&s.gate, n);
+        down.matmul(pool, &mut s.acts, &mut s.proj); // [n][n_embd]
+        s.profile.mark(Stage::Down);
+    }
+
+    /// The FFN through the neuron-sparse operator: each token's active neurons chosen by
+    /// its mode (every neuron, the gate, or the predictor), then gate, up and down rows of
+    /// those neurons only. Dense tokens of a batch that also has sparse ones take the
+    /// row-major path when the file has `ffn_down`, exactly as they would alone.
+    fn ffn_neurons(
+        &self,
+        pool: &ThreadPool,
+        layer: usize,
+        batch: &[BatchToken],
+        s: &mut Scratch,
+    ) -> Result<(), ForwardError> {
+        let c = &self.config;
+        let w = &self.weights.layers[layer];
+        let (n, n_ff, e) = (batch.len(), c.n_ff, c.n_embd);
+        let glu = c.ffn.glu();
+        let down_t = w
+            .down_t
+            .as_ref()
+            .ok_or_else(|| ForwardError::Sparsity("no neuron-major down projection".into()))?;
+
+        // Dense tokens that can take the row-major path, done first on their own rows.
+        s.row_major.clear();
+        if w.down.is_some() {
+            s.row_major
+                .extend((0..n).filter(|&t| batch[t].sparsity == SparsityMode::Dense));
+        }
+        if !s.row_major.is_empty() {
+            let m = s.row_major.len();
+            s.gathered.clear();
+            for &t in &s.row_major {
+                s.gathered.extend_from_slice(&s.xn[t * e..(t + 1) * e]);
+            }
+            s.gathered_acts.set(&s.gathered, m);
+            let (mut g, mut u) = (vec![0.0; m * n_ff], vec![0.0; m * n_ff]);
+            w.gate.matmul(pool, &mut s.gathered_acts, &mut g);
+            w.up.matmul(pool, &mut s.gathered_acts, &mut u);
+            gate_activation(c.ffn, &mut g, &u);
+            s.gathered_acts.set(&g, m);
+            let mut out = vec![0.0; m * e];
+            if let Some(down) = &w.down {
+                down.matmul(pool, &mut s.gathered_acts, &mut out);
+            }
+            for (i, &t) in s.row_major.iter().enumerate() {
+                s.proj[t * e..(t + 1) * e].copy_from_slice(&out[i * e..(i + 1) * e]);
+            }
+        }
+
+        // Gate values in full when a token thresholds them (the same bits the fused
+        // operator would compute row by row, so they are reused there).
+        let want_gate = batch.iter().any(|b| b.sparsity == SparsityMode::Gate);
+        if want_gate {
+            w.gate.matmul(pool, &mut s.acts, &mut s.gate);
+        }
+        // Predictor logits for the tokens that ask for them, from the residual stream.
+        let want_pred = batch.iter().any(|b| b.sparsity == SparsityMode::Predictor);
+        if want_pred {
+            let p = self
+                .sparsity
+                .predictors
+                .as_ref()
+                .and_then(|p| p.get(layer))
+                .ok_or_else(|| ForwardError::Sparsity("this model has no predictors".into()))?;
+            s.pred_acts.set(&s.x, n);
+            sized(&mut s.pred_hidden, n * p.rank());
+            p.fc1.matmul(pool, &mut s.pred_acts, &mut s.pred_hidden);
+            nn::relu(&mut s.pred_hidden);
+            s.pred_acts.set(&s.pred_hidden, n);
+            sized(&mut s.pred_logits, n * n_ff);
+            p.fc2.matmul(pool, &mut s.pred_acts, &mut s.pred_logits);
+        }
+        s.profile.mark(Stage::GateUp);
+
+        let mut active = s.active.take().unwrap_or_else(|| ActiveSet::new(n_ff));
+        active.reset(n_ff);
+        let gate_thr = self.sparsity.gate_threshold(layer);
+        let pred_thr = self.sparsity.predictor_threshold;
+        for (t, b) in batch.iter().enumerate() {
+            let row = t * n_ff..(t + 1) * n_ff;
+            if s.row_major.contains(&t) {
+                active.push_token([]);
+                continue;
+            }
+            match b.sparsity {
+                SparsityMode::Dense => active.push_all(),
+                SparsityMode::Gate => {
+                    let g = &s.gate[row];
+                    active.push_where(|i| glu.act(g[i]).abs() > gate_thr);
+                }
+                SparsityMode::Predictor => {
+                    let z = &s.pred_logits[row];
+                    active.push_where(|i| z[i] >= pred_thr);
+                }
+            }
+            s.active_counts[t * c.n_layer + layer] = active.token(t).len() as u32;
+        }
+        for &t in &s.row_major {
+            s.active_counts[t * c.n_layer + layer] = n_ff as u32;
+        }
+        s.profile.mark(Stage::Activation);
+
+        if s.row_major.len() < n {
+            // Tokens of the row-major path have no active neurons here and get 0.
+            let mut sparse_out = std::mem::take(&mut s.up);
+            sized(&mut sparse_out, n * e);
+            ffn_sparse(
+                pool,
+                &w.gate,
+                &w.up,
+                down_t,
+                glu,
+                &mut s.acts,
+                want_gate.then_some(s.gate.as_slice()),
+                &active,
+                &mut s.sparse,
+                &mut sparse_out,
+            );
+            for t in (0..n).filter(|t| !s.row_major.contains(t)) {
+                s.proj[t * e..(t + 1) * e].copy_from_slice(&sparse_out[t * e..(t + 1) * e]);
+            }
+            s.up = sparse_out;
+        }
+        s.active = Some(active);
+        s.profile.mark(Stage::Down);
+        Ok(())
+    }
+
     fn check(&self, batch: &[BatchToken], kv: &KvCache) -> Result<(), ForwardError> {
         if batch.is_empty() {
             return Err(ForwardError::EmptyBatch);
         }
         for b in batch {
+            if let Some(why) = self.sparsity_unavailable(b.sparsity) {
+                return Err(ForwardError::Sparsity(why));
+            }
             if b.token.index() >= self.config.n_vocab {
                 return Err(ForwardError::TokenOutOfRange {
                     token: b.token,
@@ -325,6 +548,8 @@ impl Model {
         sized(&mut s.gate, n * c.n_ff);
         sized(&mut s.up, n * c.n_ff);
         s.cos_sin.resize(n * c.n_rot / 2, [0.0; 2]);
+        s.active_counts.clear();
+        s.active_counts.resize(n * c.n_layer, 0);
         s.scores.resize_with(n_threads, Vec::new);
         for sc in &mut s.scores {
             sc.resize(n_ctx, 0.0);
@@ -397,6 +622,54 @@ fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     for (xr, or) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
         nn::rms_norm(xr, weight, eps, or);
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FfnPath {
+    RowMajor,
+    Neurons,
+}
+
+/// The sparsity data a model file carries itself: PowerInfer's predictors and threshold.
+fn load_file_sparsity(file: &GgufFile, c: &ModelConfig) -> Result<SparsityData, LoadError> {
+    let mut predictors = Vec::new();
+    for l in 0..c.n_layer {
+        match weights::predictor(file, c, crate::ids::LayerId(l))? {
+            Some(p) => predictors.push(p),
+            None if predictors.is_empty() => break,
+            None => {
+                return Err(LoadError::MissingTensor {
+                    name: super::names::Blk::Fc1.name(crate::ids::LayerId(l)),
+                });
+            }
+        }
+    }
+    let mut threshold = match file.metadata().get(key::SPARSE_THRESHOLD) {
+        None => 0.0,
+        Some(v) => v.as_f32().ok_or_else(|| LoadError::BadKey {
+            key: key::SPARSE_THRESHOLD.into(),
+            value: format!("{v:?}"),
+            expected: "a float".into(),
+        })?,
+    };
+    if let Ok(v) = std::env::var(key::SPARSE_THRESHOLD_ENV) {
+        threshold = v.trim().parse().map_err(|_| LoadError::BadKey {
+            key: key::SPARSE_THRESHOLD_ENV.into(),
+            value: v.clone(),
+            expected: "a float".into(),
+        })?;
+    }
+    let has = !predictors.is_empty();
+    Ok(SparsityData {
+        predictors: has.then_some(predictors),
+        predictor_threshold: threshold,
+        sources: if has {
+            vec!["model file".into()]
+        } else {
+            Vec::new()
+        },
+        ..SparsityData::default()
+    })
 }
 
 /// `gate = act(gate) ∘ up` for the model's FFN kind.

@@ -5,11 +5,14 @@ pub mod config;
 mod forward;
 mod kv_cache;
 pub mod names;
+pub mod sidecar;
+pub mod sparsity;
 mod weights;
 
 pub use config::{Arch, FfnKind, ModelConfig};
 pub use forward::{BatchToken, Model, Profile, Scratch, Stage};
 pub use kv_cache::{KvAllocError, KvCache, KvType};
+pub use sparsity::{Predictor, SparsityData, SparsityMode};
 pub use weights::{LayerWeights, Weights};
 
 use powerinfer_ops::gguf::GgufError;
@@ -57,4 +60,6 @@ pub enum ForwardError {
     ContextFull { pos: usize, n_ctx: usize },
     #[error("sequence slot {slot} does not exist ({n_slots} slots)")]
     BadSlot { slot: usize, n_slots: usize },
+    #[error("{0}")]
+    Sparsity(String),
 }

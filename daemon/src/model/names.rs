@@ -19,6 +19,12 @@ pub enum Blk {
     FfnGate,
     FfnUp,
     FfnDown,
+    /// The down projection stored neuron-major (`[n_embd, n_ff]` rows per neuron), as
+    /// PowerInfer's files carry it.
+    FfnDownT,
+    /// Predictor layers (PowerInfer): `fc1` `[n_embd] → [rank]`, `fc2` `[rank] → [n_ff]`.
+    Fc1,
+    Fc2,
 }
 
 impl Blk {
@@ -33,6 +39,9 @@ impl Blk {
             Self::FfnGate => "ffn_gate.weight",
             Self::FfnUp => "ffn_up.weight",
             Self::FfnDown => "ffn_down.weight",
+            Self::FfnDownT => "ffn_down_t.weight",
+            Self::Fc1 => "fc1.weight",
+            Self::Fc2 => "fc2.weight",
         }
     }
 
@@ -60,4 +69,8 @@ pub mod key {
     pub const ROPE_SCALING_FACTOR: &str = "rope.scaling.factor";
     pub const ROPE_SCALE_LINEAR: &str = "rope.scale_linear";
     pub const VOCAB_SIZE: &str = "vocab_size";
+    /// PowerInfer: the predictor logit a neuron needs to be active (absolute key).
+    pub const SPARSE_THRESHOLD: &str = "powerinfer.sparse_threshold";
+    /// PowerInfer's environment override of [`SPARSE_THRESHOLD`].
+    pub const SPARSE_THRESHOLD_ENV: &str = "LLAMA_SPARSE_PRED_THRESHOLD";
 }

@@ -8,6 +8,7 @@ use powerinfer_ops::tensor::Matrix;
 use super::LoadError;
 use super::config::{FfnKind, ModelConfig};
 use super::names::{self, Blk};
+use super::sparsity::Predictor;
 use crate::ids::LayerId;
 
 /// One transformer block.
@@ -24,8 +25,32 @@ pub struct LayerWeights {
     /// `[n_embd] → [n_ff]`
     pub gate: Matrix,
     pub up: Matrix,
-    /// `[n_ff] → [n_embd]`
-    pub down: Matrix,
+    /// `[n_ff] → [n_embd]`, row per output (absent from PowerInfer files that carry
+    /// `down_t` instead).
+    pub down: Option<Matrix>,
+    /// The same map neuron-major: row `i` is neuron `i`'s `[n_embd]` contribution. From
+    /// the file, or transposed from `down` when a sparse mode needs it.
+    pub down_t: Option<Matrix>,
+}
+
+impl LayerWeights {
+    /// The FFN matrices one dense step reads.
+    pub fn ffn_bytes(&self) -> usize {
+        let down = self
+            .down
+            .as_ref()
+            .or(self.down_t.as_ref())
+            .map_or(0, Matrix::n_bytes);
+        self.gate.n_bytes() + self.up.n_bytes() + down
+    }
+
+    /// Attention matrices.
+    pub fn attn_bytes(&self) -> usize {
+        [&self.wq, &self.wk, &self.wv, &self.wo]
+            .iter()
+            .map(|m| m.n_bytes())
+            .sum()
+    }
 }
 
 pub struct Weights {
@@ -64,6 +89,44 @@ fn matrix(file: &GgufFile, name: &str, n_cols: usize, n_rows: usize) -> Result<M
     Ok(m)
 }
 
+/// A `[n_cols, n_rows]` matrix that may be absent.
+fn optional(
+    file: &GgufFile,
+    name: &str,
+    n_cols: usize,
+    n_rows: usize,
+) -> Result<Option<Matrix>, LoadError> {
+    match file.tensor(name) {
+        Some(_) => matrix(file, name, n_cols, n_rows).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// PowerInfer's predictor of layer `l` (`fc1` `[n_embd, rank]`, `fc2` `[rank, n_ff]`),
+/// if the file has one; the rank may differ from layer to layer.
+pub fn predictor(
+    file: &GgufFile,
+    c: &ModelConfig,
+    l: LayerId,
+) -> Result<Option<Predictor>, LoadError> {
+    let (n1, n2) = (Blk::Fc1.name(l), Blk::Fc2.name(l));
+    match (file.tensor(&n1), file.tensor(&n2)) {
+        (None, None) => Ok(None),
+        (Some(t1), Some(_)) => {
+            let rank = match t1.dims.as_slice() {
+                [_, r, ..] if *r > 0 => *r as usize,
+                _ => return Err(shape_error(t1, format!("[{}, rank]", c.n_embd))),
+            };
+            Ok(Some(Predictor {
+                fc1: matrix(file, &n1, c.n_embd, rank)?,
+                fc2: matrix(file, &n2, rank, c.n_ff)?,
+            }))
+        }
+        (None, Some(_)) => Err(LoadError::MissingTensor { name: n1 }),
+        (Some(_), None) => Err(LoadError::MissingTensor { name: n2 }),
+    }
+}
+
 /// An f32 vector of `len` values (norm weights are stored as F32 by every converter).
 fn vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
     let t = info(file, name)?;
@@ -98,8 +161,17 @@ impl Weights {
                 ffn_norm: v(Blk::FfnNorm, c.n_embd)?,
                 gate: m(Blk::FfnGate, c.n_embd, c.n_ff)?,
                 up: m(Blk::FfnUp, c.n_embd, c.n_ff)?,
-                down: m(Blk::FfnDown, c.n_ff, c.n_embd)?,
+                down: optional(file, &Blk::FfnDown.name(l), c.n_ff, c.n_embd)?,
+                down_t: optional(file, &Blk::FfnDownT.name(l), c.n_embd, c.n_ff)?,
             });
+            if layers
+                .last()
+                .is_some_and(|w| w.down.is_none() && w.down_t.is_none())
+            {
+                return Err(LoadError::MissingTensor {
+                    name: Blk::FfnDown.name(l),
+                });
+            }
         }
         let (output, output_tied) = if file.tensor(names::OUTPUT).is_some() {
             (matrix(file, names::OUTPUT, c.n_embd, c.n_vocab)?, false)
@@ -124,17 +196,31 @@ impl Weights {
         })
     }
 
+    /// Parameters: matrix elements and norm vectors, a tied output counted once, the down
+    /// projection once whichever forms are loaded.
+    pub fn n_params(&self) -> u64 {
+        let m = |x: &Matrix| (x.n_rows() * x.n_cols()) as u64;
+        let mut n = m(&self.token_embd) + self.output_norm.len() as u64;
+        if !self.output_tied {
+            n += m(&self.output);
+        }
+        for l in &self.layers {
+            n += [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up]
+                .iter()
+                .map(|x| m(x))
+                .sum::<u64>();
+            n += l.down.as_ref().or(l.down_t.as_ref()).map_or(0, m);
+            n += (l.attn_norm.len() + l.ffn_norm.len()) as u64;
+        }
+        n
+    }
+
     /// Bytes of weights one decode step reads (every matrix once).
     pub fn bytes_per_token(&self) -> usize {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
-                    .iter()
-                    .map(|m| m.n_bytes())
-                    .sum::<usize>()
-            })
+            .map(|l| l.attn_bytes() + l.ffn_bytes())
             .sum();
         layers + self.output.n_bytes()
     }

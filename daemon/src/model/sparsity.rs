@@ -1,0 +1,107 @@
+//! Which feed-forward neurons a token computes (DESIGN.md §4): the modes, and the
+//! per-layer data they need (gate thresholds, low-rank predictors, activation counts),
+//! read from the model file (PowerInfer's `PWRI` predictors) or from the sidecar GGUF that
+//! `powerinferd prepare` writes next to the model.
+
+use powerinfer_ops::tensor::Matrix;
+
+/// How feed-forward neurons are chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SparsityMode {
+    /// Every neuron.
+    #[default]
+    Dense,
+    /// Low-rank predictors decide which neurons fire.
+    Predictor,
+    /// The gate decides: computed in full, then only the neurons whose activated gate
+    /// passes the layer's threshold (exactly 0 for ReLU-gated models) are finished.
+    Gate,
+}
+
+impl SparsityMode {
+    pub const ALL: [SparsityMode; 3] = [Self::Dense, Self::Predictor, Self::Gate];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Dense => "dense",
+            Self::Predictor => "predictor",
+            Self::Gate => "gate",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+impl std::fmt::Display for SparsityMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One layer's predictor: `logits = fc2 · relu(fc1 · x)` over the residual stream `x`
+/// after attention (before `ffn_norm`); neuron `i` is predicted active where
+/// `logits[i] ≥ threshold`.
+pub struct Predictor {
+    /// `[n_embd] → [rank]`
+    pub fc1: Matrix,
+    /// `[rank] → [n_ff]`
+    pub fc2: Matrix,
+}
+
+impl Predictor {
+    pub fn rank(&self) -> usize {
+        self.fc1.n_rows()
+    }
+
+    pub fn n_bytes(&self) -> usize {
+        self.fc1.n_bytes() + self.fc2.n_bytes()
+    }
+}
+
+/// The sparsity data of a loaded model.
+#[derive(Default)]
+pub struct SparsityData {
+    /// Gate mode for SiLU/GELU models: neuron `i` of layer `l` is active where
+    /// `|act(gate_i)| > gate_thresholds[l]`. ReLU-gated models need none (0, exact).
+    pub gate_thresholds: Option<Vec<f32>>,
+    /// Per layer, when the file or sidecar has them.
+    pub predictors: Option<Vec<Predictor>>,
+    /// The predictor logit a neuron needs to be active (`powerinfer.sparse_threshold`,
+    /// overridden by `LLAMA_SPARSE_PRED_THRESHOLD`; default 0).
+    pub predictor_threshold: f32,
+    /// Per layer, how often each neuron fired during calibration (0..=1).
+    pub frequencies: Option<Vec<Vec<f32>>>,
+    /// Where the data came from (file names), for status and errors.
+    pub sources: Vec<String>,
+}
+
+impl SparsityData {
+    /// Why `mode` cannot run on this model, if it cannot.
+    pub fn unavailable(&self, mode: SparsityMode, relu_gated: bool) -> Option<String> {
+        match mode {
+            SparsityMode::Dense => None,
+            SparsityMode::Gate if relu_gated || self.gate_thresholds.is_some() => None,
+            SparsityMode::Gate => Some(
+                "gate mode on a SiLU/GELU model needs calibrated thresholds: run \
+                 `powerinferd prepare MODEL --calibration TEXT` first"
+                    .into(),
+            ),
+            SparsityMode::Predictor if self.predictors.is_some() => None,
+            SparsityMode::Predictor => Some(
+                "predictor mode needs predictors: a PowerInfer (PWRI) file with \
+                 blk.N.fc1/fc2, or a sidecar from `powerinferd prepare`"
+                    .into(),
+            ),
+        }
+    }
+
+    /// The gate threshold of `layer` (0 when none were calibrated).
+    pub fn gate_threshold(&self, layer: usize) -> f32 {
+        self.gate_thresholds
+            .as_ref()
+            .and_then(|t| t.get(layer).copied())
+            .unwrap_or(0.0)
+    }
+}
