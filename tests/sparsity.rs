@@ -158,7 +158,7 @@ fn modes_without_their_data_are_refused_and_sidecars_are_checked() {
         Err(e) => e.to_string(),
     };
     assert!(
-        why(SparsityMode::Gate).contains("prepare"),
+        why(SparsityMode::Gate).contains("sidecar"),
         "{}",
         why(SparsityMode::Gate)
     );

@@ -58,7 +58,7 @@ pub fn path_for(model: &Path) -> PathBuf {
     model.with_file_name(format!("{stem}.sparsity.gguf"))
 }
 
-/// What a sidecar holds, in plain vectors (what `prepare` produces).
+/// What a sidecar holds, in plain vectors (what calibration produces).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SidecarData {
     pub calibration_tokens: u64,

@@ -1,7 +1,7 @@
 //! Which feed-forward neurons a token computes (DESIGN.md §4): the modes, and the
 //! per-layer data they need (gate thresholds, low-rank predictors, activation counts),
-//! read from the model file (PowerInfer's `PWRI` predictors) or from the sidecar GGUF that
-//! `powerinferd prepare` writes next to the model.
+//! read from the model file (PowerInfer's `PWRI` predictors) or from the sparsity sidecar
+//! GGUF next to the model (see [`super::sidecar`]).
 
 use powerinfer_ops::tensor::Matrix;
 
@@ -84,14 +84,15 @@ impl SparsityData {
             SparsityMode::Dense => None,
             SparsityMode::Gate if relu_gated || self.gate_thresholds.is_some() => None,
             SparsityMode::Gate => Some(
-                "gate mode on a SiLU/GELU model needs calibrated thresholds: run \
-                 `powerinferd prepare MODEL --calibration TEXT` first"
+                "gate mode on a SiLU/GELU model needs calibrated gate thresholds \
+                 (powerinfer.gate.thresholds) in the sparsity sidecar NAME.sparsity.gguf \
+                 next to the model"
                     .into(),
             ),
             SparsityMode::Predictor if self.predictors.is_some() => None,
             SparsityMode::Predictor => Some(
                 "predictor mode needs predictors: a PowerInfer (PWRI) file with \
-                 blk.N.fc1/fc2, or a sidecar from `powerinferd prepare`"
+                 blk.N.fc1/fc2, or a sparsity sidecar NAME.sparsity.gguf carrying them"
                     .into(),
             ),
         }
