@@ -154,6 +154,8 @@ pub struct Scratch {
     row_major: Vec<usize>,
     gathered: Vec<f32>,
     gathered_acts: Activations,
+    /// Gate, up and output of those row-major tokens.
+    mixed: [Vec<f32>; 3],
     /// Active neurons of each token of the last batch, per layer (`[n_tok][n_layer]`).
     pub active_counts: Vec<u32>,
     pub profile: Profile,
@@ -312,7 +314,17 @@ impl Model {
             s.acts.set(&s.xn, n);
             match (&w.down, self.ffn_path(batch, w)) {
                 (Some(down), FfnPath::RowMajor) => {
-                    self.ffn_dense(pool, w, down, s, n);
+                    let ff = RowMajorFfn {
+                        kind: c.ffn,
+                        w,
+                        down,
+                    };
+                    ff.run(
+                        pool,
+                        &mut s.acts,
+                        [&mut s.gate, &mut s.up, &mut s.proj],
+                        &mut s.profile,
+                    );
                     s.active_counts[layer..]
                         .iter_mut()
                         .step_by(n_layer)
@@ -360,26 +372,6 @@ impl Model {
         }
     }
 
-    /// The dense FFN on row-major matrices: `proj = down · (act(gate · xn) ∘ (up · xn))`
-    /// for the batch in `s.acts`.
-    fn ffn_dense(
-        &self,
-        pool: &ThreadPool,
-        w: &LayerWeights,
-        down: &Matrix,
-        s: &mut Scratch,
-        n: usize,
-    ) {
-        w.gate.matmul(pool, &mut s.acts, &mut s.gate); // [n][n_ff]
-        w.up.matmul(pool, &mut s.acts, &mut s.up); // [n][n_ff]
-        s.profile.mark(Stage::GateUp);
-        gate_activation(self.config.ffn, &mut s.gate, &s.up); // h = act(gate) ∘ up
-        s.profile.mark(Stage::Activation);
-        s.acts.set(&s.gate, n);
-        down.matmul(pool, &mut s.acts, &mut s.proj); // [n][n_embd]
-        s.profile.mark(Stage::Down);
-    }
-
     /// The FFN through the neuron-sparse operator: each token's active neurons chosen by
     /// its mode (every neuron, the gate, or the predictor), then gate, up and down rows of
     /// those neurons only. Dense tokens of a batch that also has sparse ones take the
@@ -406,24 +398,25 @@ impl Model {
             s.row_major
                 .extend((0..n).filter(|&t| batch[t].sparsity == SparsityMode::Dense));
         }
-        if !s.row_major.is_empty() {
+        if let (Some(down), false) = (&w.down, s.row_major.is_empty()) {
             let m = s.row_major.len();
             s.gathered.clear();
             for &t in &s.row_major {
                 s.gathered.extend_from_slice(&s.xn[t * e..(t + 1) * e]);
             }
             s.gathered_acts.set(&s.gathered, m);
-            let (mut g, mut u) = (vec![0.0; m * n_ff], vec![0.0; m * n_ff]);
-            w.gate.matmul(pool, &mut s.gathered_acts, &mut g);
-            w.up.matmul(pool, &mut s.gathered_acts, &mut u);
-            gate_activation(c.ffn, &mut g, &u);
-            s.gathered_acts.set(&g, m);
-            let mut out = vec![0.0; m * e];
-            if let Some(down) = &w.down {
-                down.matmul(pool, &mut s.gathered_acts, &mut out);
-            }
+            sized(&mut s.mixed[0], m * n_ff);
+            sized(&mut s.mixed[1], m * n_ff);
+            sized(&mut s.mixed[2], m * e);
+            let [g, u, out] = &mut s.mixed;
+            let ff = RowMajorFfn {
+                kind: c.ffn,
+                w,
+                down,
+            };
+            ff.run(pool, &mut s.gathered_acts, [g, u, out], &mut s.profile);
             for (i, &t) in s.row_major.iter().enumerate() {
-                s.proj[t * e..(t + 1) * e].copy_from_slice(&out[i * e..(i + 1) * e]);
+                s.proj[t * e..(t + 1) * e].copy_from_slice(&s.mixed[2][i * e..(i + 1) * e]);
             }
         }
 
@@ -621,6 +614,34 @@ fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let e = weight.len();
     for (xr, or) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
         nn::rms_norm(xr, weight, eps, or);
+    }
+}
+
+/// The dense FFN on row-major matrices: `out = down · (act(gate · x) ∘ (up · x))` for the
+/// batch in `acts` (which ends holding the hidden activations).
+struct RowMajorFfn<'a> {
+    kind: FfnKind,
+    w: &'a LayerWeights,
+    down: &'a Matrix,
+}
+
+impl RowMajorFfn<'_> {
+    fn run(
+        &self,
+        pool: &ThreadPool,
+        acts: &mut Activations,
+        [gate, up, out]: [&mut Vec<f32>; 3],
+        profile: &mut Profile,
+    ) {
+        let n = acts.n_tok();
+        self.w.gate.matmul(pool, acts, gate); // [n][n_ff]
+        self.w.up.matmul(pool, acts, up); // [n][n_ff]
+        profile.mark(Stage::GateUp);
+        gate_activation(self.kind, gate, up); // h = act(gate) ∘ up
+        profile.mark(Stage::Activation);
+        acts.set(gate, n);
+        self.down.matmul(pool, acts, out); // [n][n_embd]
+        profile.mark(Stage::Down);
     }
 }
 
