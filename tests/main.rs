@@ -9,6 +9,7 @@ mod gguf_hostile;
 mod gguf_roundtrip;
 mod parity_model;
 mod parity_tokenize;
+mod placement;
 mod pretokenize;
 mod quant_reference;
 mod real_model;

@@ -9,8 +9,8 @@ use powerinfer_daemon::model::{BatchToken, KvCache, KvType, Model, Scratch, Spar
 use powerinfer_ops::gguf::{GgufFile, Magic};
 use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::quant::{Numerics, WeightType};
-use powerinfer_tests::TempDir;
 use powerinfer_tests::synth::Spec;
+use powerinfer_tests::{TempDir, powerinferd};
 
 /// Logits after every token of `toks`, one token per step, in `mode`; and the active
 /// neuron counts of every step.
@@ -200,4 +200,166 @@ fn modes_without_their_data_are_refused_and_sidecars_are_checked() {
     let s = &loaded.model.sparsity;
     assert_eq!(s.gate_thresholds.as_deref(), Some(thresholds.as_slice()));
     assert_eq!(s.frequencies.as_ref().map(Vec::len), Some(c.n_layer));
+}
+
+/// A free English text shipped by Debian (the tests' calibration text).
+const CALIBRATION: &str = "/usr/share/common-licenses/GPL-2";
+
+/// Mean of the active shares of every step and layer.
+fn active_share(counts: &[Vec<u32>], n_ff: usize) -> f64 {
+    let all: Vec<u32> = counts.iter().flatten().copied().collect();
+    all.iter().map(|&c| f64::from(c)).sum::<f64>() / (all.len() * n_ff) as f64
+}
+
+/// The held-out recall column of `prepare`'s table.
+fn held_out_recalls(table: &str) -> Vec<f32> {
+    table
+        .lines()
+        .filter_map(|l| l.split_once('|'))
+        .filter_map(|(_, r)| r.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn prepare_trains_predictors_that_catch_the_neurons_of_relu_models() {
+    let dir = TempDir::new("sparsity-prepare-relu");
+    for (arch, magic) in [("llama", Magic::PowerInfer), ("bamboo", Magic::Gguf)] {
+        let spec = Spec {
+            arch,
+            magic,
+            down_t: true,
+            n_ff: 256,
+            seed: 73,
+            ..Spec::default()
+        };
+        let path = spec.write_to(dir.path(), arch);
+        let p = path.to_str().unwrap();
+        let o = powerinferd(&[
+            "prepare",
+            p,
+            "--calibration",
+            CALIBRATION,
+            "-c",
+            "128",
+            "--max-tokens",
+            "3072",
+            "--rank",
+            "64",
+            "-t",
+            "2",
+        ]);
+        assert_eq!(o.status, 0, "{arch}: {}\n{}", o.stdout, o.stderr);
+        assert!(o.stderr.contains("ReLU-gated"), "{}", o.stderr);
+        eprintln!("{arch} ({magic:?}):\n{}", o.stdout);
+        let recalls = held_out_recalls(&o.stdout);
+        assert_eq!(recalls.len(), spec.n_layer, "{}", o.stdout);
+        assert!(
+            recalls.iter().all(|&r| r >= 0.9),
+            "{arch}: recall {recalls:?}\n{}",
+            o.stdout
+        );
+        assert!(sidecar::path_for(&path).exists());
+
+        // Load picks the sidecar up: predictor mode runs and computes fewer neurons than
+        // dense while catching most of the gate's.
+        let loaded = LoadedModel::load_for(&path, SparsityMode::Predictor).unwrap();
+        let model = &loaded.model;
+        assert!(model.sparsity.frequencies.is_some());
+        let toks: Vec<u32> = loaded
+            .tokenizer
+            .encode("The licenses for most software are designed", true, false)
+            .iter()
+            .map(|t| t.0)
+            .collect();
+        let (_, pred) = run(model, &toks, SparsityMode::Predictor);
+        let (_, gate) = run(model, &toks, SparsityMode::Gate);
+        let (p_share, g_share) = (
+            active_share(&pred, spec.n_ff),
+            active_share(&gate, spec.n_ff),
+        );
+        assert!(
+            p_share < 0.95 && p_share >= g_share * 0.9,
+            "{arch}: predictor {p_share}, gate {g_share}"
+        );
+    }
+}
+
+#[test]
+fn prepare_calibrates_gate_thresholds_of_silu_models_to_the_target() {
+    let dir = TempDir::new("sparsity-prepare-silu");
+    let spec = Spec {
+        n_ff: 256,
+        seed: 74,
+        ..Spec::default()
+    };
+    let path = spec.write_to(dir.path(), "silu");
+    let p = path.to_str().unwrap();
+    // Before prepare, gate mode is refused with the way out named.
+    let o = powerinferd(&[
+        "perplexity",
+        p,
+        CALIBRATION,
+        "-c",
+        "64",
+        "--sparsity",
+        "gate",
+    ]);
+    assert_eq!(o.status, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("sidecar"), "{}", o.stderr);
+
+    let o = powerinferd(&[
+        "prepare",
+        p,
+        "--calibration",
+        CALIBRATION,
+        "-c",
+        "128",
+        "--max-tokens",
+        "2048",
+        "--target-sparsity",
+        "0.7",
+        "--rank",
+        "0",
+    ]);
+    assert_eq!(o.status, 0, "{}\n{}", o.stdout, o.stderr);
+    let data = GgufFile::open(sidecar::path_for(&path)).unwrap();
+    assert!(
+        data.tensor("blk.0.fc1.weight").is_none(),
+        "--rank 0 trains no predictors"
+    );
+    let loaded = LoadedModel::load_for(&path, SparsityMode::Gate).unwrap();
+    let thresholds = loaded.model.sparsity.gate_thresholds.clone().unwrap();
+    assert!(thresholds.iter().all(|&t| t > 0.0), "{thresholds:?}");
+    let toks: Vec<u32> = loaded
+        .tokenizer
+        .encode(
+            &std::fs::read_to_string(CALIBRATION).unwrap()[..2000],
+            true,
+            false,
+        )
+        .iter()
+        .map(|t| t.0)
+        .take(200)
+        .collect();
+    let (_, gate) = run(&loaded.model, &toks, SparsityMode::Gate);
+    let share = active_share(&gate, spec.n_ff);
+    assert!(
+        (share - 0.3).abs() < 0.08,
+        "active share {share}, target 0.3"
+    );
+
+    // The same command on a file that is not a model is refused cleanly.
+    let o = powerinferd(&["prepare", CALIBRATION, "--calibration", CALIBRATION]);
+    assert_eq!(o.status, 2, "{}", o.stderr);
+    // Bad targets too.
+    let o = powerinferd(&[
+        "prepare",
+        p,
+        "--calibration",
+        CALIBRATION,
+        "--target-sparsity",
+        "1.5",
+    ]);
+    assert_eq!(o.status, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("target sparsity"), "{}", o.stderr);
 }

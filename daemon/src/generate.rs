@@ -57,10 +57,23 @@ impl LoadedModel {
     /// `prepare` is read when it exists, and the neuron-major down projections are made
     /// when a sparse mode needs them. A mode the model cannot run is refused here.
     pub fn load_for(path: &Path, sparsity: SparsityMode) -> Result<Self, LoadError> {
+        Self::load_with(path, sparsity, true)
+    }
+
+    /// The model alone, ignoring any sidecar next to it (what `prepare` calibrates).
+    pub fn load_without_sidecar(path: &Path) -> Result<Self, LoadError> {
+        Self::load_with(path, SparsityMode::Dense, false)
+    }
+
+    fn load_with(
+        path: &Path,
+        sparsity: SparsityMode,
+        with_sidecar: bool,
+    ) -> Result<Self, LoadError> {
         let file = GgufFile::open(path)?;
         let mut model = Model::load(&file)?;
         let side = sidecar::path_for(path);
-        if side.exists() {
+        if with_sidecar && side.exists() {
             sidecar::read(&side, &mut model)?;
         }
         if sparsity != SparsityMode::Dense {
@@ -218,6 +231,16 @@ impl<'m> Session<'m> {
 
     pub fn n_threads(&self) -> usize {
         self.pool.n_threads()
+    }
+
+    /// Starts (`Some`) or stops recording what calibration needs in every forward pass.
+    pub fn set_capture(&mut self, capture: Option<crate::model::Capture>) {
+        self.scratch.capture = capture;
+    }
+
+    /// What was recorded since [`Self::set_capture`], ending the recording.
+    pub fn take_capture(&mut self) -> Option<crate::model::Capture> {
+        self.scratch.capture.take()
     }
 
     /// Runs `tokens` at positions `start..` and returns the logits of the positions in

@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod model;
 pub mod models;
 pub mod perplexity;
+pub mod prepare;
 pub mod progress;
 pub mod sampler;
 pub mod server;

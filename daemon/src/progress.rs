@@ -1,5 +1,5 @@
-//! A progress bar on stderr for long transfers: redrawn in place on a terminal, a line
-//! at start and end otherwise (logs stay readable).
+//! A progress bar on stderr for long jobs (transfers, calibration): redrawn in place on a
+//! terminal, a line at start and end otherwise (logs stay readable).
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -10,22 +10,35 @@ const WIDTH: usize = 30;
 pub struct Progress {
     label: String,
     total: u64,
+    /// `None` counts bytes (shown in MB); else the name of what is counted.
+    unit: Option<&'static str>,
     tty: bool,
     last: Option<Instant>,
     started: Instant,
 }
 
 impl Progress {
+    /// A bar over `total` bytes.
     pub fn new(label: impl Into<String>, total: u64) -> Self {
+        Self::start(label.into(), total, None)
+    }
+
+    /// A bar over `total` things called `unit` ("tokens", "layers").
+    pub fn counting(label: impl Into<String>, total: u64, unit: &'static str) -> Self {
+        Self::start(label.into(), total, Some(unit))
+    }
+
+    fn start(label: String, total: u64, unit: Option<&'static str>) -> Self {
         let p = Self {
-            label: label.into(),
+            label,
             total,
+            unit,
             tty: std::io::stderr().is_terminal(),
             last: None,
             started: Instant::now(),
         };
         if !p.tty {
-            eprintln!("{}: {} bytes ...", p.label, total);
+            eprintln!("{}: {} {} ...", p.label, total, unit.unwrap_or("bytes"));
         }
         p
     }
@@ -57,14 +70,16 @@ impl Progress {
             })
             .collect();
         let mb = |b: u64| b as f64 / 1e6;
+        let count = match self.unit {
+            None => format!("{:.1}/{:.1} MB", mb(done), mb(self.total)),
+            Some(unit) => format!("{done}/{} {unit}", self.total),
+        };
         let mut err = std::io::stderr().lock();
         let _ = write!(
             err,
-            "\r{} [{bar}] {:>3.0}% {:.1}/{:.1} MB",
+            "\r{} [{bar}] {:>3.0}% {count}",
             self.label,
             frac * 100.0,
-            mb(done),
-            mb(self.total)
         );
         let _ = err.flush();
     }

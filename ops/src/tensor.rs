@@ -339,9 +339,15 @@ impl Matrix {
     }
 
     /// The matrix transposed, stored in the same weight type (dequantized, transposed and
-    /// quantized again, so quantized types lose a little: the neuron-major form of a
-    /// down projection for the sparse operators).
+    /// quantized again, so quantized types lose a little).
     pub fn transposed(&self) -> Matrix {
+        self.transposed_as(self.wtype)
+    }
+
+    /// The matrix transposed and stored as `wtype` (the neuron-major form of a down
+    /// projection for the sparse operators). Panics if `wtype`'s blocks do not divide the
+    /// new rows (`n_rows` values each).
+    pub fn transposed_as(&self, wtype: WeightType) -> Matrix {
         let (r, c) = (self.n_rows, self.n_cols);
         let mut row = vec![0.0; c];
         let mut t = vec![0.0; r * c];
@@ -351,7 +357,7 @@ impl Matrix {
                 t[j * r + i] = *v;
             }
         }
-        Matrix::quantize(self.wtype, &t, c, r)
+        Matrix::quantize(wtype, &t, c, r)
     }
 }
 

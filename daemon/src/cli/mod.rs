@@ -7,6 +7,8 @@ mod bench_serving;
 mod common;
 mod inspect;
 mod perplexity;
+mod place;
+mod prepare;
 mod pull;
 mod run;
 mod serve;
@@ -54,6 +56,12 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Perplexity of a text file, computed as llama-perplexity does.
     Perplexity(perplexity::PerplexityArgs),
+    /// Calibrate the sparse modes on a text (gate thresholds, activation counts,
+    /// predictors) and write the sparsity sidecar next to the model.
+    Prepare(prepare::PrepareArgs),
+    /// Place the most active FFN neurons in a device memory budget and write the
+    /// placement as NAME.generated.gpuidx (PowerInfer's format).
+    Place(place::PlaceArgs),
     /// Prompt-processing and generation speed, as llama-bench measures them.
     Bench(bench::BenchArgs),
     /// Put a model into the models directory: a catalog alias or an https URL
@@ -87,6 +95,8 @@ where
         Command::Run(a) => run::run(&a, out, err),
         Command::Tokenize(a) => tokenize::run(&a, out, err),
         Command::Perplexity(a) => perplexity::run(&a, out, err),
+        Command::Prepare(a) => prepare::run(&a, out, err),
+        Command::Place(a) => place::run(&a, out, err),
         Command::Bench(a) => bench::run(&a, out, err),
         Command::Pull(a) => pull::run(&a, out, err),
         Command::Serve(a) => serve::run(&a, err),

@@ -80,6 +80,14 @@ pub fn run(a: &PerplexityArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
                 p.scored,
                 started.elapsed().as_secs_f64()
             );
+            let active = session.active_fraction_per_layer();
+            let mean = active.iter().sum::<f32>() / active.len().max(1) as f32;
+            let _ = writeln!(
+                err,
+                "FFN neurons computed: {:.1}% (mean over layers; sparsity {})",
+                100.0 * mean,
+                crate::model::SparsityMode::from(a.sparsity)
+            );
             exit::OK
         }
         Err(e @ (PerplexityError::TooShort { .. } | PerplexityError::ContextTooSmall(_))) => {

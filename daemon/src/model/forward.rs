@@ -7,7 +7,7 @@
 use powerinfer_ops::gguf::GgufFile;
 use powerinfer_ops::nn::{self, KvElem, Rope};
 use powerinfer_ops::pool::{SharedMut, ThreadPool};
-use powerinfer_ops::quant::Numerics;
+use powerinfer_ops::quant::{Numerics, WeightType};
 use powerinfer_ops::sparse::{ActiveSet, SparseScratch, ffn_sparse};
 use powerinfer_ops::tensor::{Activations, Matrix};
 
@@ -159,6 +159,35 @@ pub struct Scratch {
     /// Active neurons of each token of the last batch, per layer (`[n_tok][n_layer]`).
     pub active_counts: Vec<u32>,
     pub profile: Profile,
+    /// What calibration records, when set.
+    pub capture: Option<Capture>,
+}
+
+/// What [`Model::forward`] records for calibration when [`Scratch::capture`] is set: per
+/// layer, the FFN input (the residual stream before `ffn_norm`, what predictors read) and
+/// the activated gate `|act(gate)|` of every token, appended batch after batch.
+#[derive(Default)]
+pub struct Capture {
+    /// `[layer]` → `[tokens × n_embd]`
+    pub x: Vec<Vec<f32>>,
+    /// `[layer]` → `[tokens × n_ff]`
+    pub gate: Vec<Vec<f32>>,
+    buf: Vec<f32>,
+}
+
+impl Capture {
+    pub fn new(n_layer: usize) -> Self {
+        Self {
+            x: vec![Vec::new(); n_layer],
+            gate: vec![Vec::new(); n_layer],
+            buf: Vec::new(),
+        }
+    }
+
+    /// Tokens recorded so far.
+    pub fn n_tokens(&self, n_embd: usize) -> usize {
+        self.x.first().map_or(0, |x| x.len() / n_embd.max(1))
+    }
 }
 
 impl Scratch {
@@ -181,6 +210,23 @@ impl Scratch {
     /// The logits of the last [`Model::forward`].
     pub fn logits(&self) -> &[f32] {
         &self.logits
+    }
+}
+
+/// The weight type of the neuron-major down projection made from a row-major one of type
+/// `wtype` with `n_embd` outputs (the length of the new rows).
+fn neuron_form_type(wtype: WeightType, n_embd: usize) -> WeightType {
+    match wtype {
+        WeightType::F32 | WeightType::F16 | WeightType::BF16 => wtype,
+        _ if n_embd.is_multiple_of(32) => WeightType::Q8_0,
+        _ => WeightType::F16,
+    }
+}
+
+/// Adds `bias` to every row of `rows`.
+fn add_rows(rows: &mut [f32], bias: &[f32]) {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(r, b)| *r += b);
     }
 }
 
@@ -210,14 +256,17 @@ impl Model {
     }
 
     /// Gives every layer the neuron-major down projection the sparse modes compute with,
-    /// transposing `ffn_down` where the file has no `ffn_down_t` (in the same weight type;
-    /// the row-major form stays for dense requests).
+    /// transposing `ffn_down` where the file has no `ffn_down_t` (the row-major form stays
+    /// for dense requests). Float types keep their type (exact); quantized ones become
+    /// Q8_0, since quantizing the transposed values again in a 4- to 6-bit type would add
+    /// a second rounding error of the size of the first (measured: +3% perplexity on
+    /// SmolLM2 Q4_1 with every neuron computed; Q8_0 keeps it within noise).
     pub fn ensure_neuron_form(&mut self) {
         for l in &mut self.weights.layers {
             if l.down_t.is_none()
                 && let Some(d) = &l.down
             {
-                l.down_t = Some(d.transposed());
+                l.down_t = Some(d.transposed_as(neuron_form_type(d.wtype(), d.n_rows())));
             }
         }
     }
@@ -312,6 +361,14 @@ impl Model {
             rms_norm_rows(&s.x, &w.ffn_norm, eps, &mut s.xn); // [n][n_embd]
             s.profile.mark(Stage::Norm);
             s.acts.set(&s.xn, n);
+            if let Some(cap) = s.capture.as_mut() {
+                // Calibration only: the gate once more, whatever path the FFN takes.
+                cap.x[layer].extend_from_slice(&s.x);
+                sized(&mut cap.buf, n * c.n_ff);
+                w.gate.matmul(pool, &mut s.acts, &mut cap.buf);
+                let glu = c.ffn.glu();
+                cap.gate[layer].extend(cap.buf.iter().map(|&g| glu.act(g).abs()));
+            }
             match (&w.down, self.ffn_path(batch, w)) {
                 (Some(down), FfnPath::RowMajor) => {
                     let ff = RowMajorFfn {
@@ -438,10 +495,16 @@ impl Model {
             s.pred_acts.set(&s.x, n);
             sized(&mut s.pred_hidden, n * p.rank());
             p.fc1.matmul(pool, &mut s.pred_acts, &mut s.pred_hidden);
+            if let Some(b) = &p.b1 {
+                add_rows(&mut s.pred_hidden, b);
+            }
             nn::relu(&mut s.pred_hidden);
             s.pred_acts.set(&s.pred_hidden, n);
             sized(&mut s.pred_logits, n * n_ff);
             p.fc2.matmul(pool, &mut s.pred_acts, &mut s.pred_logits);
+            if let Some(b) = &p.b2 {
+                add_rows(&mut s.pred_logits, b);
+            }
         }
         s.profile.mark(Stage::GateUp);
 

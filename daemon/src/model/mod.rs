@@ -5,12 +5,13 @@ pub mod config;
 mod forward;
 mod kv_cache;
 pub mod names;
+pub mod placement;
 pub mod sidecar;
 pub mod sparsity;
 mod weights;
 
 pub use config::{Arch, FfnKind, ModelConfig};
-pub use forward::{BatchToken, Model, Profile, Scratch, Stage};
+pub use forward::{BatchToken, Capture, Model, Profile, Scratch, Stage};
 pub use kv_cache::{KvAllocError, KvCache, KvType};
 pub use sparsity::{Predictor, SparsityData, SparsityMode};
 pub use weights::{LayerWeights, Weights};

@@ -17,13 +17,16 @@
 //!
 //! Tensors: `blk.N.activation_freq` (F32 `[n_ff]`, how often each neuron fired), and the
 //! predictors `blk.N.fc1.weight` (`[n_embd, rank]`) and `blk.N.fc2.weight` (`[rank, n_ff]`)
-//! in PowerInfer's layout.
+//! in PowerInfer's layout (Q8_0 where the row lengths allow, else F16), with F32 biases
+//! `blk.N.fc1.bias` (`[rank]`) and `blk.N.fc2.bias` (`[n_ff]`) that PowerInfer's lack.
 
 use std::path::{Path, PathBuf};
 
 use powerinfer_ops::GgmlType;
 use powerinfer_ops::gguf::{Array, GgufFile, GgufWriter, Value};
 use powerinfer_ops::pod::as_bytes;
+use powerinfer_ops::quant::WeightType;
+use powerinfer_ops::tensor::Matrix;
 
 use super::forward::Model;
 use super::weights;
@@ -79,6 +82,31 @@ pub struct PredictorData {
     pub fc1: Vec<f32>,
     /// `n_ff × rank`, row-major.
     pub fc2: Vec<f32>,
+    /// `[rank]`
+    pub b1: Vec<f32>,
+    /// `[n_ff]`
+    pub b2: Vec<f32>,
+}
+
+/// How predictor weights with rows of `n_cols` values are stored: Q8_0 when the rows are
+/// whole blocks, else F16.
+pub fn predictor_wtype(n_cols: usize) -> WeightType {
+    if n_cols.is_multiple_of(32) {
+        WeightType::Q8_0
+    } else {
+        WeightType::F16
+    }
+}
+
+/// `values` (`n_rows × n_cols`) as the sidecar will store and load them: quantized to
+/// [`predictor_wtype`] and back. `prepare` evaluates its predictors in this form.
+pub fn stored_form(values: &[f32], n_rows: usize, n_cols: usize) -> (Matrix, Vec<f32>) {
+    let m = Matrix::quantize(predictor_wtype(n_cols), values, n_rows, n_cols);
+    let mut back = vec![0.0; values.len()];
+    for (r, row) in back.chunks_exact_mut(n_cols.max(1)).enumerate() {
+        m.dequantize_row(r, row);
+    }
+    (m, back)
 }
 
 fn bad(key: &str, value: impl std::fmt::Debug, expected: &str) -> LoadError {
@@ -123,18 +151,38 @@ pub fn write(path: &Path, c: &ModelConfig, data: &SidecarData) -> Result<(), Loa
                 .map_err(err)?;
         }
     }
-    if let Some(preds) = &data.predictors {
-        for (l, p) in preds.iter().enumerate() {
-            let (r, fc1, fc2) = (p.rank as u64, &p.fc1, &p.fc2);
-            let (n1, n2) = (
-                super::names::Blk::Fc1.name(LayerId(l)),
-                super::names::Blk::Fc2.name(LayerId(l)),
-            );
-            w.add_tensor(&n1, GgmlType::F32, &[c.n_embd as u64, r], as_bytes(fc1))
-                .map_err(err)?;
-            w.add_tensor(&n2, GgmlType::F32, &[r, c.n_ff as u64], as_bytes(fc2))
-                .map_err(err)?;
-        }
+    // The writer borrows tensor bytes until it writes, so the quantized forms live here.
+    let stored: Vec<(Matrix, Matrix)> = data
+        .predictors
+        .iter()
+        .flatten()
+        .map(|p| {
+            (
+                Matrix::quantize(predictor_wtype(c.n_embd), &p.fc1, p.rank, c.n_embd),
+                Matrix::quantize(predictor_wtype(p.rank), &p.fc2, c.n_ff, p.rank),
+            )
+        })
+        .collect();
+    for (l, (p, (m1, m2))) in data.predictors.iter().flatten().zip(&stored).enumerate() {
+        let r = p.rank as u64;
+        let (n1, n2) = (
+            super::names::Blk::Fc1.name(LayerId(l)),
+            super::names::Blk::Fc2.name(LayerId(l)),
+        );
+        w.add_tensor(
+            &weights::bias_name(&n1),
+            GgmlType::F32,
+            &[r],
+            as_bytes(&p.b1),
+        )
+        .map_err(err)?;
+        let b2 = weights::bias_name(&n2);
+        w.add_tensor(&b2, GgmlType::F32, &[c.n_ff as u64], as_bytes(&p.b2))
+            .map_err(err)?;
+        w.add_tensor(&n1, m1.wtype().ggml(), &[c.n_embd as u64, r], m1.bytes())
+            .map_err(err)?;
+        w.add_tensor(&n2, m2.wtype().ggml(), &[r, c.n_ff as u64], m2.bytes())
+            .map_err(err)?;
     }
     w.write_file(path).map_err(err)
 }

@@ -40,14 +40,19 @@ impl std::fmt::Display for SparsityMode {
     }
 }
 
-/// One layer's predictor: `logits = fc2 · relu(fc1 · x)` over the residual stream `x`
-/// after attention (before `ffn_norm`); neuron `i` is predicted active where
-/// `logits[i] ≥ threshold`.
+/// One layer's predictor: `logits = fc2 · relu(fc1 · x + b1) + b2` over the residual
+/// stream `x` after attention (before `ffn_norm`); neuron `i` is predicted active where
+/// `logits[i] ≥ threshold`. PowerInfer's predictors have no biases; ours (from `prepare`)
+/// do.
 pub struct Predictor {
     /// `[n_embd] → [rank]`
     pub fc1: Matrix,
     /// `[rank] → [n_ff]`
     pub fc2: Matrix,
+    /// `[rank]`
+    pub b1: Option<Vec<f32>>,
+    /// `[n_ff]`
+    pub b2: Option<Vec<f32>>,
 }
 
 impl Predictor {
@@ -56,7 +61,8 @@ impl Predictor {
     }
 
     pub fn n_bytes(&self) -> usize {
-        self.fc1.n_bytes() + self.fc2.n_bytes()
+        let biases = self.b1.as_ref().map_or(0, Vec::len) + self.b2.as_ref().map_or(0, Vec::len);
+        self.fc1.n_bytes() + self.fc2.n_bytes() + 4 * biases
     }
 }
 

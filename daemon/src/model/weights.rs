@@ -117,14 +117,27 @@ pub fn predictor(
                 [_, r, ..] if *r > 0 => *r as usize,
                 _ => return Err(shape_error(t1, format!("[{}, rank]", c.n_embd))),
             };
+            let bias = |name: String, len: usize| -> Result<Option<Vec<f32>>, LoadError> {
+                match file.tensor(&name) {
+                    Some(_) => vector(file, &name, len).map(Some),
+                    None => Ok(None),
+                }
+            };
             Ok(Some(Predictor {
                 fc1: matrix(file, &n1, c.n_embd, rank)?,
                 fc2: matrix(file, &n2, rank, c.n_ff)?,
+                b1: bias(bias_name(&n1), rank)?,
+                b2: bias(bias_name(&n2), c.n_ff)?,
             }))
         }
         (None, Some(_)) => Err(LoadError::MissingTensor { name: n1 }),
         (Some(_), None) => Err(LoadError::MissingTensor { name: n2 }),
     }
+}
+
+/// `blk.N.fc1.weight` → `blk.N.fc1.bias`
+pub fn bias_name(weight: &str) -> String {
+    format!("{}.bias", weight.strip_suffix(".weight").unwrap_or(weight))
 }
 
 /// An f32 vector of `len` values (norm weights are stored as F32 by every converter).

@@ -1,0 +1,166 @@
+//! `powerinferd place MODEL --budget BYTES`: solve the hot/cold placement for a device
+//! memory budget and write it as `NAME.generated.gpuidx` (PowerInfer's format).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::exit;
+use crate::generate::LoadedModel;
+use crate::model::placement::{self, DeviceProfile};
+use crate::model::{KvType, SparsityMode};
+use crate::models::{self, PathPolicy};
+
+#[derive(Args, Debug)]
+pub struct PlaceArgs {
+    /// Model: a catalog alias, a name in the models directory, or a path.
+    pub model: String,
+    /// Device memory for this model: bytes, or with a unit (500MB, 4GiB).
+    #[arg(long, value_parser = parse_bytes)]
+    pub budget: u64,
+    /// The device (cuda:N, hip:N, sim): sets the synchronisation cost behind the per-layer
+    /// minimum of hot neurons.
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    /// Context the KV cache is sized for.
+    #[arg(long, short = 'c', default_value_t = 4096)]
+    pub ctx: usize,
+    /// Sequences the KV cache holds.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
+    /// Where to write (default: NAME.generated.gpuidx next to the model).
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+}
+
+/// `123`, `500MB`, `4GiB`, `1.5G` (K/M/G are powers of 1000, Ki/Mi/Gi of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512MiB, 4GB, 1000000)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().trim_end_matches('b') {
+        "" => 1.0,
+        "k" => 1e3,
+        "m" => 1e6,
+        "g" => 1e9,
+        "t" => 1e12,
+        "ki" => 1024.0,
+        "mi" => 1024.0 * 1024.0,
+        "gi" => 1024.0 * 1024.0 * 1024.0,
+        "ti" => 1024f64.powi(4),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
+    };
+    let bytes = value * scale;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{s:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+pub fn run(a: &PlaceArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let dir = a
+        .models_dir
+        .as_deref()
+        .map_or_else(models::default_models_dir, Path::to_path_buf);
+    let path = match models::resolve(&a.model, &dir, PathPolicy::Allow) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            return exit::BAD_INPUT;
+        }
+    };
+    // The neuron-major form is what hot neurons are uploaded in; its bytes are the ones
+    // that count.
+    let loaded = match LoadedModel::load_for(&path, SparsityMode::Dense) {
+        Ok(mut l) => {
+            l.model.ensure_neuron_form();
+            l
+        }
+        Err(e) => {
+            let _ = writeln!(err, "error: {}: {e}", path.display());
+            return exit::BAD_INPUT;
+        }
+    };
+    let model = &loaded.model;
+    let c = &model.config;
+    let device = DeviceProfile::for_device(&a.device, a.budget);
+    let started = std::time::Instant::now();
+    let p = placement::solve(model, &device, a.ctx, a.parallel, KvType::F16);
+    let took = started.elapsed();
+    if model.sparsity.frequencies.is_none() {
+        let _ = writeln!(
+            err,
+            "warning: no activation frequencies (run `powerinferd prepare` first): every \
+             neuron counts as equally hot"
+        );
+    }
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let _ = writeln!(
+        out,
+        "budget {:.1} MiB on {}: solved in {:.2} ms",
+        mib(p.budget),
+        p.device,
+        took.as_secs_f64() * 1e3
+    );
+    let placed: Vec<_> = p.parts.iter().filter(|x| x.on_device).collect();
+    let _ = writeln!(
+        out,
+        "fixed parts on the device: {} of {} ({:.1} MiB)",
+        placed.len(),
+        p.parts.len(),
+        mib(p.fixed_bytes())
+    );
+    for x in p.parts.iter().filter(|x| !x.on_device) {
+        let _ = writeln!(
+            out,
+            "  left on the host: {} ({:.1} MiB)",
+            x.name,
+            mib(x.bytes)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "hot neurons: {:.1}% of {} ({:.1} MiB); expected hot hit rate {:.1}%",
+        100.0 * p.hot_share(c.n_ff),
+        c.n_layer * c.n_ff,
+        mib(p.hot_bytes()),
+        100.0 * p.expected_hit_rate
+    );
+    let _ = writeln!(out, "layer  hot  min  (of {} neurons)", c.n_ff);
+    for (l, h) in p.hot.iter().enumerate() {
+        let _ = writeln!(out, "{l:>5} {:>4} {:>4}", h.len(), p.min_hot[l]);
+    }
+    let target = a
+        .output
+        .clone()
+        .unwrap_or_else(|| placement::path_for(&path));
+    if let Err(e) = placement::write(&target, &p, c.n_ff) {
+        let _ = writeln!(err, "error: cannot write {}: {e}", target.display());
+        return exit::FAILURE;
+    }
+    let _ = writeln!(out, "wrote {}", target.display());
+    exit::OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("500MB"), Ok(500_000_000));
+        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("1.5k"), Ok(1500));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5XB").is_err());
+    }
+}
