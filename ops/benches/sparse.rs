@@ -41,7 +41,9 @@ fn ffn(c: &mut Criterion) {
         let gate = random(&mut rng, wtype, n_ff, n_embd);
         let up = random(&mut rng, wtype, n_ff, n_embd);
         let down = random(&mut rng, wtype, n_embd, n_ff);
-        let down_t = down.transposed();
+        // The neuron-major form the daemon makes from a quantized file: Q8_0 (a 4-bit
+        // type quantized again after transposing loses too much).
+        let down_t = down.transposed_as(WeightType::Q8_0);
         let x = rng.varied(n_embd, 32);
         let (mut g, mut u, mut out) = (vec![0.0; n_ff], vec![0.0; n_ff], vec![0.0; n_embd]);
         let mut acts = Activations::new();

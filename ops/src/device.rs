@@ -4,6 +4,7 @@
 //! machines without a GPU.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::pool::ThreadPool;
 use crate::tensor::{Activations, Matrix};
@@ -65,6 +66,13 @@ pub trait Device: Send {
         x: &mut Activations,
         out: &mut [f32],
     ) -> Result<(), DeviceError>;
+
+    /// For a device whose memory is host memory (the simulated one): an uploaded matrix
+    /// as the host sees it, and the device's own compute pool, so a hybrid layer can run
+    /// its hot part there while the CPU runs the cold part. `None` elsewhere.
+    fn host_view(&self, _id: DeviceMatrix) -> Option<(Matrix, Arc<ThreadPool>)> {
+        None
+    }
 }
 
 /// A device in host memory: uploads are copies counted against a byte budget, products
@@ -74,7 +82,7 @@ pub struct SimulatedDevice {
     used: u64,
     next: u64,
     matrices: HashMap<u64, Matrix>,
-    pool: ThreadPool,
+    pool: Arc<ThreadPool>,
 }
 
 impl SimulatedDevice {
@@ -84,7 +92,7 @@ impl SimulatedDevice {
             used: 0,
             next: 1,
             matrices: HashMap::new(),
-            pool: ThreadPool::new(1, "pi-sim")?,
+            pool: Arc::new(ThreadPool::new(1, "pi-sim")?),
         })
     }
 }
@@ -137,6 +145,11 @@ impl Device for SimulatedDevice {
             .ok_or(DeviceError::UnknownBuffer(id.0))?;
         m.matmul(&self.pool, x, out);
         Ok(())
+    }
+
+    fn host_view(&self, id: DeviceMatrix) -> Option<(Matrix, Arc<ThreadPool>)> {
+        let m = self.matrices.get(&id.0)?;
+        Some((m.clone(), Arc::clone(&self.pool)))
     }
 }
 

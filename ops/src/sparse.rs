@@ -125,6 +125,9 @@ pub struct SparseScratch {
     /// Per token, the span of `items` that belongs to it.
     token_items: Vec<Range<usize>>,
     partials: Vec<f32>,
+    /// Items of a hybrid FFN's hot and cold parts.
+    hot_items: Vec<u32>,
+    cold_items: Vec<u32>,
 }
 
 impl SparseScratch {
@@ -325,6 +328,38 @@ pub fn ffn_sparse_at(
     scratch: &mut SparseScratch,
     out: &mut [f32],
 ) {
+    ffn_sparse_split(
+        level, pool, w, None, glu, x, gate_given, active, scratch, out,
+    );
+}
+
+/// The hot part of a hybrid FFN: neuron ranges `0..n_ranges` (the first
+/// `n_ranges · NEURON_RANGE` neurons) run on another pool, with another copy of their
+/// rows (`w`: the first rows of `gate`, `up` and `down_t`), concurrently with the rest.
+#[derive(Clone, Copy)]
+pub struct HotSplit<'a> {
+    pub n_ranges: usize,
+    pub pool: &'a ThreadPool,
+    pub w: [&'a Matrix; 3],
+}
+
+/// [`ffn_sparse_at`] with the neurons of `hot` (if any) computed on its pool from its
+/// copies while `pool` computes the others. Each neuron range's partial sum is made by
+/// the same kernel from the same row bytes wherever it runs, and the ranges are added in
+/// the same order, so the result has the same bits as without the split.
+#[allow(clippy::too_many_arguments)]
+pub fn ffn_sparse_split(
+    level: SimdLevel,
+    pool: &ThreadPool,
+    w: [&Matrix; 3],
+    hot: Option<HotSplit<'_>>,
+    glu: Glu,
+    x: &mut Activations,
+    gate_given: Option<&[f32]>,
+    active: &ActiveSet,
+    scratch: &mut SparseScratch,
+    out: &mut [f32],
+) {
     let [gate, up, down_t] = w;
     let (n_ff, n_tok, n_embd) = (gate.n_rows(), x.n_tok(), down_t.n_cols());
     assert!(
@@ -334,6 +369,15 @@ pub fn ffn_sparse_at(
     assert_eq!(active.n_rows(), n_ff, "active set is for another FFN");
     assert_eq!(active.n_tok(), n_tok, "one active list per token");
     assert_eq!(out.len(), n_tok * n_embd);
+    if let Some(h) = &hot {
+        let rows = (h.n_ranges * NEURON_RANGE).min(n_ff);
+        for (m, full) in h.w.iter().zip(w) {
+            assert!(
+                m.n_rows() >= rows && m.n_cols() == full.n_cols() && m.wtype() == full.wtype(),
+                "the hot copies must hold the first {rows} rows"
+            );
+        }
+    }
     if let Some(g) = gate_given {
         assert_eq!(g.len(), n_tok * n_ff);
     } else {
@@ -343,43 +387,93 @@ pub fn ffn_sparse_at(
     let x = &*x;
     scratch.plan(active);
     let items = std::mem::take(&mut scratch.items);
-    let partials = SharedMut::new(scratch.partials(items.len(), n_embd));
-    let body = |gate_src: GateSource<'_>, up_dots: &dyn RowDots, axpy: &dyn RowAxpy| {
-        pool.for_each_chunk(items.len(), 1, |range| {
-            let mut g = [0.0f32; NEURON_RANGE];
-            let mut u = [0.0f32; NEURON_RANGE];
-            for k in range {
-                let it = items[k];
-                let t = it.t as usize;
-                let rows = &active.idx[it.lo as usize..it.hi as usize];
-                for run in runs(rows) {
-                    let r0 = rows[run.start] as usize;
-                    match gate_src {
-                        GateSource::Dots(d) => d.rows(t, r0, &mut g[run.clone()]),
-                        GateSource::Given(gv) => g[run.clone()]
-                            .copy_from_slice(&gv[t * n_ff + r0..t * n_ff + r0 + run.len()]),
-                    }
-                    up_dots.rows(t, r0, &mut u[run.clone()]);
-                }
-                // SAFETY: item k owns partial row k.
-                let acc = unsafe { partials.slice(k * n_embd..(k + 1) * n_embd) };
-                acc.fill(0.0);
-                for (j, &i) in rows.iter().enumerate() {
-                    let hv = glu.apply(g[j], u[j]);
-                    if hv != 0.0 {
-                        axpy.axpy(i as usize, hv, acc);
-                    }
-                }
+    let (mut hot_items, mut cold_items) = (
+        std::mem::take(&mut scratch.hot_items),
+        std::mem::take(&mut scratch.cold_items),
+    );
+    hot_items.clear();
+    cold_items.clear();
+    if let Some(h) = &hot {
+        for (k, it) in items.iter().enumerate() {
+            let first = active.idx[it.lo as usize] as usize;
+            if first / NEURON_RANGE < h.n_ranges {
+                hot_items.push(k as u32);
+            } else {
+                cold_items.push(k as u32);
             }
+        }
+    }
+    let partials = SharedMut::new(scratch.partials(items.len(), n_embd));
+    // Computes the items `which` (all when `None`) on `pool` with the rows of `w`.
+    let run_items = |pool: &ThreadPool, w: [&Matrix; 3], which: Option<&[u32]>| {
+        let [gate, up, down_t] = w;
+        let n = which.map_or(items.len(), <[u32]>::len);
+        let body = |gate_src: GateSource<'_>, up_dots: &dyn RowDots, axpy: &dyn RowAxpy| {
+            pool.for_each_chunk(n, 1, |range| {
+                let mut g = [0.0f32; NEURON_RANGE];
+                let mut u = [0.0f32; NEURON_RANGE];
+                for q in range {
+                    let k = which.map_or(q, |w| w[q] as usize);
+                    let it = items[k];
+                    let t = it.t as usize;
+                    let rows = &active.idx[it.lo as usize..it.hi as usize];
+                    let n = rows.len();
+                    if n == NEURON_RANGE {
+                        // The whole range: contiguous rows.
+                        let r0 = rows[0] as usize;
+                        match gate_src {
+                            GateSource::Dots(d) => d.rows(t, r0, &mut g),
+                            GateSource::Given(gv) => {
+                                g.copy_from_slice(&gv[t * n_ff + r0..t * n_ff + r0 + n]);
+                            }
+                        }
+                        up_dots.rows(t, r0, &mut u);
+                    } else {
+                        match gate_src {
+                            GateSource::Dots(d) => d.rows_at(t, rows, &mut g[..n]),
+                            GateSource::Given(gv) => {
+                                for (gj, &i) in g.iter_mut().zip(rows) {
+                                    *gj = gv[t * n_ff + i as usize];
+                                }
+                            }
+                        }
+                        up_dots.rows_at(t, rows, &mut u[..n]);
+                    }
+                    // SAFETY: item k owns partial row k, and runs once.
+                    let acc = unsafe { partials.slice(k * n_embd..(k + 1) * n_embd) };
+                    acc.fill(0.0);
+                    for (j, &i) in rows.iter().enumerate() {
+                        let hv = glu.apply(g[j], u[j]);
+                        if hv != 0.0 {
+                            axpy.axpy(i as usize, hv, acc);
+                        }
+                    }
+                }
+            });
+        };
+        up.with_row_dots(x, level, |up_dots| {
+            down_t.with_row_axpy(level, |axpy| match gate_given {
+                Some(gv) => body(GateSource::Given(gv), up_dots, axpy),
+                None => {
+                    gate.with_row_dots(x, level, |gd| body(GateSource::Dots(gd), up_dots, axpy))
+                }
+            })
         });
     };
-    up.with_row_dots(x, level, |up_dots| {
-        down_t.with_row_axpy(level, |axpy| match gate_given {
-            Some(gv) => body(GateSource::Given(gv), up_dots, axpy),
-            None => gate.with_row_dots(x, level, |gd| body(GateSource::Dots(gd), up_dots, axpy)),
-        })
-    });
+    match hot {
+        None => run_items(pool, w, None),
+        Some(h) => std::thread::scope(|s| {
+            // The hot part on its own pool, the cold part here, at the same time.
+            let hot_part = s.spawn(|| run_items(h.pool, h.w, Some(&hot_items)));
+            run_items(pool, w, Some(&cold_items));
+            if let Err(panic) = hot_part.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }),
+    }
     scratch.items = items;
+    scratch.hot_items = hot_items;
+    scratch.cold_items = cold_items;
     fold(pool, scratch, n_embd, out);
 }
 
@@ -602,6 +696,72 @@ mod tests {
                         &mut got,
                     );
                     assert_eq!(got, want, "given gate: {wtype:?} {glu:?} at {p}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_hot_split_on_another_pool_gives_the_same_bits() {
+        let mut rng = Rng::new(17);
+        let (n_ff, n_embd, n_tok) = (520, 256, 3);
+        let pool = ThreadPool::new(2, "cold").unwrap();
+        let device = ThreadPool::new(1, "hot").unwrap();
+        let mut scratch = SparseScratch::default();
+        for (wtype, down_type) in [
+            (WeightType::Q4_1, WeightType::Q8_0),
+            (WeightType::Q4_K, WeightType::Q6_K),
+            (WeightType::F16, WeightType::F32),
+        ] {
+            let gate = random_matrix(&mut rng, wtype, n_ff, n_embd);
+            let up = random_matrix(&mut rng, wtype, n_ff, n_embd);
+            let down_t = random_matrix(&mut rng, down_type, n_ff, n_embd);
+            let x: Vec<f32> = (0..n_tok * n_embd).map(|_| rng.normal()).collect();
+            let mut acts = Activations::new();
+            acts.set(&x, n_tok);
+            let level = simd::detected();
+            for p in [0.1, 0.5, 1.0] {
+                let active = random_set(&mut rng, n_ff, n_tok, p);
+                let mut want = vec![0.0; n_tok * n_embd];
+                let w = [&gate, &up, &down_t];
+                let glu = Glu::Silu;
+                ffn_sparse_at(
+                    level,
+                    &pool,
+                    w,
+                    glu,
+                    &mut acts,
+                    None,
+                    &active,
+                    &mut scratch,
+                    &mut want,
+                );
+                for n_ranges in [0, 1, 3, 5] {
+                    let rows: Vec<u32> = (0..(n_ranges * NEURON_RANGE).min(n_ff) as u32).collect();
+                    let copies = w.map(|m| m.select_rows(&rows).unwrap());
+                    let hot = HotSplit {
+                        n_ranges,
+                        pool: &device,
+                        w: [&copies[0], &copies[1], &copies[2]],
+                    };
+                    let mut got = vec![f32::NAN; n_tok * n_embd];
+                    ffn_sparse_split(
+                        level,
+                        &pool,
+                        w,
+                        Some(hot),
+                        glu,
+                        &mut acts,
+                        None,
+                        &active,
+                        &mut scratch,
+                        &mut got,
+                    );
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{wtype:?}/{down_type:?} at {p}, {n_ranges} hot ranges"
+                    );
                 }
             }
         }

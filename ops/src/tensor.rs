@@ -265,6 +265,22 @@ pub trait RowDots: Sync {
     /// `out[k] = row (r0 + k) · x_t` for `k < out.len()`, with the bits of the dense
     /// product's rows.
     fn rows(&self, t: usize, r0: usize, out: &mut [f32]);
+
+    /// `out[k] = row idx[k] · x_t` for scattered, increasing rows, with the same bits.
+    fn rows_at(&self, t: usize, idx: &[u32], out: &mut [f32]) {
+        for (o, &r) in out.iter_mut().zip(idx) {
+            self.rows(t, r as usize, std::slice::from_mut(o));
+        }
+    }
+}
+
+/// Scattered rows are copied into a contiguous buffer this many at a time, so the
+/// many-row kernel shares its activation loads across them.
+const GATHER_ROWS: usize = 8;
+
+thread_local! {
+    /// Per-thread buffer for gathered rows (u64 for alignment).
+    static GATHER: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `acc += h · row r` for single rows of one matrix.
@@ -285,6 +301,37 @@ impl<W: WeightBlock> RowDots for TypedDots<'_, W> {
         let w = &self.w[r0 * self.bpr..(r0 + out.len()) * self.bpr];
         self.kernel
             .run(w, &self.xs[t * self.stride..(t + 1) * self.stride], out);
+    }
+
+    fn rows_at(&self, t: usize, idx: &[u32], out: &mut [f32]) {
+        let a = &self.xs[t * self.stride..(t + 1) * self.stride];
+        let bpr = self.bpr;
+        let row = |r: u32| &self.w[r as usize * bpr..(r as usize + 1) * bpr];
+        match self.kernel {
+            RowKernel::Dot(f) => {
+                for (o, &r) in out.iter_mut().zip(idx) {
+                    *o = f(row(r), a);
+                }
+            }
+            RowKernel::Rows(f) => GATHER.with_borrow_mut(|buf| {
+                const { assert!(std::mem::align_of::<W>() <= 8) };
+                let words = (GATHER_ROWS * bpr * std::mem::size_of::<W>()).div_ceil(8);
+                if buf.len() < words {
+                    buf.resize(words, 0);
+                }
+                // SAFETY: the buffer holds at least GATHER_ROWS rows of W, is aligned for
+                // W (checked above), and W is plain old data (every bit pattern valid).
+                let dst: &mut [W] = unsafe {
+                    std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<W>(), GATHER_ROWS * bpr)
+                };
+                for (rows, o) in idx.chunks(GATHER_ROWS).zip(out.chunks_mut(GATHER_ROWS)) {
+                    for (k, &r) in rows.iter().enumerate() {
+                        dst[k * bpr..(k + 1) * bpr].copy_from_slice(row(r));
+                    }
+                    f(&dst[..rows.len() * bpr], a, o);
+                }
+            }),
+        }
     }
 }
 
