@@ -249,3 +249,89 @@ async fn a_full_queue_and_bad_requests_are_refused() {
     s.top_logprobs = 100;
     assert!(bad(s).await.contains("top_logprobs"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_placed_on_the_simulated_device_runs_hybrid_and_reports_its_hot_share() {
+    use powerinfer_daemon::model::placement::{self, DeviceProfile};
+
+    let dir = TempDir::new("engine-hybrid");
+    let path = Spec {
+        wtype: WeightType::Q4_1,
+        n_ff: 512,
+        n_layer: 3,
+        seed: 901,
+        ..Spec::default()
+    }
+    .write_to(dir.path(), "hybrid");
+    // A budget for the fixed parts and about one and a half layers of neurons.
+    let mut probe = LoadedModel::load(&path).unwrap();
+    probe.model.ensure_neuron_form();
+    let opts = options(2);
+    let solve = |budget| {
+        let d = DeviceProfile::for_device("sim", budget);
+        placement::solve(
+            &probe.model,
+            &d,
+            opts.n_ctx,
+            opts.max_sequences,
+            opts.kv_type,
+        )
+    };
+    let all = solve(u64::MAX / 2);
+    let budget = all.fixed_bytes() + all.neuron_bytes[0] * 800;
+    let hot = solve(budget).hot;
+    assert!(
+        hot.iter().any(|h| h.len() >= 128),
+        "{:?}",
+        hot.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+
+    let opts = EngineOptions {
+        device: format!("sim:{budget}"),
+        vram_budget: budget,
+        ..opts
+    };
+    let engine = tokio::task::block_in_place(|| Engine::load("hybrid", &path, opts)).unwrap();
+    let (ids, fin) = collect(&engine, greedy("hello world", 16)).await;
+    assert!(
+        fin.sparsity.hot_share > 0.0 && fin.sparsity.hot_share < 1.0,
+        "{:?}",
+        fin.sparsity
+    );
+    assert!((fin.sparsity.hot_share + fin.sparsity.cold_share - 1.0).abs() < 1e-6);
+    let info = engine.info().await.unwrap();
+    assert!(
+        info.hot_share > 0.0 && info.hot_share < 1.0,
+        "{}",
+        info.hot_share
+    );
+    assert!(info.hot.placed_bytes > 0);
+    let activity = engine.activity().unwrap();
+    assert!(activity.hot_hit_rate > 0.0, "{activity:?}");
+
+    // The same placement without a device (all on the CPU pool): the same tokens.
+    let mut cpu = LoadedModel::load(&path).unwrap();
+    cpu.model.ensure_neuron_form();
+    cpu.model.apply_placement(&hot, None).unwrap();
+    let prompt = cpu.tokenizer.encode("hello world", true, true);
+    let mut s = Session::new(&cpu, SessionOptions::new(256, 2)).unwrap();
+    let params = GenParams {
+        max_tokens: 16,
+        sampler: SamplerConfig::greedy(),
+        stop: Vec::new(),
+    };
+    let direct = tokio::task::block_in_place(|| {
+        s.generate(&prompt, &params, |_| std::ops::ControlFlow::Continue(()))
+    })
+    .unwrap();
+    assert_eq!(ids, direct.generated);
+
+    // A device too small for even the fixed parts leaves every neuron cold.
+    let tiny = EngineOptions {
+        device: "sim:1000".into(),
+        vram_budget: 1000,
+        ..options(1)
+    };
+    let engine = tokio::task::block_in_place(|| Engine::load("cold", &path, tiny)).unwrap();
+    assert_eq!(engine.info().await.unwrap().hot_share, 0.0);
+}

@@ -3,12 +3,16 @@
 //! read by position, and hostile ones are refused with a reason.
 
 use powerinfer_daemon::generate::LoadedModel;
+use powerinfer_daemon::ids::{SeqSlot, TokenId};
 use powerinfer_daemon::model::placement::{self, DeviceProfile};
 use powerinfer_daemon::model::sidecar::{self, SidecarData};
-use powerinfer_daemon::model::{KvType, SparsityMode};
+use powerinfer_daemon::model::{BatchToken, KvCache, KvType, Model, Scratch, SparsityMode};
 use powerinfer_ops::GgmlType;
+use powerinfer_ops::device::{Device, SimulatedDevice};
 use powerinfer_ops::gguf::{GgufWriter, Value};
 use powerinfer_ops::pod::as_bytes;
+use powerinfer_ops::pool::ThreadPool;
+use powerinfer_ops::quant::Numerics;
 use powerinfer_ops::quant::WeightType;
 use powerinfer_tests::synth::Spec;
 use powerinfer_tests::{TempDir, powerinferd};
@@ -229,4 +233,144 @@ fn gpuidx_files_round_trip_and_hostile_ones_are_refused() {
     let junk = dir.path().join("junk.gpuidx");
     std::fs::write(&junk, b"not a gguf").unwrap();
     assert!(placement::read(&junk, 3, N_FF).is_err());
+}
+
+/// Logits of every step of a one-token-at-a-time run of `toks` in `mode`, and the hot
+/// counts of the last step.
+fn run_steps(model: &Model, toks: &[u32], mode: SparsityMode) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let c = &model.config;
+    let pool = ThreadPool::new(2, "test").unwrap();
+    let mut kv = KvCache::new(
+        c.n_layer,
+        1,
+        toks.len(),
+        c.n_head_kv,
+        c.head_dim,
+        KvType::F32,
+    );
+    let mut s = Scratch::new(Numerics::Precise);
+    let mut logits = Vec::new();
+    for (i, &t) in toks.iter().enumerate() {
+        let b = BatchToken {
+            token: TokenId(t),
+            slot: SeqSlot(0),
+            pos: i,
+            logits: true,
+            sparsity: mode,
+        };
+        logits.push(
+            model
+                .forward(&pool, &[b], &mut kv, &mut s)
+                .unwrap()
+                .to_vec(),
+        );
+    }
+    (logits, s.hot_counts.clone())
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
+}
+
+#[test]
+fn hybrid_execution_on_the_simulated_device_equals_the_all_cpu_run() {
+    let dir = TempDir::new("placement-hybrid");
+    let spec = Spec {
+        wtype: WeightType::Q4_1,
+        n_ff: 512,
+        n_layer: 3,
+        seed: 82,
+        ..Spec::default()
+    };
+    let path = spec.write_to(dir.path(), "hybrid");
+    let c = LoadedModel::load(&path).unwrap().model.config.clone();
+    let freqs: Vec<Vec<f32>> = (0..c.n_layer)
+        .map(|l| {
+            (0..512)
+                .map(|i| ((i * 37 + l * 11) % 512) as f32 / 512.0)
+                .collect()
+        })
+        .collect();
+    sidecar::write(
+        &sidecar::path_for(&path),
+        &c,
+        &SidecarData {
+            calibration_tokens: 1,
+            gate_thresholds: Some(vec![0.02; c.n_layer]),
+            frequencies: Some(freqs.clone()),
+            ..SidecarData::default()
+        },
+    )
+    .unwrap();
+    // Layer 0: its 256 most frequent neurons; layer 1: 100 (rounded down to none);
+    // layer 2: all of them.
+    let top = |l: usize, n: usize| -> Vec<u32> {
+        let mut idx: Vec<u32> = (0..512).collect();
+        idx.sort_by(|a, b| freqs[l][*b as usize].total_cmp(&freqs[l][*a as usize]));
+        idx.truncate(n);
+        idx
+    };
+    let hot = vec![top(0, 256), top(1, 100), top(2, 512)];
+    let load = || {
+        let mut m = LoadedModel::load_for(&path, SparsityMode::Gate).unwrap();
+        m.model.ensure_neuron_form();
+        m
+    };
+    let original = load();
+    let mut cpu = load();
+    cpu.model.apply_placement(&hot, None).unwrap();
+    assert!(cpu.model.hot.is_none());
+    let mut hybrid = load();
+    let mut device = SimulatedDevice::new(1 << 30).unwrap();
+    hybrid
+        .model
+        .apply_placement(&hot, Some(&mut device as &mut dyn Device))
+        .unwrap();
+    assert_eq!(hybrid.model.hot_neurons, vec![256, 0, 512]);
+    let neuron: u64 = hybrid.model.weights.layers[0].ffn_bytes() as u64 / 512;
+    assert_eq!(
+        device.info().memory_used,
+        neuron * (256 + 512),
+        "hot rows uploaded"
+    );
+    let layers = &hybrid.model.hot.as_ref().unwrap().layers;
+    assert!(layers[0].is_some() && layers[1].is_none() && layers[2].is_some());
+
+    let toks: Vec<u32> = (0..10).map(|i| (i * 41 + 7) % 256).collect();
+    for mode in [SparsityMode::Dense, SparsityMode::Gate] {
+        let (want, _) = run_steps(&cpu.model, &toks, mode);
+        let (got, hot_counts) = run_steps(&hybrid.model, &toks, mode);
+        assert_eq!(
+            got, want,
+            "{mode}: hybrid must equal the all-CPU run bit for bit"
+        );
+        assert!(
+            hot_counts[0] > 0 && hot_counts[1] == 0 && hot_counts[2] > 0,
+            "{hot_counts:?}"
+        );
+        // Against the model as loaded: its greedy choices; and in gate mode, where both
+        // run the neuron-major operator, its numbers up to the order of additions (dense
+        // mode there runs the row-major ffn_down, rounded differently).
+        let (orig, _) = run_steps(&original.model, &toks, mode);
+        for (a, b) in orig.iter().zip(&got) {
+            assert_eq!(argmax(a), argmax(b), "{mode}");
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            if mode == SparsityMode::Gate {
+                assert!(diff < 1e-3, "{mode}: {diff}");
+            }
+        }
+    }
+
+    // A device too small for the hot rows refuses the placement with its reason.
+    let mut small = SimulatedDevice::new(neuron * 100).unwrap();
+    let mut m = load();
+    let e = m
+        .model
+        .apply_placement(&hot, Some(&mut small as &mut dyn Device))
+        .unwrap_err();
+    assert!(e.to_string().contains("out of memory"), "{e}");
 }

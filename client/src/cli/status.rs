@@ -111,6 +111,7 @@ pub async fn status(client: &Client, a: &StatusArgs, out: &mut dyn Write) -> Cmd
                 m.name.clone(),
                 bytes(m.hot_bytes + m.cold_bytes),
                 processor(m.hot_share),
+                format!("{:.0}%", 100.0 * m.hot_hit_rate),
                 m.context_size.to_string(),
                 if m.queued_requests > 0 {
                     format!("{} (+{} queued)", m.active_requests, m.queued_requests)
@@ -130,6 +131,7 @@ pub async fn status(client: &Client, a: &StatusArgs, out: &mut dyn Write) -> Cmd
                 "NAME",
                 "SIZE",
                 "PROCESSOR",
+                "HOT HITS",
                 "CONTEXT",
                 "REQUESTS",
                 "TOKENS/S",

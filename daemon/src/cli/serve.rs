@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// Sequences decoded together per model [default: 8].
     #[arg(long)]
     pub max_sequences: Option<usize>,
+    /// Default sparsity mode of loaded models (dense, predictor, gate); a load request
+    /// or a preload entry may choose another, a generate request too.
+    #[arg(long)]
+    pub sparsity: Option<String>,
     /// Load this model at start (repeatable; adds to the configuration file's list).
     #[arg(long)]
     pub preload: Vec<String>,
@@ -51,6 +55,7 @@ impl ServeArgs {
             threads: self.threads,
             ctx: self.ctx,
             max_sequences: self.max_sequences,
+            sparsity: self.sparsity.clone(),
             preload: self.preload.clone(),
             otlp_endpoint: self.otlp_endpoint.clone(),
         }

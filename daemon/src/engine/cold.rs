@@ -7,7 +7,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use powerinfer_ops::pool::ThreadPool;
 
-use super::predictor::Activity;
+use super::predictor::{Activity, ActivityReport};
 use super::types::{EngineError, EngineOptions};
 use crate::model::{BatchToken, ForwardError, KvCache, Model, Scratch};
 
@@ -19,14 +19,15 @@ pub(crate) enum ColdMsg {
         batch: Vec<BatchToken>,
         /// The buffer the logits are written into, moved back with the reply.
         logits: Vec<f32>,
-        /// The buffer the active-neuron counts (`[n_tok][n_layer]`) are written into.
+        /// The buffer the active-neuron counts (`[n_tok][n_layer]`) are written into,
+        /// followed by the hot ones among them (same shape).
         active: Vec<u32>,
         reply: SyncSender<StepDone>,
         /// The step's span (disabled unless the step is traced).
         span: tracing::Span,
     },
     ActiveFraction {
-        reply: SyncSender<Vec<f32>>,
+        reply: SyncSender<ActivityReport>,
     },
 }
 
@@ -69,8 +70,11 @@ impl ColdExecutor {
                     );
                     active.clear();
                     if result.is_ok() {
+                        // Active counts, then the hot ones among them.
                         active.extend_from_slice(&self.scratch.active_counts);
-                        self.activity.record(&active);
+                        active.extend_from_slice(&self.scratch.hot_counts);
+                        self.activity
+                            .record(&self.scratch.active_counts, &self.scratch.hot_counts);
                     }
                     let _ = reply.send(StepDone {
                         batch,
@@ -80,7 +84,7 @@ impl ColdExecutor {
                     });
                 }
                 ColdMsg::ActiveFraction { reply } => {
-                    let _ = reply.send(self.activity.active_fraction());
+                    let _ = reply.send(self.activity.report());
                 }
             }
         }
@@ -163,7 +167,7 @@ impl ColdHandle {
         rx.recv().map_err(|_| EngineError::Stopped)
     }
 
-    pub fn active_fraction(&self) -> Result<Vec<f32>, EngineError> {
+    pub fn activity(&self) -> Result<ActivityReport, EngineError> {
         let (reply, rx) = sync_channel(1);
         self.tx
             .send(ColdMsg::ActiveFraction { reply })

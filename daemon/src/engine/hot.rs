@@ -1,11 +1,13 @@
-//! The hot executor: owns the device and the weights placed on it (attention of placed
-//! layers, hot neurons). Without a device its placement is empty and it only reports.
+//! The hot executor: owns the device and the weights placed on it (the hot neurons).
+//! Without a device its placement is empty and it only reports. On the simulated device
+//! the hot part of each hybrid layer runs on the device's own compute thread while the
+//! cold executor's pool runs the rest of the layer (see `Model::apply_placement`).
 
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use powerinfer_ops::device::{Device, DeviceInfo};
 
-use super::types::{EngineError, EngineOptions};
+use super::types::EngineError;
 
 /// Status requests waiting; the hot executor does no per-step work without a placement.
 const INBOX: usize = 16;
@@ -50,24 +52,13 @@ pub(crate) struct HotHandle {
 }
 
 impl HotHandle {
-    /// Opens the device on thread `pi-hot` and returns once it is open (or failed).
-    pub fn spawn(opts: &EngineOptions) -> Result<Self, EngineError> {
+    /// Starts the executor on thread `pi-hot` with the device the model was placed on.
+    pub fn spawn(device: Option<Box<dyn Device>>) -> Result<Self, EngineError> {
         let (tx, rx) = sync_channel(INBOX);
-        let (ready_tx, ready_rx) = sync_channel::<Result<(), EngineError>>(1);
-        let (spec, budget) = (opts.device.clone(), opts.vram_budget);
         std::thread::Builder::new()
             .name("pi-hot".into())
-            .spawn(move || match crate::device::open(&spec, budget) {
-                Ok(device) => {
-                    let _ = ready_tx.send(Ok(()));
-                    HotExecutor { device, rx }.run();
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(EngineError::Device(e)));
-                }
-            })
+            .spawn(move || HotExecutor { device, rx }.run())
             .map_err(|e| EngineError::Internal(format!("cannot start the hot executor: {e}")))?;
-        ready_rx.recv().map_err(|_| EngineError::Stopped)??;
         Ok(Self { tx })
     }
 

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use hot::HotInfo;
+pub use predictor::ActivityReport;
 pub use scheduler::SchedStatus;
 pub use types::*;
 
@@ -57,6 +58,8 @@ pub struct EngineInfo {
     pub quantization: String,
     pub weight_bytes: u64,
     pub options: EngineOptions,
+    /// Share of the FFN neurons placed on the device.
+    pub hot_share: f32,
     pub hot: HotInfo,
     pub sched: SchedStatus,
     pub loaded_at: SystemTime,
@@ -84,7 +87,7 @@ impl Engine {
         let mut opts = opts;
         opts.max_sequences = opts.max_sequences.max(1);
         opts.threads = opts.threads.max(1);
-        let loaded = LoadedModel::load_for(path, opts.sparsity)?;
+        let mut loaded = LoadedModel::load_for(path, opts.sparsity)?;
         let n_ctx_train = loaded.model.config.n_ctx_train;
         if opts.n_ctx == 0 || opts.n_ctx > n_ctx_train.max(1) {
             return Err(EngineError::InvalidArgument(format!(
@@ -93,9 +96,14 @@ impl Engine {
             )));
         }
         opts.max_prompt_tokens = opts.max_prompt_tokens.min(opts.n_ctx - 1);
+        let mut device =
+            crate::device::open(&opts.device, opts.vram_budget).map_err(EngineError::Device)?;
+        if let Some(dev) = device.as_mut() {
+            place(&mut loaded.model, path, &opts, dev.as_mut())?;
+        }
         let LoadedModel { model, tokenizer } = loaded;
         let (model, tokenizer) = (Arc::new(model), Arc::new(tokenizer));
-        let hot = HotHandle::spawn(&opts)?;
+        let hot = HotHandle::spawn(device)?;
         let cold = ColdHandle::spawn(model.clone(), &opts)?;
         let sampler = SamplerHandle::spawn()?;
         let shape = scheduler::ModelShape {
@@ -240,9 +248,10 @@ impl Engine {
         self.text.detokenize(ids, render_special).await
     }
 
-    /// Mean fraction of neurons computed per layer since the model was loaded.
-    pub fn active_fraction(&self) -> Result<Vec<f32>, EngineError> {
-        self.cold.active_fraction()
+    /// Neurons computed per layer since the model was loaded, and the share of them that
+    /// were hot.
+    pub fn activity(&self) -> Result<ActivityReport, EngineError> {
+        self.cold.activity()
     }
 
     pub async fn info(&self) -> Result<EngineInfo, EngineError> {
@@ -262,6 +271,10 @@ impl Engine {
                 .to_owned(),
             weight_bytes: w.bytes_per_token() as u64,
             options: self.opts.clone(),
+            hot_share: {
+                let hot: usize = self.model.hot_neurons.iter().sum();
+                (hot as f64 / (c.n_layer * c.n_ff).max(1) as f64) as f32
+            },
             hot: self.hot.info().await?,
             sched: self.sched.status().await?,
             loaded_at: self.loaded_at,
@@ -350,12 +363,15 @@ impl StreamTask {
                     completion_tokens,
                     timings,
                     active_fraction_per_layer,
+                    hot_share,
                 } => StreamItem::Final(FinalEvent {
                     prompt_tokens,
                     completion_tokens,
                     timings,
                     sparsity: SparsityStats {
                         active_fraction_per_layer,
+                        hot_share,
+                        cold_share: 1.0 - hot_share,
                         ..self.sparsity.clone()
                     },
                     finish,
@@ -379,4 +395,38 @@ impl StreamTask {
         }
         let _ = out.send(Err(EngineError::Stopped)).await;
     }
+}
+
+/// Places the model's hot neurons on `device`: the placement in `NAME.generated.gpuidx`
+/// next to the model when there is one (PowerInfer's file or ours), else one solved now
+/// for the device's budget (with the model's activation frequencies when its sidecar has
+/// them).
+fn place(
+    model: &mut Model,
+    path: &Path,
+    opts: &EngineOptions,
+    device: &mut dyn powerinfer_ops::device::Device,
+) -> Result<(), EngineError> {
+    use crate::model::placement;
+    model.ensure_neuron_form();
+    let file = placement::path_for(path);
+    let hot = if file.exists() {
+        placement::read(&file, model.config.n_layer, model.config.n_ff)
+            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?
+            .hot
+    } else {
+        let budget = device.info().memory_total;
+        let profile = placement::DeviceProfile::for_device(&opts.device, budget);
+        placement::solve(
+            model,
+            &profile,
+            opts.n_ctx,
+            opts.max_sequences,
+            opts.kv_type,
+        )
+        .hot
+    };
+    model
+        .apply_placement(&hot, Some(device))
+        .map_err(|e| EngineError::InvalidArgument(format!("placement: {e}")))
 }

@@ -10,6 +10,17 @@ pub struct Activity {
     n_ff: usize,
     active: Vec<u64>,
     total: Vec<u64>,
+    /// Active neurons that were hot (on the device), summed over every layer.
+    hot: u64,
+}
+
+/// What [`Activity`] reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActivityReport {
+    /// Fraction of neurons computed per layer.
+    pub active_fraction: Vec<f32>,
+    /// Share of the computed neurons that were hot (0 without a placement).
+    pub hot_hit_rate: f32,
 }
 
 impl Activity {
@@ -18,11 +29,14 @@ impl Activity {
             n_ff,
             active: vec![0; n_layer],
             total: vec![0; n_layer],
+            hot: 0,
         }
     }
 
-    /// Records one step: `counts` is `[n_tok][n_layer]` active neurons.
-    pub fn record(&mut self, counts: &[u32]) {
+    /// Records one step: `counts` is `[n_tok][n_layer]` active neurons, `hot` the same
+    /// for the hot ones among them.
+    pub fn record(&mut self, counts: &[u32], hot: &[u32]) {
+        self.hot += hot.iter().map(|&h| u64::from(h)).sum::<u64>();
         let n_layer = self.active.len();
         for row in counts.chunks_exact(n_layer.max(1)) {
             for (l, &c) in row.iter().enumerate() {
@@ -32,9 +46,16 @@ impl Activity {
         }
     }
 
-    /// Fraction of neurons computed per layer so far (1 for a layer not yet run).
-    pub fn active_fraction(&self) -> Vec<f32> {
-        fractions(&self.active, &self.total)
+    pub fn report(&self) -> ActivityReport {
+        let active: u64 = self.active.iter().sum();
+        ActivityReport {
+            active_fraction: fractions(&self.active, &self.total),
+            hot_hit_rate: if active == 0 {
+                0.0
+            } else {
+                (self.hot as f64 / active as f64) as f32
+            },
+        }
     }
 }
 

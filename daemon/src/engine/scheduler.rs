@@ -75,6 +75,8 @@ pub(crate) enum SeqEvent {
         timings: Timings,
         /// Mean fraction of FFN neurons computed per layer over the request's tokens.
         active_fraction_per_layer: Vec<f32>,
+        /// Share of the computed neurons that were hot.
+        hot_share: f32,
     },
     Failed(String),
 }
@@ -121,6 +123,8 @@ struct Sequence {
     /// Active FFN neurons summed per layer over this sequence's tokens, and the tokens.
     active_totals: Vec<u64>,
     tokens_run: u64,
+    /// Of the active neurons (all layers), the hot ones.
+    hot_total: u64,
 }
 
 impl Sequence {
@@ -136,6 +140,16 @@ impl Sequence {
             queue: self.admitted - self.submitted,
             prefill: first - self.admitted,
             decode: now - first,
+        }
+    }
+
+    /// Share of this sequence's computed neurons that were hot.
+    fn hot_share(&self) -> f32 {
+        let active: u64 = self.active_totals.iter().sum();
+        if active == 0 {
+            0.0
+        } else {
+            (self.hot_total as f64 / active as f64) as f32
         }
     }
 
@@ -312,6 +326,7 @@ impl Scheduler {
                 span: req.span,
                 sparsity: req.sparsity,
                 active_totals: vec![0; self.n_layer],
+                hot_total: 0,
                 tokens_run: 0,
             });
         }
@@ -397,18 +412,24 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Adds the last step's active-neuron counts to the sequences of its tokens.
+    /// Adds the last step's active-neuron counts (and hot ones) to the sequences of its
+    /// tokens.
     fn count_active(&mut self) {
-        let n_layer = self.n_layer;
-        for (b, counts) in self
+        let n_layer = self.n_layer.max(1);
+        let (active, hot) = self
+            .active
+            .split_at((self.batch.len() * n_layer).min(self.active.len()));
+        for ((b, counts), hot) in self
             .batch
             .iter()
-            .zip(self.active.chunks_exact(n_layer.max(1)))
+            .zip(active.chunks_exact(n_layer))
+            .zip(hot.chunks_exact(n_layer))
         {
             if let Some(s) = self.running.iter_mut().find(|s| s.slot == b.slot) {
                 for (t, &c) in s.active_totals.iter_mut().zip(counts) {
                     *t += u64::from(c);
                 }
+                s.hot_total += hot.iter().map(|&h| u64::from(h)).sum::<u64>();
                 s.tokens_run += 1;
             }
         }
@@ -467,6 +488,7 @@ impl Scheduler {
                 completion_tokens: s.generated,
                 timings: s.timings(),
                 active_fraction_per_layer: s.active_fraction(self.n_ff),
+                hot_share: s.hot_share(),
             });
             self.release(&s);
         }

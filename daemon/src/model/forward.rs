@@ -8,7 +8,11 @@ use powerinfer_ops::gguf::GgufFile;
 use powerinfer_ops::nn::{self, KvElem, Rope};
 use powerinfer_ops::pool::{SharedMut, ThreadPool};
 use powerinfer_ops::quant::{Numerics, WeightType};
-use powerinfer_ops::sparse::{ActiveSet, SparseScratch, ffn_sparse};
+use std::sync::Arc;
+
+use powerinfer_ops::device::Device;
+use powerinfer_ops::simd;
+use powerinfer_ops::sparse::{ActiveSet, HotSplit, NEURON_RANGE, SparseScratch, ffn_sparse_split};
 use powerinfer_ops::tensor::{Activations, Matrix};
 
 use super::config::{FfnKind, ModelConfig};
@@ -24,7 +28,26 @@ pub struct Model {
     pub config: ModelConfig,
     pub weights: Weights,
     pub sparsity: SparsityData,
+    /// Per layer, the hot neurons (after [`Model::apply_placement`] they are the first
+    /// ones); all 0 without a placement.
+    pub hot_neurons: Vec<usize>,
+    /// The hot neurons' rows on a device computing in host memory, when placed there.
+    pub hot: Option<HotFfn>,
     rope: Rope,
+}
+
+/// The hot part of the FFNs on a device that computes in host memory (the simulated
+/// device): its copies of the hot rows and its compute pool.
+pub struct HotFfn {
+    pub pool: Arc<ThreadPool>,
+    /// Per layer (`None`: no hot neurons).
+    pub layers: Vec<Option<HotLayer>>,
+}
+
+/// One layer's hot rows on the device: neuron ranges `0..n_ranges` of gate, up, down_t.
+pub struct HotLayer {
+    pub n_ranges: usize,
+    pub w: [Matrix; 3],
 }
 
 /// One token of a batch.
@@ -158,6 +181,8 @@ pub struct Scratch {
     mixed: [Vec<f32>; 3],
     /// Active neurons of each token of the last batch, per layer (`[n_tok][n_layer]`).
     pub active_counts: Vec<u32>,
+    /// Of those, the hot ones (placed on the device).
+    pub hot_counts: Vec<u32>,
     pub profile: Profile,
     /// What calibration records, when set.
     pub capture: Option<Capture>,
@@ -248,6 +273,8 @@ impl Model {
             weights.rope_freqs.as_deref(),
         );
         Ok(Self {
+            hot_neurons: vec![0; config.n_layer],
+            hot: None,
             config,
             weights,
             sparsity,
@@ -269,6 +296,113 @@ impl Model {
                 l.down_t = Some(d.transposed_as(neuron_form_type(d.wtype(), d.n_rows())));
             }
         }
+    }
+
+    /// Puts each layer's hot neurons (`hot[l]`, any order; from the solver or a gpuidx
+    /// file) first: neurons are renumbered, hot ones by descending activation frequency,
+    /// then the rest likewise, in gate, up, `down_t`, the predictors' outputs and the
+    /// frequencies (the row-major `ffn_down` is dropped: every request then runs through
+    /// the neuron-major operator, whose sums do not depend on where a neuron runs). Hot
+    /// sets are rounded down to whole neuron ranges ([`NEURON_RANGE`]), the unit the
+    /// device computes. With `device`, the hot rows are uploaded and, when the device
+    /// computes in host memory, used for the hybrid FFN. Needs the neuron-major form.
+    pub fn apply_placement(
+        &mut self,
+        hot: &[Vec<u32>],
+        mut device: Option<&mut dyn Device>,
+    ) -> Result<(), LoadError> {
+        let c = &self.config;
+        let n_ff = c.n_ff;
+        if hot.len() != c.n_layer || !self.has_neuron_form() {
+            return Err(LoadError::Other(format!(
+                "a placement needs {} layers of hot neurons and the neuron-major form",
+                c.n_layer
+            )));
+        }
+        let mut hot_layers = Vec::with_capacity(c.n_layer);
+        let mut pool = None;
+        for (l, set) in hot.iter().enumerate() {
+            let freq = self.sparsity.frequencies.as_ref().map(|f| f[l].clone());
+            let by_freq = |a: &u32, b: &u32| match &freq {
+                Some(f) => f[*b as usize].total_cmp(&f[*a as usize]).then(a.cmp(b)),
+                None => a.cmp(b),
+            };
+            let mut is_hot = vec![false; n_ff];
+            for &i in set {
+                let i = i as usize;
+                if i >= n_ff || std::mem::replace(&mut is_hot[i], true) {
+                    return Err(LoadError::Other(format!(
+                        "layer {l}: hot neuron {i} is out of range or listed twice"
+                    )));
+                }
+            }
+            let mut first: Vec<u32> = set.clone();
+            first.sort_by(by_freq);
+            let n_keep = first.len() / NEURON_RANGE * NEURON_RANGE;
+            first.truncate(n_keep);
+            let kept: std::collections::HashSet<u32> = first.iter().copied().collect();
+            let mut rest: Vec<u32> = (0..n_ff as u32).filter(|i| !kept.contains(i)).collect();
+            rest.sort_by(by_freq);
+            let perm: Vec<u32> = first.iter().chain(&rest).copied().collect();
+
+            let permute = |m: &Matrix| {
+                m.select_rows(&perm)
+                    .map_err(|e| LoadError::Other(format!("layer {l}: {e}")))
+            };
+            let w = &mut self.weights.layers[l];
+            let down_t = w.down_t.as_ref().map(permute).transpose()?;
+            w.gate = permute(&w.gate)?;
+            w.up = permute(&w.up)?;
+            w.down_t = down_t;
+            w.down = None;
+            if let Some(p) = self.sparsity.predictors.as_mut().and_then(|p| p.get_mut(l)) {
+                p.fc2 = permute(&p.fc2)?;
+                if let Some(b) = &mut p.b2 {
+                    *b = perm.iter().map(|&i| b[i as usize]).collect();
+                }
+            }
+            if let Some(f) = self.sparsity.frequencies.as_mut() {
+                f[l] = perm.iter().map(|&i| f[l][i as usize]).collect();
+            }
+            self.hot_neurons[l] = n_keep;
+
+            let placed = match (device.as_deref_mut(), n_keep) {
+                (Some(dev), n) if n > 0 => {
+                    let rows: Vec<u32> = (0..n as u32).collect();
+                    let w = &self.weights.layers[l];
+                    let down_t = w.down_t.as_ref().expect("checked above");
+                    let mut views = Vec::with_capacity(3);
+                    for m in [&w.gate, &w.up, down_t] {
+                        let id = dev
+                            .upload_rows(m, &rows)
+                            .map_err(|e| LoadError::Other(format!("layer {l}: {e}")))?;
+                        let (view, p) = dev.host_view(id).ok_or_else(|| {
+                            LoadError::Other(format!(
+                                "device {}: hybrid execution runs on the simulated device \
+                                 only in this build",
+                                dev.info().name
+                            ))
+                        })?;
+                        pool = Some(p);
+                        views.push(view);
+                    }
+                    let [g, u, d]: [Matrix; 3] = views
+                        .try_into()
+                        .map_err(|_| LoadError::Other("three matrices per hot layer".into()))?;
+                    Some(HotLayer {
+                        n_ranges: n / NEURON_RANGE,
+                        w: [g, u, d],
+                    })
+                }
+                _ => None,
+            };
+            hot_layers.push(placed);
+        }
+        self.hot = pool.map(|pool| HotFfn {
+            pool,
+            layers: hot_layers,
+        });
+        Ok(())
     }
 
     /// Whether every layer has its neuron-major down projection.
@@ -529,7 +663,10 @@ impl Model {
                     active.push_where(|i| z[i] >= pred_thr);
                 }
             }
-            s.active_counts[t * c.n_layer + layer] = active.token(t).len() as u32;
+            let rows = active.token(t);
+            s.active_counts[t * c.n_layer + layer] = rows.len() as u32;
+            let n_hot = self.hot_neurons[layer] as u32;
+            s.hot_counts[t * c.n_layer + layer] = rows.partition_point(|&i| i < n_hot) as u32;
         }
         for &t in &s.row_major {
             s.active_counts[t * c.n_layer + layer] = n_ff as u32;
@@ -540,11 +677,20 @@ impl Model {
             // Tokens of the row-major path have no active neurons here and get 0.
             let mut sparse_out = std::mem::take(&mut s.up);
             sized(&mut sparse_out, n * e);
-            ffn_sparse(
+            let hot = self
+                .hot
+                .as_ref()
+                .and_then(|h| Some((h, h.layers[layer].as_ref()?)))
+                .map(|(h, l)| HotSplit {
+                    n_ranges: l.n_ranges,
+                    pool: &h.pool,
+                    w: [&l.w[0], &l.w[1], &l.w[2]],
+                });
+            ffn_sparse_split(
+                simd::detected(),
                 pool,
-                &w.gate,
-                &w.up,
-                down_t,
+                [&w.gate, &w.up, down_t],
+                hot,
                 glu,
                 &mut s.acts,
                 want_gate.then_some(s.gate.as_slice()),
@@ -606,6 +752,8 @@ impl Model {
         s.cos_sin.resize(n * c.n_rot / 2, [0.0; 2]);
         s.active_counts.clear();
         s.active_counts.resize(n * c.n_layer, 0);
+        s.hot_counts.clear();
+        s.hot_counts.resize(n * c.n_layer, 0);
         s.scores.resize_with(n_threads, Vec::new);
         for sc in &mut s.scores {
             sc.resize(n_ctx, 0.0);

@@ -434,7 +434,7 @@ mod tests {
     fn min_hot_scales_with_neuron_size() {
         let d = DeviceProfile::for_device("cuda:0", 1 << 30);
         // 20 µs at 40 GB/s is 800 KB.
-        assert_eq!(d.min_hot(8000, 11008), 100);
+        assert_eq!(d.min_hot(8001, 11008), 100);
         assert_eq!(d.min_hot(100, 1536), 1536);
         assert_eq!(d.min_hot(u64::MAX, 1536), 1);
     }

@@ -60,6 +60,8 @@ pub struct FileConfig {
     pub default_max_tokens: Option<usize>,
     pub prefill_chunk: Option<usize>,
     pub kv_type: Option<String>,
+    /// Default sparsity mode of loaded models: dense, predictor or gate.
+    pub sparsity: Option<String>,
     pub drain_timeout_secs: Option<u64>,
     pub otlp_endpoint: Option<String>,
     #[serde(default)]
@@ -76,6 +78,7 @@ pub struct FlagConfig {
     pub threads: Option<usize>,
     pub ctx: Option<usize>,
     pub max_sequences: Option<usize>,
+    pub sparsity: Option<String>,
     pub preload: Vec<String>,
     pub otlp_endpoint: Option<String>,
 }
@@ -225,6 +228,16 @@ impl ServeConfig {
             Some("f32") => KvType::F32,
             Some(other) => return Err(invalid("kv_type", other, "expected f16 or f32")),
         };
+        let sparsity = match flags
+            .sparsity
+            .clone()
+            .or_else(|| env("POWERINFER_SPARSITY"))
+            .or(file.sparsity)
+        {
+            None => defaults.sparsity,
+            Some(s) => SparsityMode::parse(s.trim())
+                .ok_or_else(|| invalid("sparsity", &s, "expected dense, predictor or gate"))?,
+        };
         let drain_secs = env_num("POWERINFER_DRAIN_TIMEOUT_SECS")?
             .map(|v| v as u64)
             .or(file.drain_timeout_secs)
@@ -265,6 +278,7 @@ impl ServeConfig {
                 prefill_chunk,
                 threads,
                 kv_type,
+                sparsity,
                 ..defaults
             },
             drain_timeout: Duration::from_secs(drain_secs),
@@ -336,5 +350,32 @@ mod tests {
             ..FlagConfig::default()
         };
         assert!(ServeConfig::resolve_with(&flags, &env(&[]), FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn the_default_sparsity_mode_comes_from_flag_env_or_file() {
+        let file: FileConfig = toml::from_str(r#"sparsity = "gate""#).unwrap();
+        let none = FlagConfig::default();
+        let c = ServeConfig::resolve_with(&none, &env(&[]), file.clone()).unwrap();
+        assert_eq!(c.engine.sparsity, SparsityMode::Gate);
+        let e = [("POWERINFER_SPARSITY", "predictor")];
+        let c = ServeConfig::resolve_with(&none, &env(&e), file.clone()).unwrap();
+        assert_eq!(c.engine.sparsity, SparsityMode::Predictor);
+        let flags = FlagConfig {
+            sparsity: Some("dense".into()),
+            ..FlagConfig::default()
+        };
+        let c = ServeConfig::resolve_with(&flags, &env(&e), file).unwrap();
+        assert_eq!(c.engine.sparsity, SparsityMode::Dense);
+        let bad = FlagConfig {
+            sparsity: Some("sparse".into()),
+            ..FlagConfig::default()
+        };
+        let err = ServeConfig::resolve_with(&bad, &env(&[]), FileConfig::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("expected dense, predictor or gate"),
+            "{err}"
+        );
     }
 }

@@ -198,10 +198,8 @@ pub fn model_info(s: &ModelSnapshot) -> v1::ModelInfo {
         sparsity: sparsity_to_wire(i.options.sparsity).into(),
         hot_bytes,
         cold_bytes: i.weight_bytes.saturating_sub(hot_bytes),
-        // No neurons are placed on a device yet (the placement solver is not in this
-        // build): everything computed is cold.
-        hot_share: 0.0,
-        hot_hit_rate: 0.0,
+        hot_share: i.hot_share,
+        hot_hit_rate: s.hot_hit_rate,
         active_requests: i.sched.active as u32,
         queued_requests: i.sched.queued as u32,
         max_sequences: i.options.max_sequences as u32,
@@ -237,6 +235,7 @@ pub fn model_event(e: ModelEvent) -> v1::WatchModelsResponse {
         ModelEvent::Loaded(info) => Event::Loaded(v1::ModelLoaded {
             model: Some(model_info(&ModelSnapshot {
                 active_fraction: Vec::new(),
+                hot_hit_rate: 0.0,
                 info: *info,
             })),
         }),

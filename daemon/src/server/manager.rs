@@ -61,6 +61,8 @@ pub struct ModelSnapshot {
     pub info: EngineInfo,
     /// Mean fraction of feed-forward neurons computed, per layer, since the load.
     pub active_fraction: Vec<f32>,
+    /// Share of the computed neurons that were hot (on the device).
+    pub hot_hit_rate: f32,
 }
 
 pub struct ModelManager {
@@ -373,10 +375,11 @@ impl ModelManager {
 /// A loaded model's state, `None` when its engine has stopped.
 pub async fn snapshot(engine: &Engine) -> Option<ModelSnapshot> {
     let info = engine.info().await.ok()?;
-    let active_fraction = engine.active_fraction().ok()?;
+    let activity = engine.activity().ok()?;
     Some(ModelSnapshot {
         info,
-        active_fraction,
+        active_fraction: activity.active_fraction,
+        hot_hit_rate: activity.hot_hit_rate,
     })
 }
 
