@@ -327,6 +327,16 @@ fn hybrid_execution_on_the_simulated_device_equals_the_all_cpu_run() {
         .apply_placement(&hot, Some(&mut device as &mut dyn Device))
         .unwrap();
     assert_eq!(hybrid.model.hot_neurons, vec![256, 0, 512]);
+    // The neuron table: layer 0's first neurons are its hot set, most frequent first.
+    let order = hybrid.model.neuron_order.clone().unwrap();
+    let mut first: Vec<u32> = order[0][..256].to_vec();
+    first.sort_unstable();
+    let mut want = hot[0].clone();
+    want.sort_unstable();
+    assert_eq!(first, want);
+    let mut all = order[1].clone();
+    all.sort_unstable();
+    assert_eq!(all, (0..512).collect::<Vec<u32>>(), "a permutation");
     let neuron: u64 = hybrid.model.weights.layers[0].ffn_bytes() as u64 / 512;
     assert_eq!(
         device.info().memory_used,

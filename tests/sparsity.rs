@@ -245,6 +245,8 @@ fn prepare_trains_predictors_that_catch_the_neurons_of_relu_models() {
             "3072",
             "--rank",
             "64",
+            "--recall",
+            "0.97",
             "-t",
             "2",
         ]);

@@ -33,6 +33,9 @@ pub struct Model {
     pub hot_neurons: Vec<usize>,
     /// The hot neurons' rows on a device computing in host memory, when placed there.
     pub hot: Option<HotFfn>,
+    /// The neuron table after [`Model::apply_placement`]: per layer, the file's index of
+    /// each neuron as now numbered (hot ones first). `None`: the file's order.
+    pub neuron_order: Option<Vec<Vec<u32>>>,
     rope: Rope,
 }
 
@@ -275,6 +278,7 @@ impl Model {
         Ok(Self {
             hot_neurons: vec![0; config.n_layer],
             hot: None,
+            neuron_order: None,
             config,
             weights,
             sparsity,
@@ -320,6 +324,7 @@ impl Model {
             )));
         }
         let mut hot_layers = Vec::with_capacity(c.n_layer);
+        let mut order = Vec::with_capacity(c.n_layer);
         let mut pool = None;
         for (l, set) in hot.iter().enumerate() {
             let freq = self.sparsity.frequencies.as_ref().map(|f| f[l].clone());
@@ -397,7 +402,17 @@ impl Model {
                 _ => None,
             };
             hot_layers.push(placed);
+            order.push(perm);
         }
+        // Composed with an earlier renumbering, so indices always name the file's neurons.
+        self.neuron_order = Some(match self.neuron_order.take() {
+            None => order,
+            Some(before) => order
+                .iter()
+                .zip(&before)
+                .map(|(p, b)| p.iter().map(|&i| b[i as usize]).collect())
+                .collect(),
+        });
         self.hot = pool.map(|pool| HotFfn {
             pool,
             layers: hot_layers,
