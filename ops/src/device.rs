@@ -76,7 +76,7 @@ pub trait Device: Send {
 }
 
 /// A device in host memory: uploads are copies counted against a byte budget, products
-/// run on the CPU kernels of one thread.
+/// run on the CPU kernels, on the device's own worker thread for hybrid layers.
 pub struct SimulatedDevice {
     budget: u64,
     used: u64,
@@ -92,7 +92,8 @@ impl SimulatedDevice {
             used: 0,
             next: 1,
             matrices: HashMap::new(),
-            pool: Arc::new(ThreadPool::new(1, "pi-sim")?),
+            // The caller plus one worker: the device's own thread for hybrid layers.
+            pool: Arc::new(ThreadPool::new(2, "pi-sim")?),
         })
     }
 }

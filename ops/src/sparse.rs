@@ -334,8 +334,9 @@ pub fn ffn_sparse_at(
 }
 
 /// The hot part of a hybrid FFN: neuron ranges `0..n_ranges` (the first
-/// `n_ranges · NEURON_RANGE` neurons) run on another pool, with another copy of their
-/// rows (`w`: the first rows of `gate`, `up` and `down_t`), concurrently with the rest.
+/// `n_ranges · NEURON_RANGE` neurons) run on worker 1 of another pool (the device's), with
+/// another copy of their rows (`w`: the first rows of `gate`, `up` and `down_t`),
+/// concurrently with the rest.
 #[derive(Clone, Copy)]
 pub struct HotSplit<'a> {
     pub n_ranges: usize,
@@ -404,12 +405,13 @@ pub fn ffn_sparse_split(
         }
     }
     let partials = SharedMut::new(scratch.partials(items.len(), n_embd));
-    // Computes the items `which` (all when `None`) on `pool` with the rows of `w`.
-    let run_items = |pool: &ThreadPool, w: [&Matrix; 3], which: Option<&[u32]>| {
+    // Computes the items `which` (all when `None`) with the rows of `w`, on `pool`, or on
+    // the calling thread alone when `None`.
+    let run_items = |pool: Option<&ThreadPool>, w: [&Matrix; 3], which: Option<&[u32]>| {
         let [gate, up, down_t] = w;
         let n = which.map_or(items.len(), <[u32]>::len);
         let body = |gate_src: GateSource<'_>, up_dots: &dyn RowDots, axpy: &dyn RowAxpy| {
-            pool.for_each_chunk(n, 1, |range| {
+            let work = |range: Range<usize>| {
                 let mut g = [0.0f32; NEURON_RANGE];
                 let mut u = [0.0f32; NEURON_RANGE];
                 for q in range {
@@ -449,7 +451,11 @@ pub fn ffn_sparse_split(
                         }
                     }
                 }
-            });
+            };
+            match pool {
+                Some(p) => p.for_each_chunk(n, 1, work),
+                None => work(0..n),
+            }
         };
         up.with_row_dots(x, level, |up_dots| {
             down_t.with_row_axpy(level, |axpy| match gate_given {
@@ -461,15 +467,20 @@ pub fn ffn_sparse_split(
         });
     };
     match hot {
-        None => run_items(pool, w, None),
-        Some(h) => std::thread::scope(|s| {
-            // The hot part on its own pool, the cold part here, at the same time.
-            let hot_part = s.spawn(|| run_items(h.pool, h.w, Some(&hot_items)));
-            run_items(pool, w, Some(&cold_items));
-            if let Err(panic) = hot_part.join() {
-                std::panic::resume_unwind(panic);
-            }
+        None => run_items(Some(pool), w, None),
+        // One job on the device's pool: its worker runs the hot part while the calling
+        // thread runs the cold part on `pool` (the workers spin, then park, between
+        // jobs: no thread is created or woken through the OS per layer).
+        Some(h) if h.pool.n_threads() >= 2 => h.pool.run(|thread| match thread {
+            0 => run_items(Some(pool), w, Some(&cold_items)),
+            1 => run_items(None, h.w, Some(&hot_items)),
+            _ => {}
         }),
+        // A device without a worker of its own: one part after the other.
+        Some(h) => {
+            run_items(Some(pool), w, Some(&cold_items));
+            run_items(None, h.w, Some(&hot_items));
+        }
     }
     scratch.items = items;
     scratch.hot_items = hot_items;
@@ -706,7 +717,11 @@ mod tests {
         let mut rng = Rng::new(17);
         let (n_ff, n_embd, n_tok) = (520, 256, 3);
         let pool = ThreadPool::new(2, "cold").unwrap();
-        let device = ThreadPool::new(1, "hot").unwrap();
+        // A device pool with a worker of its own, and one without (parts in turn).
+        let devices = [
+            ThreadPool::new(2, "hot").unwrap(),
+            ThreadPool::new(1, "hot1").unwrap(),
+        ];
         let mut scratch = SparseScratch::default();
         for (wtype, down_type) in [
             (WeightType::Q4_1, WeightType::Q8_0),
@@ -736,12 +751,12 @@ mod tests {
                     &mut scratch,
                     &mut want,
                 );
-                for n_ranges in [0, 1, 3, 5] {
+                for (n_ranges, device) in [0, 1, 3, 5].into_iter().zip(devices.iter().cycle()) {
                     let rows: Vec<u32> = (0..(n_ranges * NEURON_RANGE).min(n_ff) as u32).collect();
                     let copies = w.map(|m| m.select_rows(&rows).unwrap());
                     let hot = HotSplit {
                         n_ranges,
-                        pool: &device,
+                        pool: device,
                         w: [&copies[0], &copies[1], &copies[2]],
                     };
                     let mut got = vec![f32::NAN; n_tok * n_embd];
