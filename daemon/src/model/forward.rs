@@ -309,7 +309,8 @@ impl Model {
     /// the neuron-major operator, whose sums do not depend on where a neuron runs). Hot
     /// sets are rounded down to whole neuron ranges ([`NEURON_RANGE`]), the unit the
     /// device computes. With `device`, the hot rows are uploaded and, when the device
-    /// computes in host memory, used for the hybrid FFN. Needs the neuron-major form.
+    /// computes in host memory, used for the hybrid FFN. Needs the neuron-major form. On
+    /// an error (a device too small, say) the model may be partly renumbered: drop it.
     pub fn apply_placement(
         &mut self,
         hot: &[Vec<u32>],
@@ -375,7 +376,9 @@ impl Model {
                 (Some(dev), n) if n > 0 => {
                     let rows: Vec<u32> = (0..n as u32).collect();
                     let w = &self.weights.layers[l];
-                    let down_t = w.down_t.as_ref().expect("checked above");
+                    let down_t = w.down_t.as_ref().ok_or_else(|| {
+                        LoadError::Other(format!("layer {l}: no neuron-major down projection"))
+                    })?;
                     let mut views = Vec::with_capacity(3);
                     for m in [&w.gate, &w.up, down_t] {
                         let id = dev
