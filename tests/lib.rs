@@ -95,3 +95,55 @@ pub fn powerinferd(args: &[&str]) -> CliOutput {
         stderr: String::from_utf8(err).expect("stderr is UTF-8"),
     }
 }
+
+/// What [`run_steps`] saw at each step.
+pub struct Steps {
+    /// The logits after every token.
+    pub logits: Vec<Vec<f32>>,
+    /// Active FFN neurons per layer at every step.
+    pub active: Vec<Vec<u32>>,
+    /// Of those, the hot ones.
+    pub hot: Vec<Vec<u32>>,
+}
+
+/// Runs `toks` through `model` one token per step (a fresh cache, two threads) in `mode`.
+pub fn run_steps(
+    model: &powerinfer_daemon::model::Model,
+    toks: &[u32],
+    mode: powerinfer_daemon::model::SparsityMode,
+) -> Steps {
+    use powerinfer_daemon::ids::{SeqSlot, TokenId};
+    use powerinfer_daemon::model::{BatchToken, KvCache, KvType, Scratch};
+    let c = &model.config;
+    let pool = powerinfer_ops::pool::ThreadPool::new(2, "test").expect("threads");
+    let mut kv = KvCache::new(
+        c.n_layer,
+        1,
+        toks.len(),
+        c.n_head_kv,
+        c.head_dim,
+        KvType::F32,
+    );
+    let mut s = Scratch::new(powerinfer_ops::quant::Numerics::Precise);
+    let mut out = Steps {
+        logits: Vec::new(),
+        active: Vec::new(),
+        hot: Vec::new(),
+    };
+    for (i, &t) in toks.iter().enumerate() {
+        let b = BatchToken {
+            token: TokenId(t),
+            slot: SeqSlot(0),
+            pos: i,
+            logits: true,
+            sparsity: mode,
+        };
+        let logits = model
+            .forward(&pool, &[b], &mut kv, &mut s)
+            .expect("forward");
+        out.logits.push(logits.to_vec());
+        out.active.push(s.active_counts.clone());
+        out.hot.push(s.hot_counts.clone());
+    }
+    out
+}

@@ -3,16 +3,13 @@
 //! read by position, and hostile ones are refused with a reason.
 
 use powerinfer_daemon::generate::LoadedModel;
-use powerinfer_daemon::ids::{SeqSlot, TokenId};
 use powerinfer_daemon::model::placement::{self, DeviceProfile};
 use powerinfer_daemon::model::sidecar::{self, SidecarData};
-use powerinfer_daemon::model::{BatchToken, KvCache, KvType, Model, Scratch, SparsityMode};
+use powerinfer_daemon::model::{KvType, Model, SparsityMode};
 use powerinfer_ops::GgmlType;
 use powerinfer_ops::device::{Device, SimulatedDevice};
 use powerinfer_ops::gguf::{GgufWriter, Value};
 use powerinfer_ops::pod::as_bytes;
-use powerinfer_ops::pool::ThreadPool;
-use powerinfer_ops::quant::Numerics;
 use powerinfer_ops::quant::WeightType;
 use powerinfer_tests::synth::Spec;
 use powerinfer_tests::{TempDir, powerinferd};
@@ -238,34 +235,8 @@ fn gpuidx_files_round_trip_and_hostile_ones_are_refused() {
 /// Logits of every step of a one-token-at-a-time run of `toks` in `mode`, and the hot
 /// counts of the last step.
 fn run_steps(model: &Model, toks: &[u32], mode: SparsityMode) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let c = &model.config;
-    let pool = ThreadPool::new(2, "test").unwrap();
-    let mut kv = KvCache::new(
-        c.n_layer,
-        1,
-        toks.len(),
-        c.n_head_kv,
-        c.head_dim,
-        KvType::F32,
-    );
-    let mut s = Scratch::new(Numerics::Precise);
-    let mut logits = Vec::new();
-    for (i, &t) in toks.iter().enumerate() {
-        let b = BatchToken {
-            token: TokenId(t),
-            slot: SeqSlot(0),
-            pos: i,
-            logits: true,
-            sparsity: mode,
-        };
-        logits.push(
-            model
-                .forward(&pool, &[b], &mut kv, &mut s)
-                .unwrap()
-                .to_vec(),
-        );
-    }
-    (logits, s.hot_counts.clone())
+    let mut steps = powerinfer_tests::run_steps(model, toks, mode);
+    (steps.logits, steps.hot.pop().unwrap_or_default())
 }
 
 fn argmax(v: &[f32]) -> usize {

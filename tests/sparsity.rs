@@ -10,41 +10,13 @@ use powerinfer_ops::gguf::{GgufFile, Magic};
 use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::quant::{Numerics, WeightType};
 use powerinfer_tests::synth::Spec;
-use powerinfer_tests::{TempDir, powerinferd};
+use powerinfer_tests::{TempDir, powerinferd, run_steps};
 
 /// Logits after every token of `toks`, one token per step, in `mode`; and the active
 /// neuron counts of every step.
 fn run(model: &Model, toks: &[u32], mode: SparsityMode) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
-    let c = &model.config;
-    let pool = ThreadPool::new(2, "test").unwrap();
-    let mut kv = KvCache::new(
-        c.n_layer,
-        1,
-        toks.len(),
-        c.n_head_kv,
-        c.head_dim,
-        KvType::F32,
-    );
-    let mut s = Scratch::new(Numerics::Precise);
-    let mut logits = Vec::new();
-    let mut counts = Vec::new();
-    for (i, &t) in toks.iter().enumerate() {
-        let b = BatchToken {
-            token: TokenId(t),
-            slot: SeqSlot(0),
-            pos: i,
-            logits: true,
-            sparsity: mode,
-        };
-        logits.push(
-            model
-                .forward(&pool, &[b], &mut kv, &mut s)
-                .unwrap()
-                .to_vec(),
-        );
-        counts.push(s.active_counts.clone());
-    }
-    (logits, counts)
+    let steps = run_steps(model, toks, mode);
+    (steps.logits, steps.active)
 }
 
 fn tokens(n: usize) -> Vec<u32> {

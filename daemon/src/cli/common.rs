@@ -74,16 +74,25 @@ pub fn load_model(
     sparsity: SparsityMode,
     err: &mut dyn Write,
 ) -> Result<(PathBuf, LoadedModel), u8> {
-    let dir = models_dir.map_or_else(models::default_models_dir, Path::to_path_buf);
-    let path = models::resolve(reference, &dir, PathPolicy::Allow).map_err(|e| {
-        let _ = writeln!(err, "error: {e}");
-        exit::BAD_INPUT
-    })?;
+    let path = resolve_model(reference, models_dir, err)?;
     let loaded = LoadedModel::load_for(&path, sparsity).map_err(|e| {
         let _ = writeln!(err, "error: {}: {e}", path.display());
         exit::BAD_INPUT
     })?;
     Ok((path, loaded))
+}
+
+/// The file a model reference names (a usage error, reported, when it names none).
+pub fn resolve_model(
+    reference: &str,
+    models_dir: Option<&Path>,
+    err: &mut dyn Write,
+) -> Result<PathBuf, u8> {
+    let dir = models_dir.map_or_else(models::default_models_dir, Path::to_path_buf);
+    models::resolve(reference, &dir, PathPolicy::Allow).map_err(|e| {
+        let _ = writeln!(err, "error: {e}");
+        exit::BAD_INPUT
+    })
 }
 
 /// `--sparsity`: how FFN neurons are chosen.

@@ -2,15 +2,15 @@
 //! memory budget and write it as `NAME.generated.gpuidx` (PowerInfer's format).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 
+use super::common::resolve_model;
 use super::exit;
 use crate::generate::LoadedModel;
 use crate::model::placement::{self, DeviceProfile};
 use crate::model::{KvType, SparsityMode};
-use crate::models::{self, PathPolicy};
 
 #[derive(Args, Debug)]
 pub struct PlaceArgs {
@@ -66,16 +66,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(a: &PlaceArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let dir = a
-        .models_dir
-        .as_deref()
-        .map_or_else(models::default_models_dir, Path::to_path_buf);
-    let path = match models::resolve(&a.model, &dir, PathPolicy::Allow) {
+    let path = match resolve_model(&a.model, a.models_dir.as_deref(), err) {
         Ok(p) => p,
-        Err(e) => {
-            let _ = writeln!(err, "error: {e}");
-            return exit::BAD_INPUT;
-        }
+        Err(code) => return code,
     };
     // The neuron-major form is what hot neurons are uploaded in; its bytes are the ones
     // that count.

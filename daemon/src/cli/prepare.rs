@@ -2,15 +2,14 @@
 //! the sparsity sidecar next to the model.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 
-use super::common::default_threads;
+use super::common::{default_threads, resolve_model};
 use super::exit;
 use crate::generate::LoadedModel;
 use crate::model::sidecar;
-use crate::models::{self, PathPolicy};
 use crate::prepare::{PrepareError, PrepareOptions, TrainConfig, prepare};
 use crate::progress::Progress;
 
@@ -52,16 +51,9 @@ pub struct PrepareArgs {
 }
 
 pub fn run(a: &PrepareArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let dir = a
-        .models_dir
-        .as_deref()
-        .map_or_else(models::default_models_dir, Path::to_path_buf);
-    let path = match models::resolve(&a.model, &dir, PathPolicy::Allow) {
+    let path = match resolve_model(&a.model, a.models_dir.as_deref(), err) {
         Ok(p) => p,
-        Err(e) => {
-            let _ = writeln!(err, "error: {e}");
-            return exit::BAD_INPUT;
-        }
+        Err(code) => return code,
     };
     let text = match std::fs::read(&a.calibration) {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
