@@ -397,36 +397,13 @@ impl StreamTask {
     }
 }
 
-/// Places the model's hot neurons on `device`: the placement in `NAME.generated.gpuidx`
-/// next to the model when there is one (PowerInfer's file or ours), else one solved now
-/// for the device's budget (with the model's activation frequencies when its sidecar has
-/// them).
 fn place(
     model: &mut Model,
     path: &Path,
     opts: &EngineOptions,
     device: &mut dyn powerinfer_ops::device::Device,
 ) -> Result<(), EngineError> {
-    use crate::model::placement;
-    model.ensure_neuron_form();
-    let file = placement::path_for(path);
-    let hot = if file.exists() {
-        placement::read(&file, model.config.n_layer, model.config.n_ff)
-            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?
-            .hot
-    } else {
-        let budget = device.info().memory_total;
-        let profile = placement::DeviceProfile::for_device(&opts.device, budget);
-        placement::solve(
-            model,
-            &profile,
-            opts.n_ctx,
-            opts.max_sequences,
-            opts.kv_type,
-        )
-        .hot
-    };
-    model
-        .apply_placement(&hot, Some(device))
-        .map_err(|e| EngineError::InvalidArgument(format!("placement: {e}")))
+    let sizing = (opts.n_ctx, opts.max_sequences, opts.kv_type);
+    crate::model::placement::place_on(model, path, &opts.device, device, sizing)
+        .map_err(EngineError::InvalidArgument)
 }

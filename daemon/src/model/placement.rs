@@ -426,6 +426,32 @@ pub fn read(path: &Path, n_layer: usize, n_ff: usize) -> Result<GpuIndex, Placem
     Ok(GpuIndex { vram_capacity, hot })
 }
 
+/// Places `model`'s hot neurons on `device` (opened from `spec`): the placement in
+/// `NAME.generated.gpuidx` next to the model file when there is one (PowerInfer's file or
+/// ours), else one solved now for the device's memory (with the model's activation
+/// frequencies when its sidecar has them), the KV cache sized by `(n_ctx, n_seq, type)`.
+pub fn place_on(
+    model: &mut Model,
+    model_path: &Path,
+    spec: &str,
+    device: &mut dyn powerinfer_ops::device::Device,
+    (n_ctx, n_seq, kv_type): (usize, usize, KvType),
+) -> Result<(), String> {
+    model.ensure_neuron_form();
+    let file = path_for(model_path);
+    let hot = if file.exists() {
+        read(&file, model.config.n_layer, model.config.n_ff)
+            .map_err(|e| e.to_string())?
+            .hot
+    } else {
+        let profile = DeviceProfile::for_device(spec, device.info().memory_total);
+        solve(model, &profile, n_ctx, n_seq, kv_type).hot
+    };
+    model
+        .apply_placement(&hot, Some(device))
+        .map_err(|e| format!("placement: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
