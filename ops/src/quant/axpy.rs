@@ -57,9 +57,20 @@ macro_rules! avx2_or {
     }};
 }
 
+/// The AVX-512 kernel where the level allows it, else the AVX2 one, else `fallback`.
+macro_rules! avx512_or_avx2_or {
+    ($level:expr, $name512:ident, $name2:ident, $fallback:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        if $level.min(crate::simd::hardware_level()) >= SimdLevel::Avx512 {
+            return x86::$name512;
+        }
+        avx2_or!($level, $name2, $fallback)
+    }};
+}
+
 impl AxpyBlock for f32 {
     fn axpy_kernel(level: SimdLevel) -> AxpyFn<Self> {
-        avx2_or!(level, axpy_f32, axpy_f32_scalar)
+        avx512_or_avx2_or!(level, axpy_f32_512, axpy_f32, axpy_f32_scalar)
     }
 }
 impl AxpyBlock for f16 {
@@ -82,7 +93,7 @@ impl AxpyBlock for BlockQ5_0 {}
 impl AxpyBlock for BlockQ5_1 {}
 impl AxpyBlock for BlockQ8_0 {
     fn axpy_kernel(level: SimdLevel) -> AxpyFn<Self> {
-        avx2_or!(level, axpy_q8_0, axpy_scalar::<BlockQ8_0>)
+        avx512_or_avx2_or!(level, axpy_q8_0_512, axpy_q8_0, axpy_scalar::<BlockQ8_0>)
     }
 }
 impl AxpyBlock for BlockQ4K {}
@@ -200,6 +211,53 @@ mod x86 {
             let m = _mm256_set1_ps(b.m.to_f32());
             for (k, q) in nibbles(&b.qs, 0).into_iter().enumerate() {
                 step(&mut a[8 * k..], hv, _mm256_add_ps(_mm256_mul_ps(q, d), m));
+            }
+        }
+    }
+
+    pub fn axpy_f32_512(w: &[f32], h: f32, acc: &mut [f32]) {
+        assert_eq!(acc.len(), w.len(), "accumulator must be one row");
+        // SAFETY: the dispatcher hands this out only where AVX-512 runs.
+        unsafe { axpy_f32_512_impl(w, h, acc) }
+    }
+
+    #[target_feature(enable = "avx512f,avx2")]
+    fn axpy_f32_512_impl(w: &[f32], h: f32, acc: &mut [f32]) {
+        let n = w.len() / 16 * 16;
+        let hv = _mm512_set1_ps(h);
+        for i in (0..n).step_by(16) {
+            // SAFETY: i + 16 <= n <= w.len() == acc.len().
+            unsafe {
+                let p = acc.as_mut_ptr().add(i);
+                let wv = _mm512_loadu_ps(w.as_ptr().add(i));
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_mul_ps(hv, wv)));
+            }
+        }
+        for i in n..w.len() {
+            acc[i] += h * w[i];
+        }
+    }
+
+    pub fn axpy_q8_0_512(w: &[BlockQ8_0], h: f32, acc: &mut [f32]) {
+        assert_eq!(acc.len(), w.len() * QK, "accumulator must be one row");
+        // SAFETY: the dispatcher hands this out only where AVX-512 runs.
+        unsafe { axpy_q8_0_512_impl(w, h, acc) }
+    }
+
+    #[target_feature(enable = "avx512f,avx2")]
+    fn axpy_q8_0_512_impl(w: &[BlockQ8_0], h: f32, acc: &mut [f32]) {
+        let hv = _mm512_set1_ps(h);
+        for (b, a) in w.iter().zip(acc.chunks_exact_mut(QK)) {
+            let d = _mm512_set1_ps(b.d.to_f32());
+            for k in 0..2 {
+                // SAFETY: 16 of the block's 32 bytes, and 16 of its 32 accumulators.
+                unsafe {
+                    let q = _mm_loadu_si128(b.qs.as_ptr().add(16 * k).cast());
+                    let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                    let p = a.as_mut_ptr().add(16 * k);
+                    let wv = _mm512_mul_ps(q, d);
+                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_mul_ps(hv, wv)));
+                }
             }
         }
     }
