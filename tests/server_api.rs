@@ -337,24 +337,35 @@ fn model_status(models: &[proto::ModelInfo], name: &str) -> proto::ModelInfo {
 #[test]
 fn a_full_queue_is_resource_exhausted_and_a_dropped_stream_frees_its_slot() {
     let dir = models_dir("api-queue");
+    // A model slow enough (a few ms a token) that the first request is still running
+    // while the others arrive: the tiny ones finish 250 tokens in a few milliseconds.
+    Spec {
+        wtype: WeightType::Q8_0,
+        n_embd: 512,
+        n_ff: 2048,
+        n_layer: 4,
+        seed: 903,
+        ..Spec::default()
+    }
+    .write_to(dir.path(), "slow");
     let server = TestServer::start(one_slot_config(&dir));
     let client = server.client();
     server.block_on(async {
         let mut running = client
-            .generate(greedy_request("tiny", "one", 250))
+            .generate(greedy_request("slow", "one", 250))
             .await
             .unwrap();
         let first = running.next().await.unwrap().unwrap();
         assert!(matches!(first, GenerateEvent::Token(_)));
         let mut queued = client
-            .generate(greedy_request("tiny", "two", 3))
+            .generate(greedy_request("slow", "two", 3))
             .await
             .unwrap();
         let s = client.status().await.unwrap();
-        let m = model_status(&s.models, "tiny");
+        let m = model_status(&s.models, "slow");
         assert_eq!((m.active_requests, m.queued_requests), (1, 1));
 
-        let e = client.generate(greedy_request("tiny", "three", 3)).await;
+        let e = client.generate(greedy_request("slow", "three", 3)).await;
         let e = match e {
             Ok(mut s) => s.next().await.unwrap().unwrap_err(),
             Err(e) => e,
@@ -365,7 +376,7 @@ fn a_full_queue_is_resource_exhausted_and_a_dropped_stream_frees_its_slot() {
         drop(running);
         let freed = eventually(Duration::from_secs(20), async || {
             let s = client.status().await.unwrap();
-            let m = model_status(&s.models, "tiny");
+            let m = model_status(&s.models, "slow");
             m.queued_requests == 0
         })
         .await;
@@ -383,7 +394,7 @@ fn a_full_queue_is_resource_exhausted_and_a_dropped_stream_frees_its_slot() {
         assert_eq!(n, 3);
         let idle = eventually(Duration::from_secs(10), async || {
             let s = client.status().await.unwrap();
-            model_status(&s.models, "tiny").active_requests == 0
+            model_status(&s.models, "slow").active_requests == 0
         })
         .await;
         assert!(idle, "status still shows a running request");
