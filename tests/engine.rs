@@ -60,6 +60,23 @@ async fn collect(
     panic!("the stream ended without a final event");
 }
 
+/// Greedy generation on the direct path (a session, no actors): the prompt's length in
+/// tokens and the generated ids.
+fn direct_greedy(loaded: &LoadedModel, prompt: &str, max_tokens: usize) -> (usize, Vec<TokenId>) {
+    let prompt = loaded.tokenizer.encode(prompt, true, true);
+    let mut s = Session::new(loaded, SessionOptions::new(256, 2)).unwrap();
+    let params = GenParams {
+        max_tokens,
+        sampler: SamplerConfig::greedy(),
+        stop: Vec::new(),
+    };
+    let out = tokio::task::block_in_place(|| {
+        s.generate(&prompt, &params, |_| std::ops::ControlFlow::Continue(()))
+    })
+    .unwrap();
+    (prompt.len(), out.generated)
+}
+
 fn prompts() -> Vec<String> {
     (0..16)
         .map(|i| format!("prompt number {i}: {}", "xyz ".repeat(i % 5)))
@@ -74,19 +91,9 @@ async fn engine_tokens_equal_the_direct_forward_path() {
     let (ids, fin) = collect(&engine, greedy("hello world", 24)).await;
 
     let loaded = LoadedModel::load(&path).unwrap();
-    let prompt = loaded.tokenizer.encode("hello world", true, true);
-    let mut s = Session::new(&loaded, SessionOptions::new(256, 2)).unwrap();
-    let params = GenParams {
-        max_tokens: 24,
-        sampler: SamplerConfig::greedy(),
-        stop: Vec::new(),
-    };
-    let direct = tokio::task::block_in_place(|| {
-        s.generate(&prompt, &params, |_| std::ops::ControlFlow::Continue(()))
-    })
-    .unwrap();
-    assert_eq!(ids, direct.generated);
-    assert_eq!(fin.prompt_tokens, prompt.len());
+    let (prompt_len, direct) = direct_greedy(&loaded, "hello world", 24);
+    assert_eq!(ids, direct);
+    assert_eq!(fin.prompt_tokens, prompt_len);
     assert_eq!(fin.completion_tokens, ids.len());
 }
 
@@ -313,18 +320,7 @@ async fn a_model_placed_on_the_simulated_device_runs_hybrid_and_reports_its_hot_
     let mut cpu = LoadedModel::load(&path).unwrap();
     cpu.model.ensure_neuron_form();
     cpu.model.apply_placement(&hot, None).unwrap();
-    let prompt = cpu.tokenizer.encode("hello world", true, true);
-    let mut s = Session::new(&cpu, SessionOptions::new(256, 2)).unwrap();
-    let params = GenParams {
-        max_tokens: 16,
-        sampler: SamplerConfig::greedy(),
-        stop: Vec::new(),
-    };
-    let direct = tokio::task::block_in_place(|| {
-        s.generate(&prompt, &params, |_| std::ops::ControlFlow::Continue(()))
-    })
-    .unwrap();
-    assert_eq!(ids, direct.generated);
+    assert_eq!(ids, direct_greedy(&cpu, "hello world", 16).1);
 
     // A device too small for even the fixed parts leaves every neuron cold.
     let tiny = EngineOptions {

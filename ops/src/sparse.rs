@@ -544,6 +544,26 @@ mod tests {
         a
     }
 
+    /// Random gate, up (`types[0]`) and down_t (`types[1]`) of `n_ff` neurons, and a
+    /// random batch of `n_tok` inputs.
+    fn random_ffn(
+        rng: &mut Rng,
+        [wtype, down_type]: [WeightType; 2],
+        n_ff: usize,
+        n_embd: usize,
+        n_tok: usize,
+    ) -> ([Matrix; 3], Activations) {
+        let w = [
+            random_matrix(rng, wtype, n_ff, n_embd),
+            random_matrix(rng, wtype, n_ff, n_embd),
+            random_matrix(rng, down_type, n_ff, n_embd),
+        ];
+        let x: Vec<f32> = (0..n_tok * n_embd).map(|_| rng.normal()).collect();
+        let mut acts = Activations::new();
+        acts.set(&x, n_tok);
+        (w, acts)
+    }
+
     fn random_matrix(rng: &mut Rng, wtype: WeightType, n_rows: usize, n_cols: usize) -> Matrix {
         let v: Vec<f32> = (0..n_rows * n_cols).map(|_| rng.normal()).collect();
         Matrix::quantize(wtype, &v, n_rows, n_cols)
@@ -660,12 +680,8 @@ mod tests {
             (WeightType::Q4_K, WeightType::Q6_K),
             (WeightType::F16, WeightType::F32),
         ] {
-            let gate = random_matrix(&mut rng, wtype, n_ff, n_embd);
-            let up = random_matrix(&mut rng, wtype, n_ff, n_embd);
-            let down_t = random_matrix(&mut rng, down_type, n_ff, n_embd);
-            let x: Vec<f32> = (0..n_tok * n_embd).map(|_| rng.normal()).collect();
-            let mut acts = Activations::new();
-            acts.set(&x, n_tok);
+            let ([gate, up, down_t], mut acts) =
+                random_ffn(&mut rng, [wtype, down_type], n_ff, n_embd, n_tok);
             for glu in [Glu::Silu, Glu::Relu, Glu::DualRelu, Glu::Gelu] {
                 for p in [0.0, 0.1, 0.5, 1.0] {
                     let active = random_set(&mut rng, n_ff, n_tok, p);
@@ -728,12 +744,8 @@ mod tests {
             (WeightType::Q4_K, WeightType::Q6_K),
             (WeightType::F16, WeightType::F32),
         ] {
-            let gate = random_matrix(&mut rng, wtype, n_ff, n_embd);
-            let up = random_matrix(&mut rng, wtype, n_ff, n_embd);
-            let down_t = random_matrix(&mut rng, down_type, n_ff, n_embd);
-            let x: Vec<f32> = (0..n_tok * n_embd).map(|_| rng.normal()).collect();
-            let mut acts = Activations::new();
-            acts.set(&x, n_tok);
+            let ([gate, up, down_t], mut acts) =
+                random_ffn(&mut rng, [wtype, down_type], n_ff, n_embd, n_tok);
             let level = simd::detected();
             for p in [0.1, 0.5, 1.0] {
                 let active = random_set(&mut rng, n_ff, n_tok, p);

@@ -236,12 +236,10 @@ fn place(
                 exit::BAD_INPUT
             },
         )?;
-        let c = &model.config;
-        let hot: usize = model.hot_neurons.iter().sum();
         let _ = writeln!(
             err,
             "{spec}: {:.1}% of the FFN neurons hot ({} of {} MiB used)",
-            100.0 * hot as f64 / (c.n_layer * c.n_ff) as f64,
+            100.0 * model.hot_share(),
             dev.info().memory_used >> 20,
             dev.info().memory_total >> 20
         );

@@ -99,7 +99,15 @@ impl Engine {
         let mut device =
             crate::device::open(&opts.device, opts.vram_budget).map_err(EngineError::Device)?;
         if let Some(dev) = device.as_mut() {
-            place(&mut loaded.model, path, &opts, dev.as_mut())?;
+            let sizing = (opts.n_ctx, opts.max_sequences, opts.kv_type);
+            crate::model::placement::place_on(
+                &mut loaded.model,
+                path,
+                &opts.device,
+                dev.as_mut(),
+                sizing,
+            )
+            .map_err(EngineError::InvalidArgument)?;
         }
         let LoadedModel { model, tokenizer } = loaded;
         let (model, tokenizer) = (Arc::new(model), Arc::new(tokenizer));
@@ -271,10 +279,7 @@ impl Engine {
                 .to_owned(),
             weight_bytes: w.bytes_per_token() as u64,
             options: self.opts.clone(),
-            hot_share: {
-                let hot: usize = self.model.hot_neurons.iter().sum();
-                (hot as f64 / (c.n_layer * c.n_ff).max(1) as f64) as f32
-            },
+            hot_share: self.model.hot_share(),
             hot: self.hot.info().await?,
             sched: self.sched.status().await?,
             loaded_at: self.loaded_at,
@@ -395,15 +400,4 @@ impl StreamTask {
         }
         let _ = out.send(Err(EngineError::Stopped)).await;
     }
-}
-
-fn place(
-    model: &mut Model,
-    path: &Path,
-    opts: &EngineOptions,
-    device: &mut dyn powerinfer_ops::device::Device,
-) -> Result<(), EngineError> {
-    let sizing = (opts.n_ctx, opts.max_sequences, opts.kv_type);
-    crate::model::placement::place_on(model, path, &opts.device, device, sizing)
-        .map_err(EngineError::InvalidArgument)
 }

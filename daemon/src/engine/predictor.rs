@@ -50,12 +50,17 @@ impl Activity {
         let active: u64 = self.active.iter().sum();
         ActivityReport {
             active_fraction: fractions(&self.active, &self.total),
-            hot_hit_rate: if active == 0 {
-                0.0
-            } else {
-                (self.hot as f64 / active as f64) as f32
-            },
+            hot_hit_rate: share(self.hot, active),
         }
+    }
+}
+
+/// `part / whole`, 0 when the whole is 0.
+pub fn share(part: u64, whole: u64) -> f32 {
+    if whole == 0 {
+        0.0
+    } else {
+        (part as f64 / whole as f64) as f32
     }
 }
 

@@ -145,12 +145,7 @@ impl Sequence {
 
     /// Share of this sequence's computed neurons that were hot.
     fn hot_share(&self) -> f32 {
-        let active: u64 = self.active_totals.iter().sum();
-        if active == 0 {
-            0.0
-        } else {
-            (self.hot_total as f64 / active as f64) as f32
-        }
+        super::predictor::share(self.hot_total, self.active_totals.iter().sum())
     }
 
     fn active_fraction(&self, n_ff: usize) -> Vec<f32> {

@@ -5,6 +5,7 @@ pub mod config;
 mod forward;
 mod kv_cache;
 pub mod names;
+mod neurons;
 pub mod placement;
 pub mod sidecar;
 pub mod sparsity;
@@ -13,6 +14,7 @@ mod weights;
 pub use config::{Arch, FfnKind, ModelConfig};
 pub use forward::{BatchToken, Capture, Model, Profile, Scratch, Stage};
 pub use kv_cache::{KvAllocError, KvCache, KvType};
+pub use neurons::{HotFfn, HotLayer};
 pub use sparsity::{Predictor, SparsityData, SparsityMode};
 pub use weights::{LayerWeights, Weights};
 
