@@ -5,7 +5,8 @@
 //! Shapes are GGUF `[n_cols, n_rows]`: `576x1536` (ffn_gate/up), `1536x576` (ffn_down),
 //! `576x49152` (the output head). Rows of the k-quants are whole 256-element super-blocks,
 //! so they run `512x1536` and `512x49152` in place of the 576-column shapes (llama.cpp
-//! cannot store such rows as k-quants either). Filter with e.g.
+//! cannot store such rows as k-quants either). The `prepare` group times the activation
+//! preparation every product starts with. Filter with e.g.
 //! `cargo bench -p powerinfer-ops -- q4_1`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -130,5 +131,24 @@ fn bandwidth(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bandwidth, matvec_all);
+/// Preparing one activation row (precise numerics) for nibble and Q8_0 weights, at the
+/// SmolLM2 widths and a 7B one: every matrix × vector pays it once per row.
+fn prepare(c: &mut Criterion) {
+    let mut group = c.benchmark_group("prepare");
+    group.warm_up_time(Duration::from_millis(300));
+    group.measurement_time(Duration::from_secs(1));
+    let mut rng = Rng::new(3);
+    for n in [576, 1536, 4096] {
+        let x = rng.varied(n, 32);
+        group.bench_function(BenchmarkId::new("q4_1", n), |b| {
+            b.iter(|| prepare_f32::<BlockQ4_1>(black_box(&x), Numerics::Precise));
+        });
+        group.bench_function(BenchmarkId::new("q8_0", n), |b| {
+            b.iter(|| prepare_f32::<BlockQ8_0>(black_box(&x), Numerics::Precise));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bandwidth, matvec_all, prepare);
 criterion_main!(benches);

@@ -173,6 +173,68 @@ impl ThreadPool {
             }
         });
     }
+
+    /// [`Self::for_each_chunk`] of `first` over `0..n`, then, once every range of it is
+    /// done, of `then` over `0..m` (also given the index of the thread running it, for
+    /// per-thread scratch): one hand-over to the workers instead of two, so a short second
+    /// phase (a reduction over the first phase's results) runs in parallel without a
+    /// second wake-up. A thread that finds no first-phase range left waits for the
+    /// others' to finish before it starts on the second phase.
+    pub fn for_each_chunk_then<F, G>(
+        &self,
+        (n, chunk): (usize, usize),
+        first: F,
+        (m, chunk2): (usize, usize),
+        then: G,
+    ) where
+        F: Fn(Range<usize>) + Sync,
+        G: Fn(usize, Range<usize>) + Sync,
+    {
+        let (chunk, chunk2) = (chunk.max(1), chunk2.max(1));
+        if self.n_threads == 1 || (n <= chunk && m <= chunk2) {
+            if n > 0 {
+                first(0..n);
+            }
+            if m > 0 {
+                then(0, 0..m);
+            }
+            return;
+        }
+        /// Counts a range as finished even if its closure unwinds, so the other threads
+        /// never wait for it forever.
+        struct Finished<'a>(&'a AtomicUsize, usize);
+        impl Drop for Finished<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_add(self.1, Ordering::Release);
+            }
+        }
+        let (next, done, next2) = (
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
+        self.run(|thread| {
+            loop {
+                let start = next.fetch_add(chunk, Ordering::Relaxed);
+                if start >= n {
+                    break;
+                }
+                let range = start..(start + chunk).min(n);
+                let _finished = Finished(&done, range.len());
+                first(range);
+            }
+            while done.load(Ordering::Acquire) < n {
+                std::hint::spin_loop();
+            }
+            loop {
+                let start = next2.fetch_add(chunk2, Ordering::Relaxed);
+                if start >= m {
+                    break;
+                }
+                then(thread, start..(start + chunk2).min(m));
+            }
+        });
+    }
 }
 
 fn shared_worker(s: &Shared, index: usize) -> &Worker {
@@ -288,6 +350,16 @@ impl<'a, T> SharedMut<'a, T> {
         // SAFETY: in bounds (checked); exclusivity is the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
     }
+
+    /// The elements in `range`, to read.
+    ///
+    /// # Safety
+    /// No slice from [`Self::slice`] overlapping `range` may be live meanwhile.
+    pub unsafe fn read(&self, range: Range<usize>) -> &[T] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        // SAFETY: in bounds (checked); no writer is the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(range.start), range.len()) }
+    }
 }
 
 #[cfg(test)]
@@ -306,6 +378,59 @@ mod tests {
                 assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
             }
         }
+    }
+
+    #[test]
+    fn the_second_phase_sees_every_first_phase_range_done() {
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads, "test").unwrap();
+            for (n, m) in [(0, 5), (1, 1), (7, 0), (13, 9), (200, 40)] {
+                let first: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                let second: Vec<AtomicUsize> = (0..m).map(|_| AtomicUsize::new(0)).collect();
+                pool.for_each_chunk_then(
+                    (n, 2),
+                    |r| {
+                        for i in r {
+                            first[i].fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
+                    (m, 3),
+                    |_, r| {
+                        // Every first-phase item is finished before any second-phase one.
+                        assert!(first.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+                        for i in r {
+                            second[i].fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
+                );
+                assert!(
+                    first
+                        .iter()
+                        .chain(&second)
+                        .all(|c| c.load(Ordering::Relaxed) == 1)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_first_phase_does_not_hang_the_others() {
+        let pool = ThreadPool::new(2, "test").unwrap();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            pool.for_each_chunk_then(
+                (50, 1),
+                |r| assert_ne!(r.start, 17, "boom"),
+                (10, 1),
+                |_, _| {},
+            );
+        }));
+        assert!(result.is_err());
+        // The pool still works.
+        let count = AtomicUsize::new(0);
+        pool.for_each_chunk(100, 7, |r| {
+            count.fetch_add(r.len(), Ordering::Relaxed);
+        });
+        assert_eq!(count.into_inner(), 100);
     }
 
     #[test]

@@ -25,10 +25,8 @@ use crate::tensor::{Activations, Matrix, RowAxpy, RowDots};
 /// Neurons per range: the unit of work and of the deterministic reduction.
 pub const NEURON_RANGE: usize = 128;
 
-/// Output columns a thread folds at a time.
-const FOLD_COLS: usize = 256;
-/// Below this many additions the fold runs on the calling thread (a pool call costs more).
-const FOLD_PARALLEL_MIN: usize = 1 << 15;
+/// Output columns of one unit of the fold (the reduction of the ranges' partial sums).
+const FOLD_COLS: usize = 128;
 
 /// The active neurons of each token of a batch: strictly increasing indices below
 /// `n_rows`.
@@ -125,9 +123,15 @@ pub struct SparseScratch {
     /// Per token, the span of `items` that belongs to it.
     token_items: Vec<Range<usize>>,
     partials: Vec<f32>,
-    /// Items of a hybrid FFN's hot and cold parts.
+    /// The items of a hybrid FFN's hot part, and the rest (all items without a hot part),
+    /// largest first.
     hot_items: Vec<u32>,
     cold_items: Vec<u32>,
+    /// Per active (token, neuron) pair of the column-split FFN: `h`, and `up` on the way.
+    h: Vec<f32>,
+    up: Vec<f32>,
+    /// Per thread, one item's partial sum over a block of columns.
+    cols: Vec<f32>,
 }
 
 impl SparseScratch {
@@ -153,13 +157,63 @@ impl SparseScratch {
             self.token_items.push(first..self.items.len());
         }
     }
+}
 
-    fn partials(&mut self, n_items: usize, n_cols: usize) -> &mut [f32] {
-        let n = n_items * n_cols;
-        if self.partials.len() < n {
-            self.partials.resize(n, 0.0);
+/// The first `n` elements of `buf`, grown as needed (never shrunk).
+fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// The reduction of the items' partial sums into the output: unit `w` covers one block of
+/// [`FOLD_COLS`] columns of one token and adds that token's partials in item order (the
+/// order of the neuron ranges), whichever thread runs it.
+struct Fold<'a> {
+    token_items: &'a [Range<usize>],
+    partials: &'a SharedMut<'a, f32>,
+    n_cols: usize,
+    per_tok: usize,
+}
+
+impl<'a> Fold<'a> {
+    fn new(
+        token_items: &'a [Range<usize>],
+        partials: &'a SharedMut<'a, f32>,
+        n_cols: usize,
+    ) -> Self {
+        Self {
+            token_items,
+            partials,
+            n_cols,
+            per_tok: n_cols.div_ceil(FOLD_COLS),
         }
-        &mut self.partials[..n]
+    }
+
+    fn n_units(&self) -> usize {
+        self.token_items.len() * self.per_tok
+    }
+
+    /// Writes unit `w` of `out` (`n_tok × n_cols`).
+    ///
+    /// # Safety
+    /// Every partial is finished and no longer written, and no other thread works on
+    /// unit `w` meanwhile.
+    unsafe fn unit(&self, w: usize, out: &SharedMut<'_, f32>) {
+        let (t, c) = (w / self.per_tok, w % self.per_tok);
+        let n = self.n_cols;
+        let cols = c * FOLD_COLS..((c + 1) * FOLD_COLS).min(n);
+        // SAFETY: units are disjoint output ranges (the caller runs each once).
+        let o = unsafe { out.slice(t * n + cols.start..t * n + cols.end) };
+        o.fill(0.0);
+        for k in self.token_items[t].clone() {
+            // SAFETY: the partials are finished (the caller's contract).
+            let p = unsafe { self.partials.read(k * n + cols.start..k * n + cols.end) };
+            for (a, b) in o.iter_mut().zip(p) {
+                *a += *b;
+            }
+        }
     }
 }
 
@@ -262,10 +316,17 @@ pub fn axpy_sparse_at(
     assert_eq!(h.len(), n_tok * n_rows);
     assert_eq!(out.len(), n_tok * n_cols);
     scratch.plan(active);
-    let items = std::mem::take(&mut scratch.items);
-    let partials = SharedMut::new(scratch.partials(items.len(), n_cols));
+    let SparseScratch {
+        items,
+        token_items,
+        partials,
+        ..
+    } = scratch;
+    let partials = SharedMut::new(grow(partials, items.len() * n_cols));
     w_t.with_row_axpy(level, |axpy| {
-        pool.for_each_chunk(items.len(), 1, |range| {
+        let fold = Fold::new(token_items, &partials, n_cols);
+        let out = SharedMut::new(out);
+        let work = |range: Range<usize>| {
             for k in range {
                 let it = items[k];
                 let t = it.t as usize;
@@ -279,10 +340,12 @@ pub fn axpy_sparse_at(
                     }
                 }
             }
+        };
+        pool.for_each_chunk_then((items.len(), 1), work, (fold.n_units(), 1), |_, r| {
+            // SAFETY: every item's partial is finished; units write disjoint outputs.
+            r.for_each(|w| unsafe { fold.unit(w, &out) });
         });
     });
-    scratch.items = items;
-    fold(pool, scratch, n_cols, out);
 }
 
 /// The fused sparse FFN: for the active neurons `i` of each token, `g = gate_i · x` (or
@@ -387,35 +450,47 @@ pub fn ffn_sparse_split(
     x.prepare_for(up.wtype());
     let x = &*x;
     scratch.plan(active);
-    let items = std::mem::take(&mut scratch.items);
-    let (mut hot_items, mut cold_items) = (
-        std::mem::take(&mut scratch.hot_items),
-        std::mem::take(&mut scratch.cold_items),
-    );
+    let Some(hot) = hot else {
+        return ffn_by_columns(level, pool, w, glu, x, gate_given, active, scratch, out);
+    };
+    let SparseScratch {
+        items,
+        token_items,
+        partials,
+        hot_items,
+        cold_items,
+        ..
+    } = scratch;
     hot_items.clear();
     cold_items.clear();
-    if let Some(h) = &hot {
-        for (k, it) in items.iter().enumerate() {
-            let first = active.idx[it.lo as usize] as usize;
-            if first / NEURON_RANGE < h.n_ranges {
-                hot_items.push(k as u32);
-            } else {
-                cold_items.push(k as u32);
-            }
+    for (k, it) in items.iter().enumerate() {
+        let first = active.idx[it.lo as usize] as usize;
+        if first / NEURON_RANGE < hot.n_ranges {
+            hot_items.push(k as u32);
+        } else {
+            cold_items.push(k as u32);
         }
     }
-    let partials = SharedMut::new(scratch.partials(items.len(), n_embd));
-    // Computes the items `which` (all when `None`) with the rows of `w`, on `pool`, or on
-    // the calling thread alone when `None`.
-    let run_items = |pool: Option<&ThreadPool>, w: [&Matrix; 3], which: Option<&[u32]>| {
+    // Largest items first: threads taking the next item as they finish then end close
+    // together (which thread ran an item does not change its bits).
+    let size = |&k: &u32| std::cmp::Reverse(items[k as usize].hi - items[k as usize].lo);
+    hot_items.sort_by_key(size);
+    cold_items.sort_by_key(size);
+    let partials = SharedMut::new(grow(partials, items.len() * n_embd));
+    let fold = Fold::new(token_items, &partials, n_embd);
+    let out = SharedMut::new(out);
+    // SAFETY (for the callers): run once every item is finished; units are disjoint.
+    let fold_units = |r: Range<usize>| r.for_each(|w| unsafe { fold.unit(w, &out) });
+    // Computes the items `which` with the rows of `w`, as `how` says.
+    let run_items = |how: Run<'_>, w: [&Matrix; 3], which: &[u32]| {
         let [gate, up, down_t] = w;
-        let n = which.map_or(items.len(), <[u32]>::len);
+        let n = which.len();
         let body = |gate_src: GateSource<'_>, up_dots: &dyn RowDots, axpy: &dyn RowAxpy| {
             let work = |range: Range<usize>| {
                 let mut g = [0.0f32; NEURON_RANGE];
                 let mut u = [0.0f32; NEURON_RANGE];
                 for q in range {
-                    let k = which.map_or(q, |w| w[q] as usize);
+                    let k = which[q] as usize;
                     let it = items[k];
                     let t = it.t as usize;
                     let rows = &active.idx[it.lo as usize..it.hi as usize];
@@ -444,17 +519,17 @@ pub fn ffn_sparse_split(
                     // SAFETY: item k owns partial row k, and runs once.
                     let acc = unsafe { partials.slice(k * n_embd..(k + 1) * n_embd) };
                     acc.fill(0.0);
-                    for (j, &i) in rows.iter().enumerate() {
-                        let hv = glu.apply(g[j], u[j]);
+                    glu.apply_slice(&mut g[..n], &u[..n]);
+                    for (&hv, &i) in g.iter().zip(rows) {
                         if hv != 0.0 {
                             axpy.axpy(i as usize, hv, acc);
                         }
                     }
                 }
             };
-            match pool {
-                Some(p) => p.for_each_chunk(n, 1, work),
-                None => work(0..n),
+            match how {
+                Run::Pool(p) => p.for_each_chunk(n, 1, work),
+                Run::Here => work(0..n),
             }
         };
         up.with_row_dots(x, level, |up_dots| {
@@ -466,26 +541,146 @@ pub fn ffn_sparse_split(
             })
         });
     };
-    match hot {
-        None => run_items(Some(pool), w, None),
+    if hot.pool.n_threads() >= 2 {
         // One job on the device's pool: its worker runs the hot part while the calling
         // thread runs the cold part on `pool` (the workers spin, then park, between
         // jobs: no thread is created or woken through the OS per layer).
-        Some(h) if h.pool.n_threads() >= 2 => h.pool.run(|thread| match thread {
-            0 => run_items(Some(pool), w, Some(&cold_items)),
-            1 => run_items(None, h.w, Some(&hot_items)),
+        hot.pool.run(|thread| match thread {
+            0 => run_items(Run::Pool(pool), w, cold_items),
+            1 => run_items(Run::Here, hot.w, hot_items),
             _ => {}
-        }),
+        });
+    } else {
         // A device without a worker of its own: one part after the other.
-        Some(h) => {
-            run_items(Some(pool), w, Some(&cold_items));
-            run_items(None, h.w, Some(&hot_items));
-        }
+        run_items(Run::Pool(pool), w, cold_items);
+        run_items(Run::Here, hot.w, hot_items);
     }
-    scratch.items = items;
-    scratch.hot_items = hot_items;
-    scratch.cold_items = cold_items;
-    fold(pool, scratch, n_embd, out);
+    pool.for_each_chunk(fold.n_units(), 1, fold_units);
+}
+
+/// Active (token, neuron) pairs a thread takes at a time in the first phase of
+/// [`ffn_by_columns`].
+const DOT_CHUNK: usize = 16;
+
+/// The fused FFN without a hot split, in two phases of one pool job:
+/// 1. `h` of every active pair (gate and up rows, the gated activation), handed out in
+///    chunks of [`DOT_CHUNK`] pairs: a row's dot product has the same bits in any chunk.
+/// 2. Per token and block of output columns: each item's (neuron range's) partial sum
+///    `Σ h · down_t[i]` over those columns, from 0 in neuron order, added into the output
+///    in item order. Columns are independent, so every output value has the bits of the
+///    item partials and fold of the hybrid path, for any split of the columns, which
+///    is therefore chosen per call for balance: whole rows when there are tokens enough,
+///    else one block per thread.
+#[allow(clippy::too_many_arguments)]
+fn ffn_by_columns(
+    level: SimdLevel,
+    pool: &ThreadPool,
+    [gate, up, down_t]: [&Matrix; 3],
+    glu: Glu,
+    x: &Activations,
+    gate_given: Option<&[f32]>,
+    active: &ActiveSet,
+    scratch: &mut SparseScratch,
+    out: &mut [f32],
+) {
+    let (n_ff, n_embd, n_tok) = (gate.n_rows(), down_t.n_cols(), active.n_tok());
+    let n_act = active.n_active();
+    let SparseScratch {
+        items,
+        token_items,
+        h,
+        up: u,
+        cols: col_buf,
+        ..
+    } = scratch;
+    let (h, u) = (
+        SharedMut::new(grow(h, n_act)),
+        SharedMut::new(grow(u, n_act)),
+    );
+    let n_threads = pool.n_threads();
+    let per_tok = n_threads.div_ceil(n_tok.max(1)).min(n_embd.max(1));
+    let out = SharedMut::new(out);
+    // Room per thread for a block of columns rounded up to whole weight blocks (at most
+    // 256 values, the k-quants' super-blocks).
+    let stride = n_embd.div_ceil(per_tok) + 256;
+    let bufs = SharedMut::new(grow(col_buf, n_threads * stride));
+    let body = |gate_src: GateSource<'_>, up_dots: &dyn RowDots, axpy: &dyn RowAxpy| {
+        let block = axpy.block_len();
+        let unit = n_embd.div_ceil(per_tok).div_ceil(block) * block;
+        assert!(unit <= stride);
+        let first = |range: Range<usize>| {
+            // The token of the range's first pair, then token by token.
+            let mut t = active.start.partition_point(|&s| s <= range.start) - 1;
+            let mut k = range.start;
+            while k < range.end {
+                let end = range.end.min(active.start[t + 1]);
+                let rows = &active.idx[k..end];
+                if let (Some(&r0), Some(&r1)) = (rows.first(), rows.last()) {
+                    // SAFETY: pairs k..end belong to this range alone.
+                    let (hk, uk) = unsafe { (h.slice(k..end), u.slice(k..end)) };
+                    let contiguous = (r1 - r0) as usize == rows.len() - 1;
+                    match gate_src {
+                        GateSource::Dots(d) if contiguous => d.rows(t, r0 as usize, hk),
+                        GateSource::Dots(d) => d.rows_at(t, rows, hk),
+                        GateSource::Given(gv) => {
+                            for (gj, &i) in hk.iter_mut().zip(rows) {
+                                *gj = gv[t * n_ff + i as usize];
+                            }
+                        }
+                    }
+                    if contiguous {
+                        up_dots.rows(t, r0 as usize, uk);
+                    } else {
+                        up_dots.rows_at(t, rows, uk);
+                    }
+                    glu.apply_slice(hk, uk);
+                }
+                k = end;
+                t += 1;
+            }
+        };
+        let second = |thread: usize, range: Range<usize>| {
+            // SAFETY: the first phase is over; nothing writes `h` any more.
+            let h = unsafe { h.read(0..n_act) };
+            // SAFETY: one buffer per thread.
+            let buf = unsafe { bufs.slice(thread * stride..thread * stride + unit) };
+            for w in range {
+                let (t, c) = (w / per_tok, w % per_tok);
+                let cols = (c * unit).min(n_embd)..((c + 1) * unit).min(n_embd);
+                if cols.is_empty() {
+                    continue;
+                }
+                // SAFETY: (token, column block) units are disjoint output ranges.
+                let o = unsafe { out.slice(t * n_embd + cols.start..t * n_embd + cols.end) };
+                o.fill(0.0);
+                let p = &mut buf[..cols.len()];
+                for it in &items[token_items[t].clone()] {
+                    let (lo, hi) = (it.lo as usize, it.hi as usize);
+                    p.fill(0.0);
+                    axpy.axpy_rows_cols(&active.idx[lo..hi], &h[lo..hi], cols.clone(), p);
+                    for (a, b) in o.iter_mut().zip(p.iter()) {
+                        *a += *b;
+                    }
+                }
+            }
+        };
+        pool.for_each_chunk_then((n_act, DOT_CHUNK), first, (n_tok * per_tok, 1), second);
+    };
+    up.with_row_dots(x, level, |up_dots| {
+        down_t.with_row_axpy(level, |axpy| match gate_given {
+            Some(gv) => body(GateSource::Given(gv), up_dots, axpy),
+            None => gate.with_row_dots(x, level, |gd| body(GateSource::Dots(gd), up_dots, axpy)),
+        })
+    });
+}
+
+/// How [`ffn_sparse_split`] runs a list of items.
+#[derive(Clone, Copy)]
+enum Run<'a> {
+    /// Spread over a pool.
+    Pool(&'a ThreadPool),
+    /// On the calling thread.
+    Here,
 }
 
 /// Where the fused FFN takes gate values from.
@@ -493,38 +688,6 @@ pub fn ffn_sparse_split(
 enum GateSource<'a> {
     Dots(&'a dyn RowDots),
     Given(&'a [f32]),
-}
-
-/// `out[t] = Σ partials of t's items`, added in item (neuron range) order.
-fn fold(pool: &ThreadPool, scratch: &SparseScratch, n_cols: usize, out: &mut [f32]) {
-    let n_tok = scratch.token_items.len();
-    let partials = &scratch.partials;
-    let fold_cols = |t: usize, cols: Range<usize>, o: &mut [f32]| {
-        o.fill(0.0);
-        for k in scratch.token_items[t].clone() {
-            let p = &partials[k * n_cols + cols.start..k * n_cols + cols.end];
-            for (a, b) in o.iter_mut().zip(p) {
-                *a += *b;
-            }
-        }
-    };
-    if scratch.items.len() * n_cols < FOLD_PARALLEL_MIN {
-        for (t, o) in out.chunks_exact_mut(n_cols).enumerate() {
-            fold_cols(t, 0..n_cols, o);
-        }
-        return;
-    }
-    let per_tok = n_cols.div_ceil(FOLD_COLS);
-    let out = SharedMut::new(out);
-    pool.for_each_chunk(n_tok * per_tok, 1, |range| {
-        for w in range {
-            let (t, c) = (w / per_tok, w % per_tok);
-            let cols = c * FOLD_COLS..((c + 1) * FOLD_COLS).min(n_cols);
-            // SAFETY: (token, column block) pairs are disjoint output ranges.
-            let o = unsafe { out.slice(t * n_cols + cols.start..t * n_cols + cols.end) };
-            fold_cols(t, cols, o);
-        }
-    });
 }
 
 #[cfg(test)]
@@ -669,10 +832,16 @@ mod tests {
     }
 
     #[test]
+    /// The fused FFN has the bits of its parts (row-sparse dots, the gated activation,
+    /// the row-sparse axpy and its fold) for every thread count: its column split, chosen
+    /// per thread count and batch size, must not show.
     fn fused_ffn_equals_its_parts_for_every_glu_and_gate_source() {
         let mut rng = Rng::new(13);
-        let (n_ff, n_embd, n_tok) = (300, 256, 2);
-        let pool = ThreadPool::new(2, "t").unwrap();
+        let (n_ff, n_embd) = (300, 256);
+        let pools: Vec<ThreadPool> = [1, 2, 3]
+            .iter()
+            .map(|&n| ThreadPool::new(n, "t").unwrap())
+            .collect();
         let mut scratch = SparseScratch::default();
         for (wtype, down_type) in [
             (WeightType::Q4_1, WeightType::Q4_1),
@@ -680,49 +849,50 @@ mod tests {
             (WeightType::Q4_K, WeightType::Q6_K),
             (WeightType::F16, WeightType::F32),
         ] {
-            let ([gate, up, down_t], mut acts) =
-                random_ffn(&mut rng, [wtype, down_type], n_ff, n_embd, n_tok);
-            for glu in [Glu::Silu, Glu::Relu, Glu::DualRelu, Glu::Gelu] {
-                for p in [0.0, 0.1, 0.5, 1.0] {
-                    let active = random_set(&mut rng, n_ff, n_tok, p);
-                    let mut g = vec![0.0; n_tok * n_ff];
-                    let mut u = vec![0.0; n_tok * n_ff];
-                    rows_sparse(&pool, &gate, &mut acts, &active, &mut g);
-                    rows_sparse(&pool, &up, &mut acts, &active, &mut u);
-                    let h: Vec<f32> = g.iter().zip(&u).map(|(&a, &b)| glu.apply(a, b)).collect();
-                    let mut want = vec![0.0; n_tok * n_embd];
-                    axpy_sparse(&pool, &down_t, &h, &active, &mut scratch, &mut want);
-                    let mut got = vec![f32::NAN; n_tok * n_embd];
-                    let w = [&gate, &up, &down_t];
-                    let level = simd::detected();
-                    ffn_sparse_at(
-                        level,
-                        &pool,
-                        w,
-                        glu,
-                        &mut acts,
-                        None,
-                        &active,
-                        &mut scratch,
-                        &mut got,
-                    );
-                    assert_eq!(got, want, "{wtype:?}/{down_type:?} {glu:?} at {p}");
-                    // The gate computed in full beforehand (gate mode) gives the same.
-                    let mut g_all = vec![0.0; n_tok * n_ff];
-                    gate.matmul(&pool, &mut acts, &mut g_all);
-                    got.fill(f32::NAN);
-                    ffn_sparse_at(
-                        level,
-                        &pool,
-                        w,
-                        glu,
-                        &mut acts,
-                        Some(&g_all),
-                        &active,
-                        &mut scratch,
-                        &mut got,
-                    );
-                    assert_eq!(got, want, "given gate: {wtype:?} {glu:?} at {p}");
+            for n_tok in [1, 2] {
+                let ([gate, up, down_t], mut acts) =
+                    random_ffn(&mut rng, [wtype, down_type], n_ff, n_embd, n_tok);
+                for glu in [Glu::Silu, Glu::Relu, Glu::DualRelu, Glu::Gelu] {
+                    for p in [0.0, 0.1, 0.5, 1.0] {
+                        let active = random_set(&mut rng, n_ff, n_tok, p);
+                        let mut g = vec![0.0; n_tok * n_ff];
+                        let mut u = vec![0.0; n_tok * n_ff];
+                        rows_sparse(&pools[0], &gate, &mut acts, &active, &mut g);
+                        rows_sparse(&pools[0], &up, &mut acts, &active, &mut u);
+                        let mut h = g.clone();
+                        glu.apply_slice(&mut h, &u);
+                        let mut want = vec![0.0; n_tok * n_embd];
+                        axpy_sparse(&pools[0], &down_t, &h, &active, &mut scratch, &mut want);
+                        let mut g_all = vec![0.0; n_tok * n_ff];
+                        gate.matmul(&pools[0], &mut acts, &mut g_all);
+                        let w = [&gate, &up, &down_t];
+                        let level = simd::detected();
+                        // The gate computed here, or in full beforehand (gate mode).
+                        for given in [None, Some(g_all.as_slice())] {
+                            for pool in &pools {
+                                let mut got = vec![f32::NAN; n_tok * n_embd];
+                                ffn_sparse_at(
+                                    level,
+                                    pool,
+                                    w,
+                                    glu,
+                                    &mut acts,
+                                    given,
+                                    &active,
+                                    &mut scratch,
+                                    &mut got,
+                                );
+                                assert_eq!(
+                                    got,
+                                    want,
+                                    "{wtype:?}/{down_type:?} {glu:?} at {p}, {n_tok} tokens, \
+                                     {} threads, gate given: {}",
+                                    pool.n_threads(),
+                                    given.is_some()
+                                );
+                            }
+                        }
+                    }
                 }
             }
         }

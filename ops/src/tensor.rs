@@ -5,6 +5,8 @@
 //! Dispatch from [`WeightType`] to the generic kernels happens here, in one exhaustive
 //! `match` per operation.
 
+use std::ops::Range;
+
 use std::sync::Arc;
 
 use half::{bf16, f16};
@@ -274,18 +276,18 @@ pub trait RowDots: Sync {
     }
 }
 
-/// Scattered rows are copied into a contiguous buffer this many at a time, so the
-/// many-row kernel shares its activation loads across them.
-const GATHER_ROWS: usize = 8;
-
-thread_local! {
-    /// Per-thread buffer for gathered rows (u64 for alignment).
-    static GATHER: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// `acc += h · row r` for single rows of one matrix.
 pub trait RowAxpy: Sync {
     fn axpy(&self, r: usize, h: f32, acc: &mut [f32]);
+
+    /// Values per weight block: column ranges given to [`Self::axpy_rows_cols`] start on
+    /// a multiple of it.
+    fn block_len(&self) -> usize;
+
+    /// `acc += Σ h[j] · row rows[j] restricted to cols`, one row after the other in order,
+    /// skipping `h[j] = 0`. Each column is computed on its own, so its bits are those of
+    /// the same steps with [`Self::axpy`] on whole rows.
+    fn axpy_rows_cols(&self, rows: &[u32], h: &[f32], cols: Range<usize>, acc: &mut [f32]);
 }
 
 struct TypedDots<'a, W: WeightBlock> {
@@ -306,31 +308,14 @@ impl<W: WeightBlock> RowDots for TypedDots<'_, W> {
     fn rows_at(&self, t: usize, idx: &[u32], out: &mut [f32]) {
         let a = &self.xs[t * self.stride..(t + 1) * self.stride];
         let bpr = self.bpr;
-        let row = |r: u32| &self.w[r as usize * bpr..(r as usize + 1) * bpr];
         match self.kernel {
             RowKernel::Dot(f) => {
+                let row = |r: u32| &self.w[r as usize * bpr..(r as usize + 1) * bpr];
                 for (o, &r) in out.iter_mut().zip(idx) {
                     *o = f(row(r), a);
                 }
             }
-            RowKernel::Rows(f) => GATHER.with_borrow_mut(|buf| {
-                const { assert!(std::mem::align_of::<W>() <= 8) };
-                let words = (GATHER_ROWS * bpr * std::mem::size_of::<W>()).div_ceil(8);
-                if buf.len() < words {
-                    buf.resize(words, 0);
-                }
-                // SAFETY: the buffer holds at least GATHER_ROWS rows of W, is aligned for
-                // W (checked above), and W is plain old data (every bit pattern valid).
-                let dst: &mut [W] = unsafe {
-                    std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<W>(), GATHER_ROWS * bpr)
-                };
-                for (rows, o) in idx.chunks(GATHER_ROWS).zip(out.chunks_mut(GATHER_ROWS)) {
-                    for (k, &r) in rows.iter().enumerate() {
-                        dst[k * bpr..(k + 1) * bpr].copy_from_slice(row(r));
-                    }
-                    f(&dst[..rows.len() * bpr], a, o);
-                }
-            }),
+            RowKernel::Rows(_, f) => f(self.w, bpr, idx, a, out),
         }
     }
 }
@@ -344,6 +329,22 @@ struct TypedAxpy<'a, W: AxpyBlock> {
 impl<W: AxpyBlock> RowAxpy for TypedAxpy<'_, W> {
     fn axpy(&self, r: usize, h: f32, acc: &mut [f32]) {
         (self.f)(&self.w[r * self.bpr..(r + 1) * self.bpr], h, acc);
+    }
+
+    fn block_len(&self) -> usize {
+        W::LEN
+    }
+
+    fn axpy_rows_cols(&self, rows: &[u32], h: &[f32], cols: Range<usize>, acc: &mut [f32]) {
+        assert!(cols.start.is_multiple_of(W::LEN) && cols.len() == acc.len());
+        let (b0, b1) = (cols.start / W::LEN, cols.end.div_ceil(W::LEN));
+        assert!(b1 <= self.bpr && (b1 - b0) * W::LEN == acc.len());
+        for (&r, &hv) in rows.iter().zip(h) {
+            if hv != 0.0 {
+                let row = r as usize * self.bpr;
+                (self.f)(&self.w[row + b0..row + b1], hv, acc);
+            }
+        }
     }
 }
 
@@ -535,7 +536,7 @@ impl Activations {
             let x = std::mem::take(&mut self.x);
             let numerics = self.numerics;
             let (act, prep) = W::buffers(self);
-            prep.clear();
+            // Every preparation writes its whole output: no need to clear first.
             prep.resize(n_tok * stride, W::Prep::default());
             for t in 0..n_tok {
                 let xt = &x[t * n_cols..(t + 1) * n_cols];

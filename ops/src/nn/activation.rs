@@ -116,12 +116,15 @@ impl Glu {
         }
     }
 
-    /// `h` for one neuron, in scalar arithmetic (the same bits wherever it runs).
-    #[inline]
-    pub fn apply(self, g: f32, u: f32) -> f32 {
+    /// `g[i] = h(g[i], u[i])` for every element: [`silu_mul`], [`relu_mul`],
+    /// [`dual_relu_mul`] or [`gelu_mul`]. Each element's bits depend on its own inputs
+    /// alone, not on its position or the slice length.
+    pub fn apply_slice(self, g: &mut [f32], u: &[f32]) {
         match self {
-            Self::DualRelu => g.max(0.0) * u.max(0.0),
-            _ => self.act(g) * u,
+            Self::Silu => silu_mul(g, u),
+            Self::Relu => relu_mul(g, u),
+            Self::DualRelu => dual_relu_mul(g, u),
+            Self::Gelu => gelu_mul(g, u),
         }
     }
 
@@ -228,46 +231,73 @@ mod x86 {
 
     use super::super::exp::x86::{exp8, exp16};
 
-    /// SiLU (times `up` when given) over whole 8-lane groups; returns how many elements
-    /// were done.
+    /// SiLU (times `up` when given) over every element, 8 lanes at a time (a short tail
+    /// through a padded copy, so every element gets the same arithmetic); returns the
+    /// count done (all).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn silu_gate8(gate: &mut [f32], up: Option<&[f32]>) -> usize {
-        let n = gate.len() / 8 * 8;
         let one = _mm256_set1_ps(1.0);
         let zero = _mm256_setzero_ps();
-        for i in (0..n).step_by(8) {
-            // SAFETY: i + 8 <= n <= len of gate (and of up, asserted by the caller).
+        let lanes = |g: &mut [f32; 8], u: Option<&[f32; 8]>| {
+            // SAFETY: 8-float arrays.
             unsafe {
-                let g = _mm256_loadu_ps(gate.as_ptr().add(i));
-                let e = exp8(_mm256_sub_ps(zero, g));
-                let mut s = _mm256_div_ps(g, _mm256_add_ps(one, e));
-                if let Some(u) = up {
-                    s = _mm256_mul_ps(s, _mm256_loadu_ps(u.as_ptr().add(i)));
+                let v = _mm256_loadu_ps(g.as_ptr());
+                let e = exp8(_mm256_sub_ps(zero, v));
+                let mut s = _mm256_div_ps(v, _mm256_add_ps(one, e));
+                if let Some(u) = u {
+                    s = _mm256_mul_ps(s, _mm256_loadu_ps(u.as_ptr()));
                 }
-                _mm256_storeu_ps(gate.as_mut_ptr().add(i), s);
+                _mm256_storeu_ps(g.as_mut_ptr(), s);
             }
-        }
-        n
+        };
+        by_groups(gate, up, lanes);
+        gate.len()
     }
 
+    /// [`silu_gate8`] with 16 lanes.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe fn silu_gate16(gate: &mut [f32], up: Option<&[f32]>) -> usize {
-        let n = gate.len() / 16 * 16;
         let one = _mm512_set1_ps(1.0);
         let zero = _mm512_setzero_ps();
-        for i in (0..n).step_by(16) {
-            // SAFETY: i + 16 <= n <= len of gate (and of up, asserted by the caller).
+        let lanes = |g: &mut [f32; 16], u: Option<&[f32; 16]>| {
+            // SAFETY: 16-float arrays.
             unsafe {
-                let g = _mm512_loadu_ps(gate.as_ptr().add(i));
-                let e = exp16(_mm512_sub_ps(zero, g));
-                let mut s = _mm512_div_ps(g, _mm512_add_ps(one, e));
-                if let Some(u) = up {
-                    s = _mm512_mul_ps(s, _mm512_loadu_ps(u.as_ptr().add(i)));
+                let v = _mm512_loadu_ps(g.as_ptr());
+                let e = exp16(_mm512_sub_ps(zero, v));
+                let mut s = _mm512_div_ps(v, _mm512_add_ps(one, e));
+                if let Some(u) = u {
+                    s = _mm512_mul_ps(s, _mm512_loadu_ps(u.as_ptr()));
                 }
-                _mm512_storeu_ps(gate.as_mut_ptr().add(i), s);
+                _mm512_storeu_ps(g.as_mut_ptr(), s);
             }
+        };
+        by_groups(gate, up, lanes);
+        gate.len()
+    }
+
+    /// Calls `f` on `gate` (and `up`) N elements at a time, the last partial group through
+    /// zero-padded copies.
+    #[inline(always)]
+    fn by_groups<const N: usize>(
+        gate: &mut [f32],
+        up: Option<&[f32]>,
+        mut f: impl FnMut(&mut [f32; N], Option<&[f32; N]>),
+    ) {
+        let full = gate.len() / N * N;
+        let (body, tail) = gate.split_at_mut(full);
+        for (i, g) in body.chunks_exact_mut(N).enumerate() {
+            let u = up.map(|u| <&[f32; N]>::try_from(&u[i * N..(i + 1) * N]).expect("N floats"));
+            f(g.try_into().expect("N floats"), u);
         }
-        n
+        if !tail.is_empty() {
+            let (mut g, mut u) = ([0f32; N], [0f32; N]);
+            g[..tail.len()].copy_from_slice(tail);
+            if let Some(up) = up {
+                u[..tail.len()].copy_from_slice(&up[full..]);
+            }
+            f(&mut g, up.map(|_| &u));
+            tail.copy_from_slice(&g[..tail.len()]);
+        }
     }
 
     /// `Σ exp(x[i] - max)` over whole groups of 8 without writing; returns (done, sum).
@@ -382,6 +412,26 @@ mod tests {
                 assert!(close(a[i], s, s.abs()), "silu({x}) = {}, want {s}", a[i]);
                 let su = s * f64::from(u[i]);
                 assert!(close(b[i], su, su.abs()), "swiglu at {i}");
+            }
+        }
+    }
+
+    /// The sparse FFN applies the gate to short runs of neurons: an element's bits must
+    /// not depend on where in the slice it sits or on the slice's length.
+    #[test]
+    fn gated_activations_do_not_depend_on_position() {
+        let (g, u) = inputs(99, 100);
+        for glu in [Glu::Silu, Glu::Relu, Glu::DualRelu, Glu::Gelu] {
+            let mut whole = g.clone();
+            glu.apply_slice(&mut whole, &u);
+            for (start, len) in [(0, 1), (3, 5), (1, 16), (7, 17), (40, 33), (0, 100)] {
+                let mut part = g[start..start + len].to_vec();
+                glu.apply_slice(&mut part, &u[start..start + len]);
+                let same = part
+                    .iter()
+                    .zip(&whole[start..])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{glu:?} at {start}..+{len}");
             }
         }
     }

@@ -107,10 +107,11 @@ mod x86 {
     use half::f16;
 
     use super::super::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
+    use crate::simd::avx2::f16_to_f32;
 
     /// `acc[0..8] += h · w` (multiply, then add: the twin's two roundings).
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn step(acc: &mut [f32], h: __m256, w: __m256) {
         assert!(acc.len() >= 8);
         // SAFETY: 8 floats checked above.
@@ -123,7 +124,7 @@ mod x86 {
     /// The 32 4-bit levels of a block as four vectors of 8 (elements 0..8, 8..16, 16..24,
     /// 24..32), as signed integers minus `offset`.
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn nibbles(qs: &[u8; 16], offset: i32) -> [__m256; 4] {
         // SAFETY: 16 bytes.
         let v = unsafe { _mm_loadu_si128(qs.as_ptr().cast()) };
@@ -146,7 +147,7 @@ mod x86 {
         unsafe { axpy_f32_impl(w, h, acc) }
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn axpy_f32_impl(w: &[f32], h: f32, acc: &mut [f32]) {
         let n = w.len() / 8 * 8;
         let hv = _mm256_set1_ps(h);
@@ -166,7 +167,7 @@ mod x86 {
         unsafe { axpy_f16_impl(w, h, acc) }
     }
 
-    #[target_feature(enable = "avx2,f16c")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn axpy_f16_impl(w: &[f16], h: f32, acc: &mut [f32]) {
         let n = w.len() / 8 * 8;
         let hv = _mm256_set1_ps(h);
@@ -186,11 +187,11 @@ mod x86 {
         unsafe { axpy_q4_0_impl(w, h, acc) }
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn axpy_q4_0_impl(w: &[BlockQ4_0], h: f32, acc: &mut [f32]) {
         let hv = _mm256_set1_ps(h);
         for (b, a) in w.iter().zip(acc.chunks_exact_mut(QK)) {
-            let d = _mm256_set1_ps(b.d.to_f32());
+            let d = _mm256_set1_ps(f16_to_f32(b.d));
             for (k, q) in nibbles(&b.qs, 8).into_iter().enumerate() {
                 step(&mut a[8 * k..], hv, _mm256_mul_ps(q, d));
             }
@@ -203,12 +204,12 @@ mod x86 {
         unsafe { axpy_q4_1_impl(w, h, acc) }
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn axpy_q4_1_impl(w: &[BlockQ4_1], h: f32, acc: &mut [f32]) {
         let hv = _mm256_set1_ps(h);
         for (b, a) in w.iter().zip(acc.chunks_exact_mut(QK)) {
-            let d = _mm256_set1_ps(b.d.to_f32());
-            let m = _mm256_set1_ps(b.m.to_f32());
+            let d = _mm256_set1_ps(f16_to_f32(b.d));
+            let m = _mm256_set1_ps(f16_to_f32(b.m));
             for (k, q) in nibbles(&b.qs, 0).into_iter().enumerate() {
                 step(&mut a[8 * k..], hv, _mm256_add_ps(_mm256_mul_ps(q, d), m));
             }
@@ -221,7 +222,7 @@ mod x86 {
         unsafe { axpy_f32_512_impl(w, h, acc) }
     }
 
-    #[target_feature(enable = "avx512f,avx2")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     fn axpy_f32_512_impl(w: &[f32], h: f32, acc: &mut [f32]) {
         let n = w.len() / 16 * 16;
         let hv = _mm512_set1_ps(h);
@@ -244,11 +245,11 @@ mod x86 {
         unsafe { axpy_q8_0_512_impl(w, h, acc) }
     }
 
-    #[target_feature(enable = "avx512f,avx2")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     fn axpy_q8_0_512_impl(w: &[BlockQ8_0], h: f32, acc: &mut [f32]) {
         let hv = _mm512_set1_ps(h);
         for (b, a) in w.iter().zip(acc.chunks_exact_mut(QK)) {
-            let d = _mm512_set1_ps(b.d.to_f32());
+            let d = _mm512_set1_ps(f16_to_f32(b.d));
             for k in 0..2 {
                 // SAFETY: 16 of the block's 32 bytes, and 16 of its 32 accumulators.
                 unsafe {
@@ -268,11 +269,11 @@ mod x86 {
         unsafe { axpy_q8_0_impl(w, h, acc) }
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn axpy_q8_0_impl(w: &[BlockQ8_0], h: f32, acc: &mut [f32]) {
         let hv = _mm256_set1_ps(h);
         for (b, a) in w.iter().zip(acc.chunks_exact_mut(QK)) {
-            let d = _mm256_set1_ps(b.d.to_f32());
+            let d = _mm256_set1_ps(f16_to_f32(b.d));
             for k in 0..4 {
                 // SAFETY: 8 of the block's 32 bytes.
                 let q = unsafe { _mm_loadl_epi64(b.qs.as_ptr().add(8 * k).cast()) };

@@ -301,7 +301,7 @@ macro_rules! nib_weight {
             }
 
             fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
-                crate::simd::dispatch_rows!(level, rows_nib::<$t>, Self::dot_kernel(level))
+                crate::simd::dispatch_rows!(level, rows_nib, rows_nib_at::<$t>, Self::dot_kernel(level))
             }
         }
     };
@@ -338,6 +338,6 @@ impl WeightBlock for BlockQ8_0 {
     }
 
     fn row_kernel(level: SimdLevel) -> RowKernel<Self> {
-        crate::simd::dispatch_rows!(level, rows_q8, Self::dot_kernel(level))
+        crate::simd::dispatch_rows!(level, rows_q8, rows_q8_at, Self::dot_kernel(level))
     }
 }

@@ -42,18 +42,22 @@ pub type DotFn<W> = fn(&[W], &[<W as WeightBlock>::Prep]) -> f32;
 /// `out.len()` whole rows.
 pub type RowsFn<W> = fn(&[W], &[<W as WeightBlock>::Prep], &mut [f32]);
 
+/// Scattered rows times one prepared activation row: `out[k] = row idx[k] · a`, rows of
+/// `bpr` blocks taken from the matrix `w`; the same bits as [`RowsFn`] on those rows.
+pub type RowsAtFn<W> = fn(&[W], usize, &[u32], &[<W as WeightBlock>::Prep], &mut [f32]);
+
 /// How a level computes many rows: a kernel that takes several rows at once (sharing
 /// activation loads and reductions), or the one-row dot product in a loop. Either gives
 /// each row the same bits as the one-row kernel of that level.
 pub enum RowKernel<W: WeightBlock> {
-    Rows(RowsFn<W>),
+    Rows(RowsFn<W>, RowsAtFn<W>),
     Dot(DotFn<W>),
 }
 
 impl<W: WeightBlock> RowKernel<W> {
     pub fn run(&self, w: &[W], a: &[W::Prep], out: &mut [f32]) {
         match self {
-            Self::Rows(f) => f(w, a, out),
+            Self::Rows(f, _) => f(w, a, out),
             Self::Dot(f) => {
                 let bpr = w.len() / out.len().max(1);
                 for (o, row) in out.iter_mut().zip(w.chunks_exact(bpr)) {

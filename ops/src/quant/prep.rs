@@ -106,32 +106,70 @@ impl Default for PrepQ8 {
     }
 }
 
-/// One block's two levels, its scale and its value sum.
+/// One block's two levels, its scale, its value sum, and per group of four values the
+/// combined integer sum `LEVEL2·Σq1 + Σq2` (what the kernels' offset corrections use).
 struct Levels {
     q1: [i8; QK],
     q2: [i8; QK],
     d: f32,
     sum: f32,
+    groups: [i32; 8],
+}
+
+/// `LEVEL2·Σq1 + Σq2` over each group of four values.
+fn group_sums(q1: &[i8; QK], q2: &[i8; QK]) -> [i32; 8] {
+    std::array::from_fn(|m| {
+        (4 * m..4 * m + 4)
+            .map(|j| LEVEL2 * i32::from(q1[j]) + i32::from(q2[j]))
+            .sum()
+    })
 }
 
 /// Two-level quantization of 32 values: `q1` as GGML's Q8 (d = amax/127), `q2` the residual
-/// in steps of d/256.
+/// in steps of d/256. The fast form where the CPU has one, else [`two_levels_scalar`].
 fn two_levels(x: &[f32]) -> Levels {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::detected() >= crate::simd::SimdLevel::Avx512 {
+        let xb: &[f32; QK] = x.try_into().expect("a block of 32 values");
+        let (mut q1, mut q2, mut groups) = ([0; QK], [0; QK], [0; 8]);
+        if let Some((d, sum)) = crate::simd::avx512::two_levels(xb, &mut q1, &mut q2, &mut groups) {
+            return Levels {
+                q1,
+                q2,
+                d,
+                sum,
+                groups,
+            };
+        }
+    }
+    two_levels_scalar(x)
+}
+
+/// The plain twin of [`two_levels`]. The value sum adds `x[j] + x[j+16]`, then folds the
+/// 16 partial sums in halves (8, 4, 2, 1): an order a vector unit follows exactly.
+fn two_levels_scalar(x: &[f32]) -> Levels {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    let mut l = Levels {
-        q1: [0; QK],
-        q2: [0; QK],
-        d,
-        sum: x.iter().sum(),
-    };
-    for (j, &v) in x.iter().enumerate() {
-        let q1 = round_even(v * id).clamp(-127.0, 127.0);
-        l.q1[j] = q1 as i8;
-        l.q2[j] = round_even((v - q1 * d) * id * LEVEL2 as f32).clamp(-127.0, 127.0) as i8;
+    let mut s: [f32; 16] = std::array::from_fn(|j| x[j] + x[j + 16]);
+    for width in [8, 4, 2, 1] {
+        for j in 0..width {
+            s[j] += s[j + width];
+        }
     }
-    l
+    let (mut q1, mut q2) = ([0; QK], [0; QK]);
+    for (j, &v) in x.iter().enumerate() {
+        let a = round_even(v * id).clamp(-127.0, 127.0);
+        q1[j] = a as i8;
+        q2[j] = round_even((v - a * d) * id * LEVEL2 as f32).clamp(-127.0, 127.0) as i8;
+    }
+    Levels {
+        q1,
+        q2,
+        d,
+        sum: s[0],
+        groups: group_sums(&q1, &q2),
+    }
 }
 
 fn fill_nib(blocks: impl ExactSizeIterator<Item = Levels>, out: &mut [PrepNib]) {
@@ -146,14 +184,7 @@ fn fill_nib(blocks: impl ExactSizeIterator<Item = Levels>, out: &mut [PrepNib]) 
         p.d[4 * b..4 * b + 4].fill(l.d / LEVEL2 as f32);
         p.s[2 * b + 1] = l.sum;
         for k in 0..4 {
-            let lane = |q: &[i8; QK], half: usize| -> i32 {
-                q[16 * half + 4 * k..16 * half + 4 * k + 4]
-                    .iter()
-                    .map(|&v| i32::from(v))
-                    .sum()
-            };
-            p.lane_sum[4 * b + k] =
-                LEVEL2 * (lane(&l.q1, 0) + lane(&l.q1, 1)) + lane(&l.q2, 0) + lane(&l.q2, 1);
+            p.lane_sum[4 * b + k] = l.groups[k] + l.groups[k + 4];
         }
     }
 }
@@ -167,13 +198,7 @@ fn fill_q8(blocks: impl ExactSizeIterator<Item = Levels>, out: &mut [PrepQ8]) {
         p.qs2[32 * b..32 * b + 32].copy_from_slice(&l.q2);
         p.d[8 * b..8 * b + 8].fill(l.d / LEVEL2 as f32);
         for k in 0..8 {
-            let sum = |q: &[i8; QK]| {
-                q[4 * k..4 * k + 4]
-                    .iter()
-                    .map(|&v| i32::from(v))
-                    .sum::<i32>()
-            };
-            p.neg_corr[8 * b + k] = -128 * (LEVEL2 * sum(&l.q1) + sum(&l.q2));
+            p.neg_corr[8 * b + k] = -128 * l.groups[k];
         }
     }
 }
@@ -185,6 +210,7 @@ fn ggml_level(d: f16, qs: &[i8; QK], s: f16) -> Levels {
         q2: [0; QK],
         d: d.to_f32(),
         sum: s.to_f32(),
+        groups: group_sums(qs, &[0; QK]),
     }
 }
 
@@ -295,4 +321,48 @@ pub fn dot_q8_scalar(w: &[BlockQ8_0], a: &[PrepQ8]) -> f32 {
         acc += wb.d.to_f32() * p.d[8 * b] * sum as f32;
     }
     acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn same(a: &Levels, b: &Levels) -> bool {
+        a.q1 == b.q1
+            && a.q2 == b.q2
+            && a.d.to_bits() == b.d.to_bits()
+            && a.sum.to_bits() == b.sum.to_bits()
+    }
+
+    /// The fast two-level quantizer against its twin, bit for bit: random blocks of
+    /// varied scales, exact ties, zeros, tiny and huge values, and non-finite values
+    /// (which the fast form hands back to the twin).
+    #[test]
+    fn two_levels_match_the_twin_bit_for_bit() {
+        let mut rng = Rng::new(11);
+        let mut blocks: Vec<Vec<f32>> = (0..2000).map(|_| rng.varied(QK, QK)).collect();
+        blocks.push(vec![0.0; QK]);
+        blocks.push((0..QK).map(|j| j as f32 - 15.5).collect());
+        // Ties of the first level: amax 127, so x·id = x.
+        blocks.push(
+            (0..QK)
+                .map(|j| if j == 0 { 127.0 } else { j as f32 + 0.5 })
+                .collect(),
+        );
+        blocks.push((0..QK).map(|j| 1e-42 * (j as f32 - 3.0)).collect());
+        blocks.push((0..QK).map(|j| 3e37 * (j as f32 - 16.0)).collect());
+        let mut nan = rng.varied(QK, QK);
+        nan[7] = f32::NAN;
+        blocks.push(nan);
+        let mut inf = rng.varied(QK, QK);
+        inf[30] = f32::NEG_INFINITY;
+        blocks.push(inf);
+        for x in &blocks {
+            let (fast, twin) = (two_levels(x), two_levels_scalar(x));
+            assert!(same(&fast, &twin), "block {x:?}");
+        }
+        let exact: f32 = blocks[0].iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
+        assert!((two_levels(&blocks[0]).sum - exact).abs() <= 1e-5 * exact.abs().max(1.0));
+    }
 }

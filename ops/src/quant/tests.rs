@@ -230,6 +230,20 @@ fn check_row_kernels<W: WeightBlock>(seed: u64) {
                     W::DTYPE
                 );
             }
+            // Scattered rows, taken straight from the matrix.
+            if let RowKernel::Rows(_, rows_at) = W::row_kernel(level) {
+                let idx: Vec<u32> = (0..n_rows as u32).filter(|_| rng.below(3) > 0).collect();
+                let mut at = vec![0.0; idx.len()];
+                rows_at(&w, bpr, &idx, &x, &mut at);
+                for (&r, o) in idx.iter().zip(&at) {
+                    assert_eq!(
+                        o.to_bits(),
+                        out[r as usize].to_bits(),
+                        "{} {level} scattered row {r}",
+                        W::DTYPE
+                    );
+                }
+            }
         }
     }
 }

@@ -248,24 +248,27 @@ fn fold(acc: __m512, extra: __m256) -> __m256 {
     _mm256_add_ps(_mm256_add_ps(lo, hi), extra)
 }
 
-/// Four rows of nibble weights against one prepared activation row.
+/// The first `n` (1..=4) of four rows of nibble weights against one prepared activation
+/// row. Each row is summed on its own, so its bits do not depend on `n` or on the others.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-fn nib_tile<W: NibBlock>(rows: [&[W]; 4], a: &[PrepNib]) -> [f32; 4] {
+fn nib_tile<W: NibBlock>(rows: [&[W]; 4], n: usize, a: &[PrepNib]) -> [f32; 4] {
     let mut acc = [_mm512_setzero_ps(); 4];
     let mut accm = [_mm256_setzero_ps(); 4];
     let full = rows[0].len() / NIB_GROUP;
     // Row by row: each row is one sequential stream, which DRAM prefetching follows best.
     for r in 0..4 {
-        for (g, p) in a.iter().enumerate().take(full) {
-            let blocks = rows[r][NIB_GROUP * g..NIB_GROUP * g + NIB_GROUP]
-                .try_into()
-                .expect("a group of 4");
-            nib_group::<W, 4>(blocks, p, &mut acc[r], &mut accm[r]);
+        if r < n {
+            for (g, p) in a.iter().enumerate().take(full) {
+                let blocks = rows[r][NIB_GROUP * g..NIB_GROUP * g + NIB_GROUP]
+                    .try_into()
+                    .expect("a group of 4");
+                nib_group::<W, 4>(blocks, p, &mut acc[r], &mut accm[r]);
+            }
         }
     }
     if let Some(last) = a.get(full) {
-        for r in 0..4 {
+        for r in 0..n {
             match &rows[r][NIB_GROUP * full..] {
                 [] => {}
                 [b0] => nib_group(&[*b0], last, &mut acc[r], &mut accm[r]),
@@ -282,17 +285,28 @@ fn nib_tile<W: NibBlock>(rows: [&[W]; 4], a: &[PrepNib]) -> [f32; 4] {
     out
 }
 
-/// Calls `tile` on rows four at a time (a partial last tile repeats its last row, whose
-/// extra results are dropped).
+/// Calls `tile(rows, n)` on rows four at a time: rows `0..out.len()` of `w` (rows of
+/// `bpr` blocks), or its rows `idx` when given; a partial last tile has `n` < 4 real rows
+/// (its last row repeated in the other places, for valid slices). One function serves both
+/// so that each kernel's tile has a single call site, which the compiler inlines.
 #[inline(always)]
-fn by_tiles<W>(w: &[W], out: &mut [f32], mut tile: impl FnMut([&[W]; 4]) -> [f32; 4]) {
-    let bpr = w.len() / out.len();
+fn by_tiles<W>(
+    w: &[W],
+    bpr: usize,
+    idx: Option<&[u32]>,
+    out: &mut [f32],
+    mut tile: impl FnMut([&[W]; 4], usize) -> [f32; 4],
+) {
+    if let Some(idx) = idx {
+        assert_eq!(idx.len(), out.len());
+    }
     for (t, o) in out.chunks_mut(4).enumerate() {
         let row = |r: usize| {
-            let r = 4 * t + r.min(o.len() - 1);
+            let k = 4 * t + r.min(o.len() - 1);
+            let r = idx.map_or(k, |idx| idx[k] as usize);
             &w[r * bpr..(r + 1) * bpr]
         };
-        let sums = tile([row(0), row(1), row(2), row(3)]);
+        let sums = tile([row(0), row(1), row(2), row(3)], o.len());
         o.copy_from_slice(&sums[..o.len()]);
     }
 }
@@ -301,15 +315,30 @@ fn by_tiles<W>(w: &[W], out: &mut [f32], mut tile: impl FnMut([&[W]; 4]) -> [f32
 /// `out[r] = w[r] · a`, `w` being `out.len()` whole rows.
 pub fn rows_nib<W: NibBlock>(w: &[W], a: &[PrepNib], out: &mut [f32]) {
     assert!(!out.is_empty() && w.len().is_multiple_of(out.len()));
-    assert_eq!(a.len(), (w.len() / out.len()).div_ceil(NIB_GROUP));
+    let bpr = w.len() / out.len();
+    assert_eq!(a.len(), bpr.div_ceil(NIB_GROUP));
     debug_assert!(crate::simd::SimdLevel::Avx512Vnni.is_supported());
     // SAFETY: handed out only by `simd::dispatch!`, which checks the CPU level.
-    unsafe { rows_nib_impl(w, a, out) }
+    unsafe { rows_nib_impl(w, bpr, None, a, out) }
+}
+
+/// [`rows_nib`] on the scattered rows `idx` of `w` (rows of `bpr` blocks).
+pub fn rows_nib_at<W: NibBlock>(w: &[W], bpr: usize, idx: &[u32], a: &[PrepNib], out: &mut [f32]) {
+    assert_eq!(a.len(), bpr.div_ceil(NIB_GROUP));
+    debug_assert!(crate::simd::SimdLevel::Avx512Vnni.is_supported());
+    // SAFETY: as above.
+    unsafe { rows_nib_impl(w, bpr, Some(idx), a, out) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-unsafe fn rows_nib_impl<W: NibBlock>(w: &[W], a: &[PrepNib], out: &mut [f32]) {
-    by_tiles(w, out, |rows| nib_tile(rows, a));
+unsafe fn rows_nib_impl<W: NibBlock>(
+    w: &[W],
+    bpr: usize,
+    idx: Option<&[u32]>,
+    a: &[PrepNib],
+    out: &mut [f32],
+) {
+    by_tiles(w, bpr, idx, out, |rows, n| nib_tile(rows, n, a));
 }
 
 /// One row (the same arithmetic as a row of [`rows_nib`]).
@@ -350,22 +379,25 @@ fn q8_pair(w: &[BlockQ8_0; 2], p: &PrepQ8, acc: &mut __m512) {
     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
 }
 
-/// Four rows of Q8_0 weights against one prepared activation row.
+/// The first `n` (1..=4) of four rows of Q8_0 weights against one prepared activation
+/// row, each summed on its own (as [`nib_tile`]).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-fn q8_tile(rows: [&[BlockQ8_0]; 4], a: &[PrepQ8]) -> [f32; 4] {
+fn q8_tile(rows: [&[BlockQ8_0]; 4], n: usize, a: &[PrepQ8]) -> [f32; 4] {
     let mut acc = [_mm512_setzero_ps(); 4];
     let full = rows[0].len() / Q8_GROUP;
     for r in 0..4 {
-        for (g, p) in a.iter().enumerate().take(full) {
-            let pair = rows[r][Q8_GROUP * g..Q8_GROUP * g + Q8_GROUP]
-                .try_into()
-                .expect("a pair");
-            q8_pair(pair, p, &mut acc[r]);
+        if r < n {
+            for (g, p) in a.iter().enumerate().take(full) {
+                let pair = rows[r][Q8_GROUP * g..Q8_GROUP * g + Q8_GROUP]
+                    .try_into()
+                    .expect("a pair");
+                q8_pair(pair, p, &mut acc[r]);
+            }
         }
     }
     if let Some(last) = a.get(full) {
-        for r in 0..4 {
+        for r in 0..n {
             if let [b] = &rows[r][Q8_GROUP * full..] {
                 q8_pair(&[*b, BlockQ8_0::default()], last, &mut acc[r]);
             }
@@ -382,15 +414,30 @@ fn q8_tile(rows: [&[BlockQ8_0]; 4], a: &[PrepQ8]) -> [f32; 4] {
 /// Rows of Q8_0 weights · one prepared activation row.
 pub fn rows_q8(w: &[BlockQ8_0], a: &[PrepQ8], out: &mut [f32]) {
     assert!(!out.is_empty() && w.len().is_multiple_of(out.len()));
-    assert_eq!(a.len(), (w.len() / out.len()).div_ceil(Q8_GROUP));
+    let bpr = w.len() / out.len();
+    assert_eq!(a.len(), bpr.div_ceil(Q8_GROUP));
     debug_assert!(crate::simd::SimdLevel::Avx512Vnni.is_supported());
     // SAFETY: handed out only by `simd::dispatch!`, which checks the CPU level.
-    unsafe { rows_q8_impl(w, a, out) }
+    unsafe { rows_q8_impl(w, bpr, None, a, out) }
+}
+
+/// [`rows_q8`] on the scattered rows `idx` of `w` (rows of `bpr` blocks).
+pub fn rows_q8_at(w: &[BlockQ8_0], bpr: usize, idx: &[u32], a: &[PrepQ8], out: &mut [f32]) {
+    assert_eq!(a.len(), bpr.div_ceil(Q8_GROUP));
+    debug_assert!(crate::simd::SimdLevel::Avx512Vnni.is_supported());
+    // SAFETY: as above.
+    unsafe { rows_q8_impl(w, bpr, Some(idx), a, out) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-unsafe fn rows_q8_impl(w: &[BlockQ8_0], a: &[PrepQ8], out: &mut [f32]) {
-    by_tiles(w, out, |rows| q8_tile(rows, a));
+unsafe fn rows_q8_impl(
+    w: &[BlockQ8_0],
+    bpr: usize,
+    idx: Option<&[u32]>,
+    a: &[PrepQ8],
+    out: &mut [f32],
+) {
+    by_tiles(w, bpr, idx, out, |rows, n| q8_tile(rows, n, a));
 }
 
 /// One row of Q8_0 weights (the same arithmetic as a row of [`rows_q8`]).
@@ -516,4 +563,95 @@ unsafe fn dot_q6_k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
         acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), acc);
     }
     _mm512_reduce_add_ps(acc)
+}
+
+/// The two activation levels of one 32-value block (`crate::quant::prep`), with the same
+/// operations in the same order as the scalar twin: `q1 = round(x·id)` clamped to ±127,
+/// `q2 = round((x - q1·d)·id·256)` clamped, the value sum in the twin's tree order.
+/// `groups[m]` gets `LEVEL2·Σq1 + Σq2` over values `4m..4m+4`. Returns `(d, sum)`, or
+/// `None` when the block holds a NaN or an infinity or its scale overflows: those take
+/// the scalar path.
+pub fn two_levels(
+    x: &[f32; 32],
+    q1: &mut [i8; 32],
+    q2: &mut [i8; 32],
+    groups: &mut [i32; 8],
+) -> Option<(f32, f32)> {
+    debug_assert!(crate::simd::SimdLevel::Avx512.is_supported());
+    // SAFETY: called only where `detected()` reports AVX-512.
+    unsafe { two_levels_impl(x, q1, q2, groups) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn two_levels_impl(
+    x: &[f32; 32],
+    q1: &mut [i8; 32],
+    q2: &mut [i8; 32],
+    groups: &mut [i32; 8],
+) -> Option<(f32, f32)> {
+    // SAFETY: 32 readable floats.
+    let (lo, hi) = unsafe {
+        (
+            _mm512_loadu_ps(x.as_ptr()),
+            _mm512_loadu_ps(x.as_ptr().add(16)),
+        )
+    };
+    // QNaN, +Inf, -Inf, SNaN.
+    if _mm512_fpclass_ps_mask::<0x99>(lo) | _mm512_fpclass_ps_mask::<0x99>(hi) != 0 {
+        return None;
+    }
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    if !id.is_finite() {
+        return None;
+    }
+    // x[j] + x[j+16], then halves folded: the twin's order.
+    let s16 = _mm512_add_ps(lo, hi);
+    let s8 = _mm256_add_ps(
+        _mm512_castps512_ps256(s16),
+        _mm512_extractf32x8_ps::<1>(s16),
+    );
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    let sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    let (vd, vid, level2) = (
+        _mm512_set1_ps(d),
+        _mm512_set1_ps(id),
+        _mm512_set1_ps(crate::quant::prep::LEVEL2 as f32),
+    );
+    let (lim_lo, lim_hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let clamp_round = |v: __m512| {
+        let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        _mm512_min_ps(_mm512_max_ps(r, lim_lo), lim_hi)
+    };
+    let mut combined = [_mm512_setzero_si512(); 2];
+    for (half, v) in [lo, hi].into_iter().enumerate() {
+        let a = clamp_round(_mm512_mul_ps(v, vid));
+        let resid = _mm512_sub_ps(v, _mm512_mul_ps(a, vd));
+        let b = clamp_round(_mm512_mul_ps(_mm512_mul_ps(resid, vid), level2));
+        let (a, b) = (_mm512_cvtps_epi32(a), _mm512_cvtps_epi32(b));
+        combined[half] = _mm512_add_epi32(_mm512_slli_epi32::<LEVEL2_SHIFT>(a), b);
+        // SAFETY: 16 bytes into each 32-byte array at offset 16·half.
+        unsafe {
+            _mm_storeu_si128(
+                q1.as_mut_ptr().add(16 * half).cast(),
+                _mm512_cvtsepi32_epi8(a),
+            );
+            _mm_storeu_si128(
+                q2.as_mut_ptr().add(16 * half).cast(),
+                _mm512_cvtsepi32_epi8(b),
+            );
+        }
+    }
+    // Groups of four lanes: pairwise sums of neighbours, twice, then the even lanes.
+    let pair = |v: __m512i| {
+        let s = _mm512_add_epi32(v, _mm512_srli_epi64::<32>(v));
+        _mm512_add_epi32(s, _mm512_bsrli_epi128::<8>(s))
+    };
+    let idx = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+    let both = _mm512_permutex2var_epi32(pair(combined[0]), idx, pair(combined[1]));
+    // SAFETY: eight i32 into an eight-i32 array.
+    unsafe { _mm256_storeu_si256(groups.as_mut_ptr().cast(), _mm512_castsi512_si256(both)) };
+    Some((d, sum))
 }

@@ -127,13 +127,16 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
-/// Picks a many-row kernel: the AVX-512 VNNI `$name` at that level, otherwise the
-/// one-row kernel `$dot` in a loop.
+/// Picks a many-row kernel: the AVX-512 VNNI `$name` (contiguous rows) and `$at`
+/// (scattered rows) at that level, otherwise the one-row kernel `$dot` in a loop.
 macro_rules! dispatch_rows {
-    ($level:expr, $name:ident $(::<$t:ty>)?, $dot:expr) => {{
+    ($level:expr, $name:ident, $at:ident $(::<$t:ty>)?, $dot:expr) => {{
         #[cfg(target_arch = "x86_64")]
         if $level.min($crate::simd::hardware_level()) == $crate::simd::SimdLevel::Avx512Vnni {
-            return $crate::quant::RowKernel::Rows($crate::simd::avx512::$name $(::<$t>)?);
+            return $crate::quant::RowKernel::Rows(
+                $crate::simd::avx512::$name $(::<$t>)?,
+                $crate::simd::avx512::$at $(::<$t>)?,
+            );
         }
         $crate::quant::RowKernel::Dot($dot)
     }};
