@@ -276,6 +276,9 @@ pub trait RowDots: Sync {
     }
 }
 
+/// Rows ahead of the current one whose loading a scattered-row loop asks for.
+const PREFETCH_AHEAD: usize = 4;
+
 /// `acc += h · row r` for single rows of one matrix.
 pub trait RowAxpy: Sync {
     fn axpy(&self, r: usize, h: f32, acc: &mut [f32]);
@@ -339,10 +342,16 @@ impl<W: AxpyBlock> RowAxpy for TypedAxpy<'_, W> {
         assert!(cols.start.is_multiple_of(W::LEN) && cols.len() == acc.len());
         let (b0, b1) = (cols.start / W::LEN, cols.end.div_ceil(W::LEN));
         assert!(b1 <= self.bpr && (b1 - b0) * W::LEN == acc.len());
-        for (&r, &hv) in rows.iter().zip(h) {
+        let part = |r: u32| {
+            let row = r as usize * self.bpr;
+            &self.w[row + b0..row + b1]
+        };
+        for (j, (&r, &hv)) in rows.iter().zip(h).enumerate() {
+            if let Some(&next) = rows.get(j + PREFETCH_AHEAD) {
+                crate::simd::prefetch(part(next));
+            }
             if hv != 0.0 {
-                let row = r as usize * self.bpr;
-                (self.f)(&self.w[row + b0..row + b1], hv, acc);
+                (self.f)(part(r), hv, acc);
             }
         }
     }

@@ -161,6 +161,8 @@ pub struct Scratch {
     pred_acts: Activations,
     pred_hidden: Vec<f32>,
     pred_logits: Vec<f32>,
+    /// `act(gate)` of one token, for gate mode's threshold.
+    gate_act: Vec<f32>,
     row_major: Vec<usize>,
     gathered: Vec<f32>,
     gathered_acts: Activations,
@@ -350,8 +352,8 @@ impl Model {
                 cap.x[layer].extend_from_slice(&s.x);
                 sized(&mut cap.buf, n * c.n_ff);
                 w.gate.matmul(pool, &mut s.acts, &mut cap.buf);
-                let glu = c.ffn.glu();
-                cap.gate[layer].extend(cap.buf.iter().map(|&g| glu.act(g).abs()));
+                c.ffn.glu().act_slice(&mut cap.buf);
+                cap.gate[layer].extend(cap.buf.iter().map(|g| g.abs()));
             }
             match (&w.down, self.ffn_path(batch, w)) {
                 (Some(down), FfnPath::RowMajor) => {
@@ -505,8 +507,11 @@ impl Model {
             match b.sparsity {
                 SparsityMode::Dense => active.push_all(),
                 SparsityMode::Gate => {
-                    let g = &s.gate[row];
-                    active.push_where(|i| glu.act(g[i]).abs() > gate_thr);
+                    s.gate_act.clear();
+                    s.gate_act.extend_from_slice(&s.gate[row]);
+                    glu.act_slice(&mut s.gate_act);
+                    let a = &s.gate_act;
+                    active.push_where(|i| a[i].abs() > gate_thr);
                 }
                 SparsityMode::Predictor => {
                     let z = &s.pred_logits[row];

@@ -106,13 +106,13 @@ pub enum Glu {
 }
 
 impl Glu {
-    /// The gate's activation alone (what gate mode thresholds).
-    #[inline]
-    pub fn act(self, g: f32) -> f32 {
+    /// `x[i] = act(x[i])`, the gate's activation alone (what gate mode thresholds), with
+    /// the arithmetic of [`Self::apply_slice`]: an element's bits depend on it alone.
+    pub fn act_slice(self, x: &mut [f32]) {
         match self {
-            Self::Silu => silu_scalar(g),
-            Self::Relu | Self::DualRelu => g.max(0.0),
-            Self::Gelu => gelu_scalar(g),
+            Self::Silu => silu(x),
+            Self::Relu | Self::DualRelu => relu(x),
+            Self::Gelu => gelu(x),
         }
     }
 

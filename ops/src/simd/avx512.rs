@@ -306,6 +306,12 @@ fn by_tiles<W>(
             let r = idx.map_or(k, |idx| idx[k] as usize);
             &w[r * bpr..(r + 1) * bpr]
         };
+        // Scattered rows: ask for the next tile's rows (consecutive rows stream anyway).
+        if let Some(next) = idx.and_then(|idx| idx.get(4 * t + 4..)) {
+            for &r in next.iter().take(4) {
+                crate::simd::prefetch(&w[r as usize * bpr..(r as usize + 1) * bpr]);
+            }
+        }
         let sums = tile([row(0), row(1), row(2), row(3)], o.len());
         o.copy_from_slice(&sums[..o.len()]);
     }
