@@ -1,5 +1,5 @@
 //! `acc += h · row` for one quantized weight row: the inner step of the row-sparse down
-//! projection (Σ h[i]·down_t[i,:] over the active neurons i).
+//! projection (`Σ h[i]·down_t[i,:]` over the active neurons i).
 //!
 //! The weight is dequantized exactly as [`Block::dequantize`] does and the product added
 //! without fusing (`acc + h·w`, two roundings), so every kernel gives the same bits as the
