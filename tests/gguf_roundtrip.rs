@@ -4,10 +4,11 @@
 
 use powerinfer_ops::GgmlType;
 use powerinfer_ops::gguf::{
-    Array, GgufFile, GgufWriter, Magic, Value, ViewError, WriteError, parse_header,
+    Array, FileMemory, GgufFile, GgufWriter, Magic, Value, ViewError, WriteError, parse_header,
 };
 use powerinfer_ops::quant::{Block, BlockQ4_1, BlockQ6K};
 use powerinfer_ops::rng::Rng;
+use powerinfer_ops::storage::HUGE_MIN;
 use powerinfer_tests::TempDir;
 
 fn every_value() -> Vec<(&'static str, Value)> {
@@ -177,7 +178,12 @@ fn files_on_disk_give_typed_zero_copy_views() {
     .unwrap();
     w.write_file(&path).unwrap();
 
+    // Read into memory (a file this small stays off the huge-page path; see
+    // `large_files_read_into_memory_equal_their_map`): the same bytes as the map.
+    let read = GgufFile::open_as(&path, FileMemory::Read).unwrap();
     let file = GgufFile::open(&path).unwrap();
+    assert_eq!(&read.storage()[..], &file.storage()[..]);
+    assert_eq!(read.tensors(), file.tensors());
     assert_eq!(file.tensor_data_by_name::<f32>("f").unwrap(), x.as_slice());
     assert_eq!(
         file.tensor_data_by_name::<BlockQ4_1>("q41").unwrap(),
@@ -199,6 +205,40 @@ fn files_on_disk_give_typed_zero_copy_views() {
         file.tensor_data_by_name::<f32>("nope"),
         Err(ViewError::NotFound { .. })
     ));
+}
+
+#[test]
+fn large_files_read_into_memory_equal_their_map() {
+    // Large enough for the huge-page buffer, with a tensor that crosses 2 MiB boundaries.
+    let dir = TempDir::new("gguf-read");
+    let path = dir.path().join("large.gguf");
+    let mut rng = Rng::new(11);
+    let x: Vec<f32> = (0..(HUGE_MIN + 3 * 4096) / 4)
+        .map(|_| rng.normal())
+        .collect();
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", Value::String("test".into()))
+        .unwrap();
+    w.add_tensor(
+        "x",
+        GgmlType::F32,
+        &[x.len() as u64],
+        powerinfer_ops::pod::as_bytes(&x),
+    )
+    .unwrap();
+    w.write_file(&path).unwrap();
+    let read = GgufFile::open_as(&path, FileMemory::Read).unwrap();
+    let map = GgufFile::open_as(&path, FileMemory::Map).unwrap();
+    assert!(read.storage().len() > HUGE_MIN);
+    assert_eq!(&read.storage()[..], &map.storage()[..]);
+    assert_eq!(read.tensor_data_by_name::<f32>("x").unwrap(), x.as_slice());
+    // A file that is not there: an error naming it, either way.
+    for memory in [FileMemory::Read, FileMemory::Map] {
+        let err = GgufFile::open_as(dir.path().join("gone.gguf"), memory)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("gone.gguf"), "{err}");
+    }
 }
 
 #[test]

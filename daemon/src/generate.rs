@@ -6,9 +6,10 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use powerinfer_ops::gguf::GgufFile;
+use powerinfer_ops::gguf::{FileMemory, GgufFile};
 use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::quant::Numerics;
+use powerinfer_ops::storage;
 
 use crate::ids::{SeqSlot, TokenId};
 use crate::model::{
@@ -42,7 +43,19 @@ pub enum GenerateError {
     },
 }
 
-/// A model file loaded for inference: weights (mapped) and vocabulary.
+/// How model weights are held (see [`FileMemory`]): read into memory in huge pages where
+/// the system offers transparent huge pages, unless `POWERINFER_MMAP=1` asks for a map of
+/// the file (less memory per process: the page cache's copy is shared); mapped otherwise.
+pub fn weight_memory() -> FileMemory {
+    let map = std::env::var("POWERINFER_MMAP").is_ok_and(|v| v == "1");
+    if !map && storage::huge_pages_available() {
+        FileMemory::Read
+    } else {
+        FileMemory::Map
+    }
+}
+
+/// A model file loaded for inference: weights and vocabulary.
 pub struct LoadedModel {
     pub model: Model,
     pub tokenizer: Tokenizer,
@@ -70,7 +83,7 @@ impl LoadedModel {
         sparsity: SparsityMode,
         with_sidecar: bool,
     ) -> Result<Self, LoadError> {
-        let file = GgufFile::open(path)?;
+        let file = GgufFile::open_as(path, weight_memory())?;
         let mut model = Model::load(&file)?;
         let side = sidecar::path_for(path);
         if with_sidecar && side.exists() {

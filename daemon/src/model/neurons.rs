@@ -51,6 +51,28 @@ impl Model {
                 l.down_t = Some(d.transposed_as(neuron_form_type(d.wtype(), d.n_rows())));
             }
         }
+        self.pack_neuron_form();
+    }
+
+    /// Moves every layer's neuron-major matrices (`down_t`, and gate and up when they were
+    /// renumbered) into one buffer: together they are large enough for huge pages.
+    fn pack_neuron_form(&mut self) {
+        let layers = &mut self.weights.layers;
+        let owned = |m: &Matrix| m.owns_storage();
+        let mut picked: Vec<&mut Matrix> = Vec::new();
+        for l in layers.iter_mut() {
+            if owned(&l.gate) && owned(&l.up) {
+                picked.push(&mut l.gate);
+                picked.push(&mut l.up);
+            }
+            if let Some(d) = l.down_t.as_mut().filter(|d| owned(d)) {
+                picked.push(d);
+            }
+        }
+        let packed = Matrix::pack(&picked.iter().map(|m| &**m).collect::<Vec<_>>());
+        for (slot, m) in picked.into_iter().zip(packed) {
+            *slot = m;
+        }
     }
 
     /// Puts each layer's hot neurons (`hot[l]`, any order; from the solver or a gpuidx
@@ -171,6 +193,7 @@ impl Model {
             pool,
             layers: hot_layers,
         });
+        self.pack_neuron_form();
         Ok(())
     }
 
