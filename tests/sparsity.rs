@@ -259,6 +259,69 @@ fn prepare_trains_predictors_that_catch_the_neurons_of_relu_models() {
 }
 
 #[test]
+fn prepare_trains_predictors_of_silu_models_on_the_largest_outputs() {
+    let dir = TempDir::new("sparsity-prepare-silu-pred");
+    let spec = Spec {
+        n_ff: 256,
+        seed: 75,
+        ..Spec::default()
+    };
+    let path = spec.write_to(dir.path(), "silu");
+    let p = path.to_str().unwrap();
+    let o = powerinferd(&[
+        "prepare",
+        p,
+        "--calibration",
+        CALIBRATION,
+        "-c",
+        "128",
+        "--max-tokens",
+        "3072",
+        "--target-sparsity",
+        "0.5",
+        "--rank",
+        "64",
+        "-t",
+        "2",
+    ]);
+    assert_eq!(o.status, 0, "{}\n{}", o.stdout, o.stderr);
+    eprintln!("{}", o.stdout);
+    // The held-out columns: recall of the top half by |h|, and that half's share.
+    let recalls = held_out_recalls(&o.stdout);
+    assert_eq!(recalls.len(), spec.n_layer, "{}", o.stdout);
+    assert!(recalls.iter().all(|&r| r >= 0.85), "recall {recalls:?}");
+    let actual: Vec<f32> = o
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once('|'))
+        .filter_map(|(_, r)| {
+            r.split_whitespace()
+                .last()?
+                .trim_end_matches('%')
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        actual.iter().all(|&a| (a - 50.0).abs() < 10.0),
+        "positives {actual:?}"
+    );
+    let loaded = LoadedModel::load_for(&path, SparsityMode::Predictor).unwrap();
+    let toks: Vec<u32> = loaded
+        .tokenizer
+        .encode("The licenses for most software are designed", true, false)
+        .iter()
+        .map(|t| t.0)
+        .collect();
+    let (_, pred) = run(&loaded.model, &toks, SparsityMode::Predictor);
+    let share = active_share(&pred, spec.n_ff);
+    assert!(
+        share > 0.4 && share < 0.95,
+        "predictor active share {share}"
+    );
+}
+
+#[test]
 fn prepare_calibrates_gate_thresholds_of_silu_models_to_the_target() {
     let dir = TempDir::new("sparsity-prepare-silu");
     let spec = Spec {

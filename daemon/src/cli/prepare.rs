@@ -20,7 +20,8 @@ pub struct PrepareArgs {
     /// Calibration text (plain UTF-8).
     #[arg(long)]
     pub calibration: PathBuf,
-    /// SiLU/GELU models: the share of FFN neurons the gate thresholds turn off.
+    /// SiLU/GELU models: the share of FFN neurons the gate thresholds turn off, and the
+    /// share of smallest |h| the predictors learn to leave out.
     #[arg(long, default_value_t = 0.5)]
     pub target_sparsity: f32,
     /// Predictor rank (0: no predictors).
@@ -35,7 +36,8 @@ pub struct PrepareArgs {
     /// Tokens per calibration chunk.
     #[arg(long, short = 'c', default_value_t = 512)]
     pub ctx: usize,
-    /// Tokens recorded at most (memory: about 4·(n_embd + n_ff)·n_layer bytes each).
+    /// Tokens recorded at most (memory: about 4·(n_embd + n_ff)·n_layer bytes each, and
+    /// 4·n_ff·n_layer more when training predictors for a SiLU/GELU model).
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
     /// Share of the chunks held out to score the predictors.

@@ -178,15 +178,21 @@ pub struct Scratch {
 }
 
 /// What [`Model::forward`] records for calibration when [`Scratch::capture`] is set: per
-/// layer, the FFN input (the residual stream before `ffn_norm`, what predictors read) and
-/// the activated gate `|act(gate)|` of every token, appended batch after batch.
+/// layer, the FFN input (the residual stream before `ffn_norm`, what predictors read), the
+/// activated gate `|act(gate)|` of every token and, when asked, each neuron's `|h|`,
+/// appended batch after batch.
 #[derive(Default)]
 pub struct Capture {
     /// `[layer]` → `[tokens × n_embd]`
     pub x: Vec<Vec<f32>>,
     /// `[layer]` → `[tokens × n_ff]`
     pub gate: Vec<Vec<f32>>,
+    /// `[layer]` → `[tokens × n_ff]`: `|h| = |glu(gate, up)|`, the size of the neuron's
+    /// output weight (see [`Capture::with_h`]).
+    pub h: Option<Vec<Vec<f32>>>,
     buf: Vec<f32>,
+    up: Vec<f32>,
+    hbuf: Vec<f32>,
 }
 
 impl Capture {
@@ -194,8 +200,18 @@ impl Capture {
         Self {
             x: vec![Vec::new(); n_layer],
             gate: vec![Vec::new(); n_layer],
+            h: None,
             buf: Vec::new(),
+            up: Vec::new(),
+            hbuf: Vec::new(),
         }
+    }
+
+    /// Records `|h|` too (the up rows once more per layer, and as much memory again as
+    /// the gate values).
+    pub fn with_h(mut self) -> Self {
+        self.h = Some(vec![Vec::new(); self.x.len()]);
+        self
     }
 
     /// Tokens recorded so far.
@@ -352,6 +368,14 @@ impl Model {
                 cap.x[layer].extend_from_slice(&s.x);
                 sized(&mut cap.buf, n * c.n_ff);
                 w.gate.matmul(pool, &mut s.acts, &mut cap.buf);
+                if let Some(h) = cap.h.as_mut() {
+                    sized(&mut cap.up, n * c.n_ff);
+                    w.up.matmul(pool, &mut s.acts, &mut cap.up);
+                    cap.hbuf.clear();
+                    cap.hbuf.extend_from_slice(&cap.buf);
+                    c.ffn.glu().apply_slice(&mut cap.hbuf, &cap.up);
+                    h[layer].extend(cap.hbuf.iter().map(|v| v.abs()));
+                }
                 c.ffn.glu().act_slice(&mut cap.buf);
                 cap.gate[layer].extend(cap.buf.iter().map(|g| g.abs()));
             }

@@ -8,7 +8,13 @@
 //!    `|act(gate)|` at the target sparsity.
 //! 3. Activation frequencies: how often each neuron fired (what placement ranks by).
 //! 4. Predictors (one per layer, in parallel): trained on the training chunks, shifted to a
-//!    target recall on held-back training tokens, scored on held-out chunks.
+//!    target recall on held-back training tokens, scored on held-out chunks. On ReLU-gated
+//!    models they learn which neurons fire (`h ≠ 0`). On SiLU/GELU ones every neuron has
+//!    some output, and they learn the neurons with the largest `|h| = |act(gate) · up|`, a
+//!    share `1 − target` of them (the layer's quantile of `|h|`): those are the outputs a
+//!    sparse FFN can least afford to drop. `|act(gate)|` alone, gate mode's criterion,
+//!    ranks them much worse: on SmolLM2, keeping the top half of each token's neurons by
+//!    `|h|` costs 3% perplexity, by `|act(gate)|` 50%.
 //!
 //! The result is the sidecar's data ([`crate::model::sidecar`]).
 
@@ -120,7 +126,10 @@ pub fn prepare(
     // 1. Record.
     let started = Instant::now();
     let mut session = Session::new(loaded, SessionOptions::new(n_ctx, opts.n_threads))?;
-    session.set_capture(Some(Capture::new(c.n_layer)));
+    let relu = c.ffn.is_relu();
+    let learn_h = !relu && opts.train.is_some();
+    let capture = Capture::new(c.n_layer);
+    session.set_capture(Some(if learn_h { capture.with_h() } else { capture }));
     let total = (n_use * n_ctx) as u64;
     for (k, &ci) in chunks.iter().enumerate() {
         let chunk = &tokens[ci * n_ctx..(ci + 1) * n_ctx];
@@ -129,7 +138,7 @@ pub fn prepare(
             progress("run", (k * n_ctx + (b + 1) * part.len()) as u64, total);
         }
     }
-    let cap = session.take_capture().unwrap_or_default();
+    let mut cap = session.take_capture().unwrap_or_default();
     drop(session);
     let run_time = started.elapsed();
 
@@ -141,7 +150,6 @@ pub fn prepare(
     let (val, fit): (Vec<usize>, Vec<usize>) = train_all.iter().partition(|&&t| t % 10 == 9);
 
     // 2. Thresholds and 3. frequencies.
-    let relu = c.ffn.is_relu();
     let n_ff = c.n_ff;
     let thresholds: Vec<f32> = cap
         .gate
@@ -170,14 +178,26 @@ pub fn prepare(
         })
         .collect();
 
-    // 4. Predictors, a layer per worker.
+    // 4. Predictors, a layer per worker, on the fired neurons (ReLU-gated models) or on
+    // the largest |h| (the others; the gate values are no longer needed then).
     let started = Instant::now();
+    let targets = match cap.h.take() {
+        Some(h) => {
+            cap.gate = Vec::new();
+            let thresholds = h
+                .iter()
+                .map(|v| quantile(&v[..n_train_tok * n_ff], opts.target_sparsity))
+                .collect();
+            (h, thresholds)
+        }
+        None => (std::mem::take(&mut cap.gate), thresholds.clone()),
+    };
     let trained: Option<Vec<(PredictorData, Eval)>> = opts.train.map(|cfg| {
         let layers: Vec<train::LayerData<'_>> = (0..c.n_layer)
             .map(|l| train::LayerData {
                 x: &cap.x[l],
-                gate: &cap.gate[l],
-                threshold: thresholds[l],
+                score: &targets.0[l],
+                threshold: targets.1[l],
                 n_embd: c.n_embd,
                 n_ff,
             })

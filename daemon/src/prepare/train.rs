@@ -40,8 +40,9 @@ impl Default for TrainConfig {
 pub struct LayerData<'a> {
     /// `[tokens × n_embd]`
     pub x: &'a [f32],
-    /// `[tokens × n_ff]`
-    pub gate: &'a [f32],
+    /// `[tokens × n_ff]`: per neuron, the value (`|act(gate)|` or `|h|`) that makes it a
+    /// positive where it is above `threshold`.
+    pub score: &'a [f32],
     pub threshold: f32,
     pub n_embd: usize,
     pub n_ff: usize,
@@ -53,7 +54,7 @@ impl LayerData<'_> {
     }
 
     fn label(&self, t: usize, j: usize) -> bool {
-        self.gate[t * self.n_ff + j] > self.threshold
+        self.score[t * self.n_ff + j] > self.threshold
     }
 }
 
@@ -439,7 +440,7 @@ mod tests {
             .collect();
         let data = LayerData {
             x: &x,
-            gate: &gate,
+            score: &gate,
             threshold: 0.0,
             n_embd: d,
             n_ff: n,
@@ -468,7 +469,7 @@ mod tests {
         let gate: Vec<f32> = (0..tokens * n).map(|_| rng.normal().max(0.0)).collect();
         let data = LayerData {
             x: &x,
-            gate: &gate,
+            score: &gate,
             threshold: 0.0,
             n_embd: d,
             n_ff: n,
