@@ -183,6 +183,25 @@ fn active_share(counts: &[Vec<u32>], n_ff: usize) -> f64 {
     all.iter().map(|&c| f64::from(c)).sum::<f64>() / (all.len() * n_ff) as f64
 }
 
+/// A SiLU test model of 256 neurons per layer, written to `dir`.
+fn silu_model(dir: &TempDir, seed: u64) -> (Spec, std::path::PathBuf) {
+    let spec = Spec {
+        n_ff: 256,
+        seed,
+        ..Spec::default()
+    };
+    let path = spec.write_to(dir.path(), "silu");
+    (spec, path)
+}
+
+/// `powerinferd prepare` on a test model: the calibration text in chunks of 128 tokens,
+/// and `extra`.
+fn prepare_small(model: &str, extra: &[&str]) -> powerinfer_tests::CliOutput {
+    let mut args = vec!["prepare", model, "--calibration", CALIBRATION, "-c", "128"];
+    args.extend_from_slice(extra);
+    powerinferd(&args)
+}
+
 /// The held-out recall column of `prepare`'s table.
 fn held_out_recalls(table: &str) -> Vec<f32> {
     table
@@ -206,22 +225,19 @@ fn prepare_trains_predictors_that_catch_the_neurons_of_relu_models() {
         };
         let path = spec.write_to(dir.path(), arch);
         let p = path.to_str().unwrap();
-        let o = powerinferd(&[
-            "prepare",
+        let o = prepare_small(
             p,
-            "--calibration",
-            CALIBRATION,
-            "-c",
-            "128",
-            "--max-tokens",
-            "3072",
-            "--rank",
-            "64",
-            "--recall",
-            "0.97",
-            "-t",
-            "2",
-        ]);
+            &[
+                "--max-tokens",
+                "3072",
+                "--rank",
+                "64",
+                "--recall",
+                "0.97",
+                "-t",
+                "2",
+            ],
+        );
         assert_eq!(o.status, 0, "{arch}: {}\n{}", o.stdout, o.stderr);
         assert!(o.stderr.contains("ReLU-gated"), "{}", o.stderr);
         eprintln!("{arch} ({magic:?}):\n{}", o.stdout);
@@ -261,29 +277,21 @@ fn prepare_trains_predictors_that_catch_the_neurons_of_relu_models() {
 #[test]
 fn prepare_trains_predictors_of_silu_models_on_the_largest_outputs() {
     let dir = TempDir::new("sparsity-prepare-silu-pred");
-    let spec = Spec {
-        n_ff: 256,
-        seed: 75,
-        ..Spec::default()
-    };
-    let path = spec.write_to(dir.path(), "silu");
+    let (spec, path) = silu_model(&dir, 75);
     let p = path.to_str().unwrap();
-    let o = powerinferd(&[
-        "prepare",
+    let o = prepare_small(
         p,
-        "--calibration",
-        CALIBRATION,
-        "-c",
-        "128",
-        "--max-tokens",
-        "3072",
-        "--target-sparsity",
-        "0.5",
-        "--rank",
-        "64",
-        "-t",
-        "2",
-    ]);
+        &[
+            "--max-tokens",
+            "3072",
+            "--target-sparsity",
+            "0.5",
+            "--rank",
+            "64",
+            "-t",
+            "2",
+        ],
+    );
     assert_eq!(o.status, 0, "{}\n{}", o.stdout, o.stderr);
     eprintln!("{}", o.stdout);
     // The held-out columns: recall of the top half by |h|, and that half's share.
@@ -324,12 +332,7 @@ fn prepare_trains_predictors_of_silu_models_on_the_largest_outputs() {
 #[test]
 fn prepare_calibrates_gate_thresholds_of_silu_models_to_the_target() {
     let dir = TempDir::new("sparsity-prepare-silu");
-    let spec = Spec {
-        n_ff: 256,
-        seed: 74,
-        ..Spec::default()
-    };
-    let path = spec.write_to(dir.path(), "silu");
+    let (spec, path) = silu_model(&dir, 74);
     let p = path.to_str().unwrap();
     // Before prepare, gate mode is refused with the way out named.
     let o = powerinferd(&[
@@ -344,20 +347,17 @@ fn prepare_calibrates_gate_thresholds_of_silu_models_to_the_target() {
     assert_eq!(o.status, 2, "{}", o.stderr);
     assert!(o.stderr.contains("sidecar"), "{}", o.stderr);
 
-    let o = powerinferd(&[
-        "prepare",
+    let o = prepare_small(
         p,
-        "--calibration",
-        CALIBRATION,
-        "-c",
-        "128",
-        "--max-tokens",
-        "2048",
-        "--target-sparsity",
-        "0.7",
-        "--rank",
-        "0",
-    ]);
+        &[
+            "--max-tokens",
+            "2048",
+            "--target-sparsity",
+            "0.7",
+            "--rank",
+            "0",
+        ],
+    );
     assert_eq!(o.status, 0, "{}\n{}", o.stdout, o.stderr);
     let data = GgufFile::open(sidecar::path_for(&path)).unwrap();
     assert!(
