@@ -57,15 +57,13 @@ impl Model {
     /// Moves every layer's neuron-major matrices (`down_t`, and gate and up when they were
     /// renumbered) into one buffer: together they are large enough for huge pages.
     fn pack_neuron_form(&mut self) {
-        let layers = &mut self.weights.layers;
-        let owned = |m: &Matrix| m.owns_storage();
         let mut picked: Vec<&mut Matrix> = Vec::new();
-        for l in layers.iter_mut() {
-            if owned(&l.gate) && owned(&l.up) {
+        for l in &mut self.weights.layers {
+            if l.gate.owns_storage() && l.up.owns_storage() {
                 picked.push(&mut l.gate);
                 picked.push(&mut l.up);
             }
-            if let Some(d) = l.down_t.as_mut().filter(|d| owned(d)) {
+            if let Some(d) = l.down_t.as_mut().filter(|d| d.owns_storage()) {
                 picked.push(d);
             }
         }

@@ -107,8 +107,9 @@ pub enum FileMemory {
     Map,
     /// Read into memory of the process's own, in huge pages where the system allows
     /// ([`crate::storage::huge_pages_available`]): more memory per process, but the
-    /// weights then miss the TLB far less often (SmolLM2 decode at one thread: 116 to 161
-    /// tokens/s on this project's test machine).
+    /// weights then miss the TLB far less often (SmolLM2 decode at one thread, `powerinferd
+    /// bench` with and without `POWERINFER_MMAP=1`: 126 to 161 tokens/s on this project's
+    /// test machine).
     Read,
 }
 
