@@ -4,11 +4,12 @@
 
 use powerinfer_daemon::generate::LoadedModel;
 use powerinfer_daemon::ids::{SeqSlot, TokenId};
-use powerinfer_daemon::model::sidecar::{self, SidecarData};
+use powerinfer_daemon::model::sidecar::{self, PredictorData, SidecarData};
 use powerinfer_daemon::model::{BatchToken, KvCache, KvType, Model, Scratch, SparsityMode};
 use powerinfer_ops::gguf::{GgufFile, Magic};
 use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::quant::{Numerics, WeightType};
+use powerinfer_ops::rng::Rng;
 use powerinfer_tests::synth::Spec;
 use powerinfer_tests::{TempDir, powerinferd, run_steps};
 
@@ -114,6 +115,94 @@ fn a_request_s_numbers_do_not_depend_on_its_neighbours_modes() {
         assert_eq!(a, dense_alone[i].as_slice(), "dense request at step {i}");
         assert_eq!(g, gate_alone[i].as_slice(), "gate request at step {i}");
     }
+}
+
+#[test]
+fn tokens_with_most_neurons_active_read_every_row_and_mask_the_others() {
+    // A one-layer SiLU model with gate thresholds and random predictors (some of the
+    // neurons of each token fire in either mode). One layer: both ways see the same FFN
+    // input at every step, and with F32 weights (`down_t` is `down` transposed exactly)
+    // they differ only in the order of the sums.
+    let dir = TempDir::new("sparsity-masked");
+    let spec = Spec {
+        n_layer: 1,
+        n_ff: 256,
+        seed: 75,
+        ..Spec::default()
+    };
+    let path = spec.write_to(dir.path(), "masked");
+    let c = LoadedModel::load(&path).unwrap().model.config.clone();
+    let mut rng = Rng::new(76);
+    let rank = 16;
+    let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect() };
+    let predictors = (0..c.n_layer)
+        .map(|_| PredictorData {
+            rank,
+            fc1: random(rank * c.n_embd),
+            fc2: random(c.n_ff * rank),
+            b1: random(rank),
+            b2: random(c.n_ff),
+        })
+        .collect();
+    sidecar::write(
+        &sidecar::path_for(&path),
+        &c,
+        &SidecarData {
+            calibration_tokens: 1,
+            gate_thresholds: Some(vec![0.2; c.n_layer]),
+            predictor_threshold: Some(0.0),
+            predictors: Some(predictors),
+            ..SidecarData::default()
+        },
+    )
+    .unwrap();
+    let mut model = LoadedModel::load_for(&path, SparsityMode::Predictor)
+        .unwrap()
+        .model;
+    let toks = tokens(10);
+    for mode in [SparsityMode::Gate, SparsityMode::Predictor] {
+        model.masked_min_fraction = f64::INFINITY;
+        let (scattered, counts) = run(&model, &toks, mode);
+        model.masked_min_fraction = 0.0;
+        let (masked, masked_counts) = run(&model, &toks, mode);
+        assert_eq!(counts, masked_counts, "{mode:?}: the same neurons");
+        // Both ways ran: their sums are made in different orders.
+        assert_ne!(scattered, masked, "{mode:?}");
+        let share = active_share(&counts, c.n_ff);
+        assert!(share > 0.2 && share < 0.8, "{mode:?}: active share {share}");
+        // Dense differs from both by far more than they differ from each other.
+        let (dense, _) = run(&model, &toks, SparsityMode::Dense);
+        for ((a, b), d) in scattered.iter().zip(&masked).zip(&dense) {
+            let gap = |x: &[f32], y: &[f32]| {
+                x.iter()
+                    .zip(y)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0f32, f32::max)
+            };
+            let (rounding, sparsity) = (gap(a, b), gap(a, d));
+            assert!(
+                rounding < 1e-4 * sparsity,
+                "{mode:?}: masked rows differ by {rounding}, dense by {sparsity}"
+            );
+        }
+    }
+
+    // On a ReLU-gated model the masked rows are dense mode's, bit for bit.
+    let spec = Spec {
+        arch: "bamboo",
+        wtype: WeightType::Q4_0,
+        n_ff: 256,
+        seed: 77,
+        ..Spec::default()
+    };
+    let file = GgufFile::from_bytes(&spec.to_gguf()).unwrap();
+    let mut model = Model::load(&file).unwrap();
+    model.ensure_neuron_form();
+    model.masked_min_fraction = 0.0;
+    let (dense, _) = run(&model, &toks, SparsityMode::Dense);
+    let (gate, counts) = run(&model, &toks, SparsityMode::Gate);
+    assert_eq!(dense, gate);
+    assert!(active_share(&counts, spec.n_ff) < 0.8);
 }
 
 #[test]
