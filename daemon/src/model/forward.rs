@@ -8,18 +8,22 @@ use powerinfer_ops::gguf::GgufFile;
 use powerinfer_ops::nn::{self, KvElem, Rope};
 use powerinfer_ops::pool::{SharedMut, ThreadPool};
 use powerinfer_ops::quant::Numerics;
-use powerinfer_ops::simd;
-use powerinfer_ops::sparse::{ActiveSet, HotSplit, SparseScratch, ffn_sparse_split};
-use powerinfer_ops::tensor::{Activations, Matrix};
+use powerinfer_ops::sparse::{ActiveSet, SparseScratch};
+use powerinfer_ops::tensor::Activations;
 
-use super::config::{FfnKind, ModelConfig};
+use super::config::ModelConfig;
 use super::kv_cache::{KvCache, KvData};
 use super::names::key;
 use super::neurons::HotFfn;
 use super::sparsity::{SparsityData, SparsityMode};
-use super::weights::{self, LayerWeights, Weights};
+use super::weights::{self, Weights};
 use super::{ForwardError, LoadError};
 use crate::ids::{SeqSlot, TokenId};
+
+mod ffn;
+
+use ffn::{FfnPath, RowMajorFfn};
+pub use ffn::{MASKED_MIN_ENV, MASKED_MIN_FRACTION};
 
 /// A loaded model: configuration, weights (mapped from the file), RoPE tables.
 pub struct Model {
@@ -38,25 +42,10 @@ pub struct Model {
     /// row of the row-major matrices and zeroes `h` outside its set, rather than the
     /// scattered rows of its active neurons: the same values rounded in another order,
     /// used where the file has `ffn_down` and the layer has no hot part. Default
-    /// [`MASKED_MIN_FRACTION`]; above 1, never.
+    /// [`MASKED_MIN_FRACTION`] or [`MASKED_MIN_ENV`]; above 1, never.
     pub masked_min_fraction: f64,
     rope: Rope,
 }
-
-/// Rows scattered over memory cost about twice as much per byte as rows streamed in
-/// order (the hardware prefetchers fetch the skipped rows too), so on SmolLM2 a token
-/// with 40% or more of its neurons active is decoded faster by reading every row. With
-/// the crossover temporarily read from the environment and the runs alternated,
-/// `bench -p 0 -n 64 -t 1 --sparsity predictor` at the 50% target (84% active) went
-/// from 0.74x dense (never masked) to 0.88x, gate mode at the 50% target (51% active)
-/// from 0.84x to 0.93x; crossovers of 0.25, 0.33 and 0.4 were alike, 0.55 and above
-/// slower, and gate mode at 33% active did not move. A prompt's tokens share each row
-/// they read, so there the sparse operator's saved arithmetic counts for more: gate
-/// mode at the 50% target prefills slower this way (`bench -p 512 -n 0 -t 2`: 317
-/// against 368 tok/s), predictor mode at the 50% target faster (313 against 300). The
-/// choice stays per token all the same, so a token's numbers never depend on the size
-/// of the batch it is computed in.
-pub const MASKED_MIN_FRACTION: f64 = 0.4;
 
 /// One token of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,8 +176,8 @@ pub struct Scratch {
     row_major: Vec<usize>,
     /// Sparse tokens with most neurons active, which take every row and mask `h`.
     masked: Vec<usize>,
-    /// The active set the sparse operator sees: without the row-major and masked tokens.
-    sparse_active: Option<ActiveSet>,
+    /// Their active neurons, one entry per masked token.
+    masked_active: Option<ActiveSet>,
     gathered: Vec<f32>,
     gathered_acts: Activations,
     /// Gate, up and output of those row-major tokens.
@@ -280,38 +269,6 @@ fn sized(v: &mut Vec<f32>, n: usize) {
     v.resize(n, 0.0);
 }
 
-/// Which tokens of a batch [`gather`] collects.
-#[derive(Clone, Copy)]
-enum Gathered {
-    RowMajor,
-    Masked,
-}
-
-/// The FFN inputs of some tokens of the batch, into `gathered_acts`, with `mixed` sized
-/// for their gate, up and output.
-fn gather(s: &mut Scratch, which: Gathered, n_ff: usize, e: usize) {
-    let tokens = match which {
-        Gathered::RowMajor => &s.row_major,
-        Gathered::Masked => &s.masked,
-    };
-    let m = tokens.len();
-    s.gathered.clear();
-    for &t in tokens {
-        s.gathered.extend_from_slice(&s.xn[t * e..(t + 1) * e]);
-    }
-    s.gathered_acts.set(&s.gathered, m);
-    sized(&mut s.mixed[0], m * n_ff);
-    sized(&mut s.mixed[1], m * n_ff);
-    sized(&mut s.mixed[2], m * e);
-}
-
-/// Row `i` of `out` (`n_embd` = `e` values) to token `tokens[i]`'s row of `proj`.
-fn scatter(tokens: &[usize], out: &[f32], e: usize, proj: &mut [f32]) {
-    for (i, &t) in tokens.iter().enumerate() {
-        proj[t * e..(t + 1) * e].copy_from_slice(&out[i * e..(i + 1) * e]);
-    }
-}
-
 impl Model {
     pub fn load(file: &GgufFile) -> Result<Self, LoadError> {
         let config = ModelConfig::from_metadata(file.metadata(), file.header().magic)?;
@@ -328,7 +285,7 @@ impl Model {
             hot_neurons: vec![0; config.n_layer],
             hot: None,
             neuron_order: None,
-            masked_min_fraction: MASKED_MIN_FRACTION,
+            masked_min_fraction: ffn::masked_min_fraction()?,
             config,
             weights,
             sparsity,
@@ -485,216 +442,6 @@ impl Model {
         Ok(())
     }
 
-    /// How this batch's FFN runs: wholly row-major (dense requests, where the file has
-    /// `ffn_down`), or through the neuron-sparse operator (dense requests then among them
-    /// on the row-major path all the same, so a request's numbers never depend on its
-    /// neighbours).
-    fn ffn_path(&self, batch: &[BatchToken], w: &LayerWeights) -> FfnPath {
-        if w.down.is_some() && batch.iter().all(|b| b.sparsity == SparsityMode::Dense) {
-            FfnPath::RowMajor
-        } else {
-            FfnPath::Neurons
-        }
-    }
-
-    /// The FFN through the neuron-sparse operator: each token's active neurons chosen by
-    /// its mode (every neuron, the gate, or the predictor), then gate, up and down rows of
-    /// those neurons only. Dense tokens of a batch that also has sparse ones take the
-    /// row-major path when the file has `ffn_down`, exactly as they would alone.
-    fn ffn_neurons(
-        &self,
-        pool: &ThreadPool,
-        layer: usize,
-        batch: &[BatchToken],
-        s: &mut Scratch,
-    ) -> Result<(), ForwardError> {
-        let c = &self.config;
-        let w = &self.weights.layers[layer];
-        let (n, n_ff, e) = (batch.len(), c.n_ff, c.n_embd);
-        let glu = c.ffn.glu();
-        let down_t = w
-            .down_t
-            .as_ref()
-            .ok_or_else(|| ForwardError::Sparsity("no neuron-major down projection".into()))?;
-
-        // Dense tokens that can take the row-major path, done first on their own rows.
-        s.row_major.clear();
-        if w.down.is_some() {
-            s.row_major
-                .extend((0..n).filter(|&t| batch[t].sparsity == SparsityMode::Dense));
-        }
-        if let (Some(down), false) = (&w.down, s.row_major.is_empty()) {
-            gather(s, Gathered::RowMajor, n_ff, e);
-            let [g, u, out] = &mut s.mixed;
-            let ff = RowMajorFfn {
-                kind: c.ffn,
-                w,
-                down,
-            };
-            ff.run(pool, &mut s.gathered_acts, [g, u, out], &mut s.profile);
-            scatter(&s.row_major, out, e, &mut s.proj);
-        }
-
-        // Gate values in full when a token thresholds them (the same bits the fused
-        // operator would compute row by row, so they are reused there).
-        let want_gate = batch.iter().any(|b| b.sparsity == SparsityMode::Gate);
-        if want_gate {
-            w.gate.matmul(pool, &mut s.acts, &mut s.gate);
-        }
-        // Predictor logits for the tokens that ask for them, from the residual stream.
-        let want_pred = batch.iter().any(|b| b.sparsity == SparsityMode::Predictor);
-        if want_pred {
-            let p = self
-                .sparsity
-                .predictors
-                .as_ref()
-                .and_then(|p| p.get(layer))
-                .ok_or_else(|| ForwardError::Sparsity("this model has no predictors".into()))?;
-            s.pred_acts.set(&s.x, n);
-            sized(&mut s.pred_hidden, n * p.rank());
-            p.fc1.matmul(pool, &mut s.pred_acts, &mut s.pred_hidden);
-            if let Some(b) = &p.b1 {
-                add_rows(&mut s.pred_hidden, b);
-            }
-            nn::relu(&mut s.pred_hidden);
-            s.pred_acts.set(&s.pred_hidden, n);
-            sized(&mut s.pred_logits, n * n_ff);
-            p.fc2.matmul(pool, &mut s.pred_acts, &mut s.pred_logits);
-            if let Some(b) = &p.b2 {
-                add_rows(&mut s.pred_logits, b);
-            }
-        }
-        s.profile.mark(Stage::GateUp);
-
-        let mut active = s.active.take().unwrap_or_else(|| ActiveSet::new(n_ff));
-        active.reset(n_ff);
-        let gate_thr = self.sparsity.gate_threshold(layer);
-        let pred_thr = self.sparsity.predictor_threshold;
-        for (t, b) in batch.iter().enumerate() {
-            let row = t * n_ff..(t + 1) * n_ff;
-            if s.row_major.binary_search(&t).is_ok() {
-                active.push_token([]);
-                continue;
-            }
-            match b.sparsity {
-                SparsityMode::Dense => active.push_all(),
-                SparsityMode::Gate => {
-                    s.gate_act.clear();
-                    s.gate_act.extend_from_slice(&s.gate[row]);
-                    glu.act_slice(&mut s.gate_act);
-                    let a = &s.gate_act;
-                    active.push_where(|i| a[i].abs() > gate_thr);
-                }
-                SparsityMode::Predictor => {
-                    let z = &s.pred_logits[row];
-                    active.push_where(|i| z[i] >= pred_thr);
-                }
-            }
-            let rows = active.token(t);
-            s.active_counts[t * c.n_layer + layer] = rows.len() as u32;
-            let n_hot = self.hot_neurons[layer] as u32;
-            s.hot_counts[t * c.n_layer + layer] = rows.partition_point(|&i| i < n_hot) as u32;
-        }
-        for &t in &s.row_major {
-            s.active_counts[t * c.n_layer + layer] = n_ff as u32;
-        }
-        s.profile.mark(Stage::Activation);
-
-        // Tokens with most neurons active: every row, then `h` zeroed outside the set.
-        s.masked.clear();
-        let hot_layer = self.hot.as_ref().is_some_and(|h| h.layers[layer].is_some());
-        if w.down.is_some() && !hot_layer {
-            let most = (self.masked_min_fraction * n_ff as f64).ceil().max(0.0) as usize;
-            s.masked.extend((0..n).filter(|&t| {
-                s.row_major.binary_search(&t).is_err() && active.token(t).len() >= most
-            }));
-        }
-        if let (Some(down), false) = (&w.down, s.masked.is_empty()) {
-            let m = s.masked.len();
-            gather(s, Gathered::Masked, n_ff, e);
-            let [g, u, out] = &mut s.mixed;
-            if want_gate {
-                // The whole batch's gate values are at hand (the same bits row by row).
-                for (i, &t) in s.masked.iter().enumerate() {
-                    g[i * n_ff..(i + 1) * n_ff].copy_from_slice(&s.gate[t * n_ff..(t + 1) * n_ff]);
-                }
-            } else {
-                w.gate.matmul(pool, &mut s.gathered_acts, g);
-            }
-            w.up.matmul(pool, &mut s.gathered_acts, u);
-            gate_activation(c.ffn, g, u);
-            for (i, &t) in s.masked.iter().enumerate() {
-                let mut keep = active.token(t).iter().map(|&r| r as usize).peekable();
-                for (j, h) in g[i * n_ff..(i + 1) * n_ff].iter_mut().enumerate() {
-                    if keep.next_if_eq(&j).is_none() {
-                        *h = 0.0;
-                    }
-                }
-            }
-            s.gathered_acts.set(g, m);
-            down.matmul(pool, &mut s.gathered_acts, out);
-            scatter(&s.masked, out, e, &mut s.proj);
-        }
-
-        let sparse_active = if s.masked.is_empty() {
-            None
-        } else {
-            let mut a = s
-                .sparse_active
-                .take()
-                .unwrap_or_else(|| ActiveSet::new(n_ff));
-            a.reset(n_ff);
-            for t in 0..n {
-                if s.masked.binary_search(&t).is_ok() {
-                    a.push_token([]);
-                } else {
-                    a.push_token(active.token(t).iter().copied());
-                }
-            }
-            Some(a)
-        };
-        // (Both lists are in token order.)
-        let on_rows =
-            |t: &usize| s.row_major.binary_search(t).is_ok() || s.masked.binary_search(t).is_ok();
-        if (0..n).any(|t| !on_rows(&t)) {
-            // Tokens of the row-major and masked paths have no active neurons here and
-            // get 0.
-            let mut sparse_out = std::mem::take(&mut s.up);
-            sized(&mut sparse_out, n * e);
-            let hot = self
-                .hot
-                .as_ref()
-                .and_then(|h| Some((h, h.layers[layer].as_ref()?)))
-                .map(|(h, l)| HotSplit {
-                    n_ranges: l.n_ranges,
-                    pool: &h.pool,
-                    w: [&l.w[0], &l.w[1], &l.w[2]],
-                });
-            ffn_sparse_split(
-                simd::detected(),
-                pool,
-                [&w.gate, &w.up, down_t],
-                hot,
-                glu,
-                &mut s.acts,
-                want_gate.then_some(s.gate.as_slice()),
-                sparse_active.as_ref().unwrap_or(&active),
-                &mut s.sparse,
-                &mut sparse_out,
-            );
-            for t in (0..n).filter(|t| !on_rows(t)) {
-                s.proj[t * e..(t + 1) * e].copy_from_slice(&sparse_out[t * e..(t + 1) * e]);
-            }
-            s.up = sparse_out;
-        }
-        s.active = Some(active);
-        if sparse_active.is_some() {
-            s.sparse_active = sparse_active;
-        }
-        s.profile.mark(Stage::Down);
-        Ok(())
-    }
-
     fn check(&self, batch: &[BatchToken], kv: &KvCache) -> Result<(), ForwardError> {
         if batch.is_empty() {
             return Err(ForwardError::EmptyBatch);
@@ -815,40 +562,6 @@ fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// The dense FFN on row-major matrices: `out = down · (act(gate · x) ∘ (up · x))` for the
-/// batch in `acts` (which ends holding the hidden activations).
-struct RowMajorFfn<'a> {
-    kind: FfnKind,
-    w: &'a LayerWeights,
-    down: &'a Matrix,
-}
-
-impl RowMajorFfn<'_> {
-    fn run(
-        &self,
-        pool: &ThreadPool,
-        acts: &mut Activations,
-        [gate, up, out]: [&mut Vec<f32>; 3],
-        profile: &mut Profile,
-    ) {
-        let n = acts.n_tok();
-        self.w.gate.matmul(pool, acts, gate); // [n][n_ff]
-        self.w.up.matmul(pool, acts, up); // [n][n_ff]
-        profile.mark(Stage::GateUp);
-        gate_activation(self.kind, gate, up); // h = act(gate) ∘ up
-        profile.mark(Stage::Activation);
-        acts.set(gate, n);
-        self.down.matmul(pool, acts, out); // [n][n_embd]
-        profile.mark(Stage::Down);
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FfnPath {
-    RowMajor,
-    Neurons,
-}
-
 /// The sparsity data a model file carries itself: PowerInfer's predictors and threshold.
 fn load_file_sparsity(file: &GgufFile, c: &ModelConfig) -> Result<SparsityData, LoadError> {
     let mut predictors = Vec::new();
@@ -889,14 +602,4 @@ fn load_file_sparsity(file: &GgufFile, c: &ModelConfig) -> Result<SparsityData, 
         },
         ..SparsityData::default()
     })
-}
-
-/// `gate = act(gate) ∘ up` for the model's FFN kind.
-fn gate_activation(kind: FfnKind, gate: &mut [f32], up: &[f32]) {
-    match kind {
-        FfnKind::SwiGlu => nn::silu_mul(gate, up),
-        FfnKind::ReGlu => nn::relu_mul(gate, up),
-        FfnKind::DRelu => nn::dual_relu_mul(gate, up),
-        FfnKind::GeGlu => nn::gelu_mul(gate, up),
-    }
 }

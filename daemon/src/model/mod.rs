@@ -12,7 +12,9 @@ pub mod sparsity;
 mod weights;
 
 pub use config::{Arch, FfnKind, ModelConfig};
-pub use forward::{BatchToken, Capture, MASKED_MIN_FRACTION, Model, Profile, Scratch, Stage};
+pub use forward::{
+    BatchToken, Capture, MASKED_MIN_ENV, MASKED_MIN_FRACTION, Model, Profile, Scratch, Stage,
+};
 pub use kv_cache::{KvAllocError, KvCache, KvType};
 pub use neurons::{HotFfn, HotLayer};
 pub use sparsity::{Predictor, SparsityData, SparsityMode};

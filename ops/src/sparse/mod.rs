@@ -73,6 +73,14 @@ impl ActiveSet {
         self.start.push(self.idx.len());
     }
 
+    /// Removes the last token added.
+    pub fn pop_token(&mut self) {
+        if self.start.len() > 1 {
+            self.start.pop();
+            self.idx.truncate(*self.start.last().unwrap_or(&0));
+        }
+    }
+
     /// Adds a token with every neuron active.
     pub fn push_all(&mut self) {
         self.push_token(0..self.n_rows as u32);

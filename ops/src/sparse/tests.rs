@@ -342,4 +342,17 @@ fn active_sets_refuse_unsorted_or_out_of_range_neurons() {
     assert_eq!((a.n_tok(), a.n_active()), (3, 6));
     assert_eq!(a.token(2), &[1, 3]);
     assert!((a.fraction() - 0.5).abs() < 1e-12);
+    // Popping the last token and pushing another in its place.
+    a.pop_token();
+    a.push_token([2]);
+    assert_eq!((a.n_tok(), a.n_active()), (3, 5));
+    assert_eq!(
+        (a.token(0), a.token(1), a.token(2)),
+        (&[0, 1, 2, 3][..], &[][..], &[2][..])
+    );
+    a.pop_token();
+    a.pop_token();
+    a.pop_token();
+    a.pop_token();
+    assert_eq!((a.n_tok(), a.n_active()), (0, 0));
 }
