@@ -319,7 +319,7 @@ async fn a_model_placed_on_the_simulated_device_runs_hybrid_and_reports_its_hot_
     // The same placement without a device (all on the CPU pool): the same tokens.
     let mut cpu = LoadedModel::load(&path).unwrap();
     cpu.model.ensure_neuron_form();
-    cpu.model.apply_placement(&hot, None).unwrap();
+    cpu.model.apply_placement(&hot).unwrap();
     assert_eq!(ids, direct_greedy(&cpu, "hello world", 16).1);
 
     // A device too small for even the fixed parts leaves every neuron cold.

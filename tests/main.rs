@@ -7,6 +7,7 @@ mod cli_run;
 mod engine;
 mod gguf_hostile;
 mod gguf_roundtrip;
+mod hybrid;
 mod parity_model;
 mod parity_tokenize;
 mod placement;

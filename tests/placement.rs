@@ -5,12 +5,12 @@
 use powerinfer_daemon::generate::LoadedModel;
 use powerinfer_daemon::model::placement::{self, DeviceProfile};
 use powerinfer_daemon::model::sidecar::{self, SidecarData};
-use powerinfer_daemon::model::{KvType, MASKED_MIN_FRACTION, Model, SparsityMode};
+use powerinfer_daemon::model::{KvType, SparsityMode};
 use powerinfer_ops::GgmlType;
-use powerinfer_ops::device::{Device, SimulatedDevice};
 use powerinfer_ops::gguf::{GgufWriter, Value};
 use powerinfer_ops::pod::as_bytes;
 use powerinfer_ops::quant::WeightType;
+use powerinfer_ops::sparse::NEURON_RANGE;
 use powerinfer_tests::synth::Spec;
 use powerinfer_tests::{TempDir, powerinferd};
 
@@ -96,6 +96,11 @@ fn the_solver_fills_the_budget_by_frequency_with_the_per_layer_minimum() {
                 h.len(),
                 p.min_hot[l]
             );
+            assert!(
+                h.len() % NEURON_RANGE == 0 || h.len() == N_FF,
+                "layer {l}: whole neuron ranges, {}",
+                h.len()
+            );
             assert!(h.windows(2).all(|w| w[0] < w[1]));
             // Within a layer, no cold neuron is more frequent than a hot one.
             let coldest_hot = h
@@ -108,12 +113,14 @@ fn the_solver_fills_the_budget_by_frequency_with_the_per_layer_minimum() {
                 .fold(f32::MIN, f32::max);
             assert!(h.is_empty() || coldest_hot >= hottest_cold, "layer {l}");
         }
-        if extra_neurons < p.min_hot[0] as u64 {
+        // Opening a layer takes the ranges holding its C_l neurons.
+        let opening = (p.min_hot[0].div_ceil(NEURON_RANGE) * NEURON_RANGE) as u64;
+        if extra_neurons < opening {
             assert_eq!(hot, 0, "{extra_neurons} neurons cannot open a layer");
         } else {
-            // What is left after the greedy fill is less than one layer's opening cost.
+            // What is left after the greedy fill is less than a range or an opening.
             assert!(
-                hot as u64 + p.min_hot[0] as u64 > extra_neurons,
+                hot as u64 + opening.max(NEURON_RANGE as u64) > extra_neurons,
                 "{hot} of {extra_neurons}"
             );
         }
@@ -133,7 +140,11 @@ fn the_solver_fills_the_budget_by_frequency_with_the_per_layer_minimum() {
     );
     assert!(p.parts.iter().any(|x| !x.on_device));
     assert!(p.fixed_bytes() <= everything / 2);
-    assert!(p.parts[0].on_device, "norms first");
+    assert!(p.parts[0].on_device, "layer 0's attention first");
+    // Neurons go only to layers whose attention is on the device.
+    for (l, h) in p.hot.iter().enumerate() {
+        assert!(h.is_empty() || p.attention_on_device(l), "layer {l}");
+    }
 }
 
 #[test]
@@ -230,132 +241,4 @@ fn gpuidx_files_round_trip_and_hostile_ones_are_refused() {
     let junk = dir.path().join("junk.gpuidx");
     std::fs::write(&junk, b"not a gguf").unwrap();
     assert!(placement::read(&junk, 3, N_FF).is_err());
-}
-
-/// Logits of every step of a one-token-at-a-time run of `toks` in `mode`, and the hot
-/// counts of the last step.
-fn run_steps(model: &Model, toks: &[u32], mode: SparsityMode) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let mut steps = powerinfer_tests::run_steps(model, toks, mode);
-    (steps.logits, steps.hot.pop().unwrap_or_default())
-}
-
-fn argmax(v: &[f32]) -> usize {
-    (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
-}
-
-#[test]
-fn hybrid_execution_on_the_simulated_device_equals_the_all_cpu_run() {
-    let dir = TempDir::new("placement-hybrid");
-    let spec = Spec {
-        wtype: WeightType::Q4_1,
-        n_ff: 512,
-        n_layer: 3,
-        seed: 82,
-        ..Spec::default()
-    };
-    let path = spec.write_to(dir.path(), "hybrid");
-    let c = LoadedModel::load(&path).unwrap().model.config.clone();
-    let freqs: Vec<Vec<f32>> = (0..c.n_layer)
-        .map(|l| {
-            (0..512)
-                .map(|i| ((i * 37 + l * 11) % 512) as f32 / 512.0)
-                .collect()
-        })
-        .collect();
-    sidecar::write(
-        &sidecar::path_for(&path),
-        &c,
-        &SidecarData {
-            calibration_tokens: 1,
-            gate_thresholds: Some(vec![0.02; c.n_layer]),
-            frequencies: Some(freqs.clone()),
-            ..SidecarData::default()
-        },
-    )
-    .unwrap();
-    // Layer 0: its 256 most frequent neurons; layer 1: 100 (rounded down to none);
-    // layer 2: all of them.
-    let top = |l: usize, n: usize| -> Vec<u32> {
-        let mut idx: Vec<u32> = (0..512).collect();
-        idx.sort_by(|a, b| freqs[l][*b as usize].total_cmp(&freqs[l][*a as usize]));
-        idx.truncate(n);
-        idx
-    };
-    let hot = vec![top(0, 256), top(1, 100), top(2, 512)];
-    let load = || {
-        let mut m = LoadedModel::load_for(&path, SparsityMode::Gate).unwrap();
-        m.model.ensure_neuron_form();
-        m
-    };
-    let mut original = load();
-    let mut cpu = load();
-    cpu.model.apply_placement(&hot, None).unwrap();
-    assert!(cpu.model.hot.is_none());
-    let mut hybrid = load();
-    let mut device = SimulatedDevice::new(1 << 30).unwrap();
-    hybrid
-        .model
-        .apply_placement(&hot, Some(&mut device as &mut dyn Device))
-        .unwrap();
-    assert_eq!(hybrid.model.hot_neurons, vec![256, 0, 512]);
-    // The neuron table: layer 0's first neurons are its hot set, most frequent first.
-    let order = hybrid.model.neuron_order.clone().unwrap();
-    let mut first: Vec<u32> = order[0][..256].to_vec();
-    first.sort_unstable();
-    let mut want = hot[0].clone();
-    want.sort_unstable();
-    assert_eq!(first, want);
-    let mut all = order[1].clone();
-    all.sort_unstable();
-    assert_eq!(all, (0..512).collect::<Vec<u32>>(), "a permutation");
-    let neuron: u64 = hybrid.model.weights.layers[0].ffn_bytes() as u64 / 512;
-    assert_eq!(
-        device.info().memory_used,
-        neuron * (256 + 512),
-        "hot rows uploaded"
-    );
-    let layers = &hybrid.model.hot.as_ref().unwrap().layers;
-    assert!(layers[0].is_some() && layers[1].is_none() && layers[2].is_some());
-
-    let toks: Vec<u32> = (0..10).map(|i| (i * 41 + 7) % 256).collect();
-    for mode in [SparsityMode::Dense, SparsityMode::Gate] {
-        let (want, _) = run_steps(&cpu.model, &toks, mode);
-        let (got, hot_counts) = run_steps(&hybrid.model, &toks, mode);
-        assert_eq!(
-            got, want,
-            "{mode}: hybrid must equal the all-CPU run bit for bit"
-        );
-        assert!(
-            hot_counts[0] > 0 && hot_counts[1] == 0 && hot_counts[2] > 0,
-            "{hot_counts:?}"
-        );
-        // Against the model as loaded: its greedy choices; and in gate mode, with the
-        // loaded model on the neuron-major operator too (not the row-major rows it
-        // takes for tokens with most neurons active), its numbers up to the order of
-        // additions (dense mode there runs the row-major ffn_down, rounded differently).
-        original.model.masked_min_fraction = MASKED_MIN_FRACTION;
-        let (orig, _) = run_steps(&original.model, &toks, mode);
-        original.model.masked_min_fraction = f64::INFINITY;
-        let (scattered, _) = run_steps(&original.model, &toks, mode);
-        for ((a, s), b) in orig.iter().zip(&scattered).zip(&got) {
-            assert_eq!(argmax(a), argmax(b), "{mode}");
-            let diff = s
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0, f32::max);
-            if mode == SparsityMode::Gate {
-                assert!(diff < 1e-3, "{mode}: {diff}");
-            }
-        }
-    }
-
-    // A device too small for the hot rows refuses the placement with its reason.
-    let mut small = SimulatedDevice::new(neuron * 100).unwrap();
-    let mut m = load();
-    let e = m
-        .model
-        .apply_placement(&hot, Some(&mut small as &mut dyn Device))
-        .unwrap_err();
-    assert!(e.to_string().contains("out of memory"), "{e}");
 }

@@ -3,17 +3,15 @@
 //! through the pipeline).
 
 use std::ops::ControlFlow;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use powerinfer_ops::gguf::{FileMemory, GgufFile};
 use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::quant::Numerics;
-use powerinfer_ops::storage;
 
 use crate::ids::{SeqSlot, TokenId};
 use crate::model::{
-    BatchToken, ForwardError, KvCache, KvType, LoadError, Model, Scratch, SparsityMode, sidecar,
+    BatchToken, ForwardError, KvCache, KvType, LoadError, Model, PlacedDevice, Scratch, Side,
+    SparsityMode,
 };
 use crate::sampler::{Sampled, Sampler, SamplerConfig};
 use crate::tokenizer::{Detokenizer, Tokenizer, TokenizerError};
@@ -35,6 +33,9 @@ pub enum GenerateError {
     PromptTooLong { prompt: usize, n_ctx: usize },
     #[error("invalid sampling parameters: {0}")]
     Sampling(String),
+    /// The session does not fit the device the model is placed on.
+    #[error("{0}")]
+    Device(String),
     #[error("cannot start {n} compute threads: {source}")]
     Threads {
         n: usize,
@@ -43,70 +44,7 @@ pub enum GenerateError {
     },
 }
 
-/// How model weights are held (see [`FileMemory`]): read into memory in huge pages where
-/// the system offers transparent huge pages, unless `POWERINFER_MMAP=1` asks for a map of
-/// the file (less memory per process: the page cache's copy is shared); mapped otherwise.
-pub fn weight_memory() -> FileMemory {
-    let map = std::env::var("POWERINFER_MMAP").is_ok_and(|v| v == "1");
-    if !map && storage::huge_pages_available() {
-        FileMemory::Read
-    } else {
-        FileMemory::Map
-    }
-}
-
-/// A model file loaded for inference: weights and vocabulary.
-pub struct LoadedModel {
-    pub model: Model,
-    pub tokenizer: Tokenizer,
-}
-
-impl LoadedModel {
-    pub fn load(path: &Path) -> Result<Self, LoadError> {
-        Self::load_for(path, SparsityMode::Dense)
-    }
-
-    /// Loads `path` ready for `sparsity` (and for dense requests): the sidecar written by
-    /// `prepare` is read when it exists, and the neuron-major down projections are made
-    /// when a sparse mode needs them. A mode the model cannot run is refused here.
-    pub fn load_for(path: &Path, sparsity: SparsityMode) -> Result<Self, LoadError> {
-        Self::load_with(path, sparsity, true)
-    }
-
-    /// The model alone, ignoring any sidecar next to it (what `prepare` calibrates).
-    pub fn load_without_sidecar(path: &Path) -> Result<Self, LoadError> {
-        Self::load_with(path, SparsityMode::Dense, false)
-    }
-
-    fn load_with(
-        path: &Path,
-        sparsity: SparsityMode,
-        with_sidecar: bool,
-    ) -> Result<Self, LoadError> {
-        let file = GgufFile::open_as(path, weight_memory())?;
-        let mut model = Model::load(&file)?;
-        let side = sidecar::path_for(path);
-        if with_sidecar && side.exists() {
-            sidecar::read(&side, &mut model)?;
-        }
-        if sparsity != SparsityMode::Dense {
-            model.ensure_neuron_form();
-        }
-        if let Some(why) = model.sparsity_unavailable(sparsity) {
-            return Err(LoadError::Other(why));
-        }
-        let tokenizer =
-            Tokenizer::from_gguf(file.metadata()).map_err(|e| LoadError::Other(e.to_string()))?;
-        if tokenizer.n_vocab() != model.config.n_vocab {
-            return Err(LoadError::Other(format!(
-                "the vocabulary has {} tokens but the model {}",
-                tokenizer.n_vocab(),
-                model.config.n_vocab
-            )));
-        }
-        Ok(Self { model, tokenizer })
-    }
-}
+pub use crate::model::{LoadedModel, weight_memory};
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -190,6 +128,16 @@ impl SessionOptions {
             sparsity: SparsityMode::Dense,
         }
     }
+
+    /// What a device's caches and arithmetic must be for sessions like this one.
+    pub fn device_sizing(&self) -> crate::model::placement::DeviceSizing {
+        crate::model::placement::DeviceSizing {
+            n_ctx: self.n_ctx.max(1),
+            n_seq: 1,
+            kv_type: self.kv_type,
+            numerics: self.numerics,
+        }
+    }
 }
 
 /// One sequence's state on one model: thread pool, KV cache, buffers.
@@ -197,8 +145,12 @@ pub struct Session<'m> {
     pub model: &'m Model,
     pub tokenizer: &'m Tokenizer,
     pool: ThreadPool,
+    /// The host's layers' caches (the device holds its own).
     kv: KvCache,
     scratch: Scratch,
+    device: Option<&'m PlacedDevice>,
+    device_buffers: crate::model::hybrid::DeviceBuffers,
+    logits: Vec<f32>,
     sparsity: SparsityMode,
     /// Active neurons summed per layer over every token run, and the tokens run.
     active_totals: Vec<u64>,
@@ -211,22 +163,41 @@ impl<'m> Session<'m> {
         if let Some(why) = loaded.model.sparsity_unavailable(opts.sparsity) {
             return Err(ForwardError::Sparsity(why).into());
         }
+        let n_ctx = opts.n_ctx.max(1);
+        if let Some(d) = &loaded.device {
+            let z = d.sizing;
+            if n_ctx > z.n_ctx || opts.kv_type != z.kv_type || opts.numerics != z.numerics {
+                return Err(GenerateError::Device(format!(
+                    "a session of {n_ctx} tokens ({:?} cache, {:?} numerics) does not fit the \
+                     device's placement ({} tokens, {:?}, {:?})",
+                    opts.kv_type, opts.numerics, z.n_ctx, z.kv_type, z.numerics
+                )));
+            }
+        }
         let n = opts.n_threads.max(1);
         let pool =
             ThreadPool::new(n, "pi-cpu").map_err(|source| GenerateError::Threads { n, source })?;
+        let shape = crate::model::KvShape {
+            n_slots: 1,
+            n_ctx,
+            n_head_kv: c.n_head_kv,
+            head_dim: c.head_dim,
+            ty: opts.kv_type,
+        };
+        let partition = &loaded.model.partition;
+        let kv = KvCache::try_for_layers(c.n_layer, shape, |l| {
+            partition.layers[l].attention == Side::Host
+        })
+        .map_err(|e| GenerateError::Device(e.to_string()))?;
         Ok(Self {
             model: &loaded.model,
             tokenizer: &loaded.tokenizer,
             pool,
-            kv: KvCache::new(
-                c.n_layer,
-                1,
-                opts.n_ctx.max(1),
-                c.n_head_kv,
-                c.head_dim,
-                opts.kv_type,
-            ),
+            kv,
             scratch: Scratch::new(opts.numerics),
+            device: loaded.device.as_ref(),
+            device_buffers: Default::default(),
+            logits: Vec::new(),
             sparsity: opts.sparsity,
             active_totals: vec![0; c.n_layer],
             tokens_run: 0,
@@ -275,8 +246,32 @@ impl<'m> Session<'m> {
                 sparsity: self.sparsity,
             })
             .collect();
-        self.model
-            .forward(&self.pool, &batch, &mut self.kv, &mut self.scratch)?;
+        match self.device {
+            None => {
+                self.model.forward_into(
+                    &self.pool,
+                    &batch,
+                    &mut self.kv,
+                    &mut self.scratch,
+                    &mut self.logits,
+                )?;
+            }
+            Some(d) => {
+                let mut dev = d
+                    .device
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                self.model.forward_with_device(
+                    &self.pool,
+                    dev.as_mut(),
+                    &batch,
+                    &mut self.kv,
+                    &mut self.scratch,
+                    &mut self.device_buffers,
+                    &mut self.logits,
+                )?;
+            }
+        }
         let n_layer = self.model.config.n_layer;
         for counts in self.scratch.active_counts.chunks_exact(n_layer) {
             for (total, &c) in self.active_totals.iter_mut().zip(counts) {
@@ -284,7 +279,7 @@ impl<'m> Session<'m> {
             }
         }
         self.tokens_run += tokens.len() as u64;
-        Ok(self.scratch.logits())
+        Ok(&self.logits)
     }
 
     /// Mean fraction of FFN neurons computed per layer over every token run so far.

@@ -12,7 +12,7 @@ use powerinfer_ops::nn::{self, Glu};
 use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::quant::WeightType;
 use powerinfer_ops::rng::Rng;
-use powerinfer_ops::sparse::{ActiveSet, SparseScratch, ffn_sparse};
+use powerinfer_ops::sparse::{ActiveSet, SparseFfn, SparseScratch};
 use powerinfer_ops::tensor::{Activations, Matrix};
 
 const SHAPES: [(&str, usize, usize, WeightType); 2] = [
@@ -68,14 +68,9 @@ fn ffn(c: &mut Criterion) {
                 group.bench_function(BenchmarkId::new(format!("sparse{pct}"), &t), |b| {
                     b.iter(|| {
                         acts.set(&x, 1);
-                        ffn_sparse(
+                        SparseFfn::new(&gate, &up, &down_t, Glu::Silu).run(
                             pool,
-                            &gate,
-                            &up,
-                            &down_t,
-                            Glu::Silu,
                             &mut acts,
-                            None,
                             &active,
                             &mut scratch,
                             &mut out,

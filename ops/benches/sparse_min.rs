@@ -13,7 +13,7 @@ use powerinfer_ops::nn::{self, Glu};
 use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::quant::WeightType;
 use powerinfer_ops::rng::Rng;
-use powerinfer_ops::sparse::{ActiveSet, SparseScratch, ffn_sparse};
+use powerinfer_ops::sparse::{ActiveSet, SparseFfn, SparseScratch};
 use powerinfer_ops::tensor::{Activations, Matrix};
 
 const TRIALS: usize = 60;
@@ -106,14 +106,9 @@ fn main() {
                                 h_acts.set(&g, 1);
                                 down.matmul(&pool, &mut h_acts, &mut out);
                             } else {
-                                ffn_sparse(
+                                SparseFfn::new(gate, up, down_t, Glu::Silu).run(
                                     &pool,
-                                    gate,
-                                    up,
-                                    down_t,
-                                    Glu::Silu,
                                     &mut acts,
-                                    None,
                                     active,
                                     &mut scratch,
                                     &mut out,

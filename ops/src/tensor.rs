@@ -170,6 +170,31 @@ impl Matrix {
         }
     }
 
+    /// A matrix owning a copy of `bytes`: `n_rows` rows of `n_cols` values of `wtype`, as
+    /// [`Self::bytes`] gives them (what a device receives in an upload). `None` when the
+    /// length does not match or rows are not whole blocks.
+    pub fn from_bytes(
+        wtype: WeightType,
+        n_rows: usize,
+        n_cols: usize,
+        bytes: &[u8],
+    ) -> Option<Self> {
+        let expected = with_block!(wtype, W => {
+            if !n_cols.is_multiple_of(W::LEN) {
+                return None;
+            }
+            (n_rows * n_cols / W::LEN).checked_mul(size_of::<W>())?
+        });
+        (bytes.len() == expected).then(|| Self {
+            wtype,
+            n_rows,
+            n_cols,
+            storage: Arc::new(Storage::Heap(AlignedBytes::from_slice(bytes))),
+            offset: 0,
+            n_bytes: bytes.len(),
+        })
+    }
+
     /// Quantizes row-major f32 values (`n_rows` × `n_cols`) to `wtype`.
     pub fn quantize(wtype: WeightType, values: &[f32], n_rows: usize, n_cols: usize) -> Self {
         assert_eq!(values.len(), n_rows * n_cols);
@@ -229,6 +254,25 @@ impl Matrix {
             storage: Arc::new(Storage::Heap(bytes)),
             offset: 0,
         })
+    }
+
+    /// Rows `rows` as a matrix of their own, sharing this one's bytes (no copy). Row `r`
+    /// of the view is row `rows.start + r` here, with the same bits in every product.
+    pub fn rows(&self, rows: Range<usize>) -> Matrix {
+        assert!(
+            rows.start <= rows.end && rows.end <= self.n_rows,
+            "rows {rows:?} of a matrix of {}",
+            self.n_rows
+        );
+        let row_bytes = self.n_bytes / self.n_rows.max(1);
+        Matrix {
+            wtype: self.wtype,
+            n_rows: rows.len(),
+            n_cols: self.n_cols,
+            storage: self.storage.clone(),
+            offset: self.offset + rows.start * row_bytes,
+            n_bytes: rows.len() * row_bytes,
+        }
     }
 
     /// Whether this matrix alone holds its buffer (a copy made by [`Matrix::select_rows`],

@@ -8,7 +8,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::bench_serving as serving;
-use super::common::{NumericsArg, SparsityArg, default_threads, load_model};
+use super::common::{DeviceArgs, NumericsArg, SparsityArg, default_threads, load_model};
 use super::exit;
 use crate::bench::{Test, run_test};
 use crate::generate::SessionOptions;
@@ -58,13 +58,8 @@ pub struct BenchArgs {
     /// Concurrent streams to test with --server.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     pub streams: Vec<usize>,
-    /// Place hot neurons on a device first (sim[:BYTES]; the placement from
-    /// NAME.generated.gpuidx, else solved for --vram-budget).
-    #[arg(long)]
-    pub device: Option<String>,
-    /// Device memory for the placement: bytes, or with a unit (60MiB, 1GB).
-    #[arg(long, value_parser = super::place::parse_bytes, default_value = "0")]
-    pub vram_budget: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
 }
@@ -74,18 +69,22 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         let _ = writeln!(err, "error: --repetitions must be at least 1");
         return exit::BAD_INPUT;
     }
-    let (path, mut loaded) =
-        match load_model(&a.model, a.models_dir.as_deref(), a.sparsity.into(), err) {
-            Ok(m) => m,
-            Err(code) => return code,
-        };
-    // Kept alive while the benchmark runs on the model placed on it.
-    let _device = match &a.device {
-        None => None,
-        Some(spec) => match place(&mut loaded.model, &path, spec, a, err) {
-            Ok(d) => d,
-            Err(code) => return code,
-        },
+    // The device's caches hold the longest test (each runs from an empty cache).
+    let longest = a
+        .n_prompt
+        .iter()
+        .chain(&a.n_gen)
+        .copied()
+        .max()
+        .unwrap_or(0);
+    let mut sizing = SessionOptions::new(longest + 1, 1);
+    sizing.numerics = a.numerics.into();
+    let opts = a
+        .device
+        .load_options(a.sparsity.into(), sizing.device_sizing());
+    let (path, loaded) = match load_model(&a.model, a.models_dir.as_deref(), &opts, err) {
+        Ok(m) => m,
+        Err(code) => return code,
     };
     let threads = if a.threads.is_empty() {
         vec![default_threads()]
@@ -212,37 +211,4 @@ fn model_label(path: &Path, loaded: &crate::generate::LoadedModel) -> String {
         .first()
         .map_or("?", |l| l.wq.wtype().ggml().name());
     format!("{stem} {dtype}")
-}
-
-/// Opens `spec` and places the model on it (see `placement::place_on`), reporting the
-/// hot share.
-fn place(
-    model: &mut crate::model::Model,
-    path: &Path,
-    spec: &str,
-    a: &BenchArgs,
-    err: &mut dyn Write,
-) -> Result<Option<Box<dyn powerinfer_ops::device::Device>>, u8> {
-    let mut device = crate::device::open(spec, a.vram_budget).map_err(|e| {
-        let _ = writeln!(err, "error: {e}");
-        exit::BAD_INPUT
-    })?;
-    if let Some(dev) = device.as_mut() {
-        let n_ctx = a.n_prompt.iter().chain(&a.n_gen).sum::<usize>().max(1);
-        let sizing = (n_ctx, 1, SessionOptions::new(n_ctx, 1).kv_type);
-        crate::model::placement::place_on(model, path, spec, dev.as_mut(), sizing).map_err(
-            |e| {
-                let _ = writeln!(err, "error: {e}");
-                exit::BAD_INPUT
-            },
-        )?;
-        let _ = writeln!(
-            err,
-            "{spec}: {:.1}% of the FFN neurons hot ({} of {} MiB used)",
-            100.0 * model.hot_share(),
-            dev.info().memory_used >> 20,
-            dev.info().memory_total >> 20
-        );
-    }
-    Ok(device)
 }

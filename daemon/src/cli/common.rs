@@ -7,8 +7,8 @@ use clap::{Args, ValueEnum};
 use powerinfer_ops::quant::Numerics;
 
 use super::exit;
-use crate::generate::LoadedModel;
-use crate::model::SparsityMode;
+use crate::model::placement::DeviceSizing;
+use crate::model::{LoadOptions, LoadedModel, SparsityMode};
 use crate::models::{self, PathPolicy};
 use crate::sampler::SamplerConfig;
 
@@ -66,20 +66,102 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Resolves a model reference (fetching catalog models on first use) and loads it.
-/// Errors are written to `err`; the exit status to return is given back.
+/// `--device` and `--vram-budget`: where the model's hot half runs.
+#[derive(Args, Clone, Debug, Default)]
+pub struct DeviceArgs {
+    /// Place attention, predictors, the head and the most active FFN neurons on a device
+    /// first: cpu (none), sim[:BYTES] (the simulated device), cuda:N, hip:N. The hot
+    /// neurons come from NAME.generated.gpuidx when present, else are solved for
+    /// --vram-budget.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Device memory for the placement: bytes, or with a unit (60MiB, 1GB).
+    #[arg(long, value_parser = super::place::parse_bytes, default_value = "0")]
+    pub vram_budget: u64,
+}
+
+impl DeviceArgs {
+    /// Load options for `sparsity` on this device, its caches sized by `sizing`.
+    pub fn load_options(&self, sparsity: SparsityMode, sizing: DeviceSizing) -> LoadOptions {
+        LoadOptions {
+            sparsity,
+            device: self.device.clone().unwrap_or_else(|| "cpu".into()),
+            vram_budget: self.vram_budget,
+            sizing,
+            ..LoadOptions::default()
+        }
+    }
+}
+
+/// Resolves a model reference (fetching catalog models on first use) and loads it as
+/// `opts` say. Errors are written to `err`; the exit status to return is given back.
 pub fn load_model(
     reference: &str,
     models_dir: Option<&Path>,
-    sparsity: SparsityMode,
+    opts: &LoadOptions,
     err: &mut dyn Write,
 ) -> Result<(PathBuf, LoadedModel), u8> {
     let path = resolve_model(reference, models_dir, err)?;
-    let loaded = LoadedModel::load_for(&path, sparsity).map_err(|e| {
+    let loaded = crate::model::open(&path, opts).map_err(|e| {
         let _ = writeln!(err, "error: {}: {e}", path.display());
         exit::BAD_INPUT
     })?;
+    if let Some(d) = &loaded.device {
+        report_placement(&opts.device, &loaded, d, err);
+    }
     Ok((path, loaded))
+}
+
+/// Places an already loaded model on the device `args` name (nothing for `cpu` or no
+/// `--device`), its caches sized by `sizing`, and reports what the device holds.
+pub fn place_loaded(
+    path: &Path,
+    loaded: &mut LoadedModel,
+    args: &DeviceArgs,
+    sparsity: SparsityMode,
+    sizing: DeviceSizing,
+    err: &mut dyn Write,
+) -> Result<(), u8> {
+    let opts = args.load_options(sparsity, sizing);
+    let device = crate::device::open(&opts.device, opts.vram_budget).map_err(|e| {
+        let _ = writeln!(err, "error: {e}");
+        exit::BAD_INPUT
+    })?;
+    let Some(device) = device else {
+        return Ok(());
+    };
+    loaded.place_on(path, &opts, device).map_err(|e| {
+        let _ = writeln!(err, "error: {}: {e}", path.display());
+        exit::BAD_INPUT
+    })?;
+    if let Some(d) = &loaded.device {
+        report_placement(&opts.device, loaded, d, err);
+    }
+    Ok(())
+}
+
+/// One line on what the device holds, measured from the device itself.
+pub fn report_placement(
+    spec: &str,
+    loaded: &LoadedModel,
+    d: &crate::model::PlacedDevice,
+    err: &mut dyn Write,
+) {
+    let info = d
+        .device
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .info();
+    let parts = d.placement.parts.iter().filter(|p| p.on_device).count();
+    let _ = writeln!(
+        err,
+        "{spec}: {parts} of {} fixed parts and {:.1}% of the FFN neurons on the device \
+         ({:.1} of {:.1} MiB used)",
+        d.placement.parts.len(),
+        100.0 * loaded.model.hot_share(),
+        info.memory_used as f64 / (1 << 20) as f64,
+        info.memory_total as f64 / (1 << 20) as f64
+    );
 }
 
 /// The file a model reference names (a usage error, reported, when it names none).

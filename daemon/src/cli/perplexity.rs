@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::common::{SparsityArg, default_threads, load_model};
+use super::common::{DeviceArgs, SparsityArg, default_threads, load_model};
 use super::exit;
 use crate::generate::{Session, SessionOptions};
 use crate::perplexity::{PerplexityError, perplexity};
@@ -23,6 +23,8 @@ pub struct PerplexityArgs {
     /// How FFN neurons are chosen: dense, predictor or gate.
     #[arg(long, value_enum, default_value_t = SparsityArg::Dense)]
     pub sparsity: SparsityArg,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
 }
@@ -35,19 +37,20 @@ pub fn run(a: &PerplexityArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             return exit::BAD_INPUT;
         }
     };
-    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), a.sparsity.into(), err) {
+    let threads = a.threads.unwrap_or_else(default_threads);
+    let session_opts = SessionOptions {
+        sparsity: a.sparsity.into(),
+        ..SessionOptions::new(a.ctx, threads)
+    };
+    let opts = a
+        .device
+        .load_options(a.sparsity.into(), session_opts.device_sizing());
+    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), &opts, err) {
         Ok(m) => m,
         Err(code) => return code,
     };
     let tokens = loaded.tokenizer.encode(&text, true, true);
-    let threads = a.threads.unwrap_or_else(default_threads);
-    let mut session = match Session::new(
-        &loaded,
-        SessionOptions {
-            sparsity: a.sparsity.into(),
-            ..SessionOptions::new(a.ctx, threads)
-        },
-    ) {
+    let mut session = match Session::new(&loaded, session_opts) {
         Ok(s) => s,
         Err(e) => {
             let _ = writeln!(err, "error: {e}");

@@ -7,9 +7,12 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use super::common::{SamplingArgs, SparsityArg, default_threads, load_model};
+use super::common::{
+    DeviceArgs, SamplingArgs, SparsityArg, default_threads, load_model, place_loaded,
+};
 use super::exit;
 use crate::generate::{GenParams, GenerateError, Session, SessionOptions, StopReason};
+use crate::model::LoadOptions;
 use crate::tokenizer::{ChatMessage, render_chat};
 
 #[derive(Args, Debug)]
@@ -47,13 +50,19 @@ pub struct RunArgs {
     /// Alternatives to report with each token in --json output.
     #[arg(long, default_value_t = 0)]
     pub logprobs: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Models directory (default: $POWERINFER_HOME/models).
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
 }
 
 pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), a.sparsity.into(), err) {
+    let host = LoadOptions {
+        sparsity: a.sparsity.into(),
+        ..LoadOptions::default()
+    };
+    let (path, mut loaded) = match load_model(&a.model, a.models_dir.as_deref(), &host, err) {
         Ok(m) => m,
         Err(code) => return code,
     };
@@ -97,13 +106,23 @@ pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         .unwrap_or_else(|| (prompt.len() + a.max_tokens + 1).next_multiple_of(256))
         .min(n_ctx_train.max(1));
     let threads = a.threads.unwrap_or_else(default_threads).max(1);
-    let mut session = match Session::new(
-        &loaded,
-        SessionOptions {
-            sparsity: a.sparsity.into(),
-            ..SessionOptions::new(n_ctx, threads)
-        },
+    let session_opts = SessionOptions {
+        sparsity: a.sparsity.into(),
+        ..SessionOptions::new(n_ctx, threads)
+    };
+    // The device's caches hold the context the prompt asks for, so it is placed now.
+    if let Err(code) = place_loaded(
+        &path,
+        &mut loaded,
+        &a.device,
+        a.sparsity.into(),
+        session_opts.device_sizing(),
+        err,
     ) {
+        return code;
+    }
+    let tok = &loaded.tokenizer;
+    let mut session = match Session::new(&loaded, session_opts) {
         Ok(s) => s,
         Err(e) => {
             let _ = writeln!(err, "error: {e}");

@@ -27,7 +27,7 @@ pub fn run(a: &TokenizeArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let (_, loaded) = match load_model(
         &a.model,
         a.models_dir.as_deref(),
-        crate::model::SparsityMode::Dense,
+        &crate::model::LoadOptions::default(),
         err,
     ) {
         Ok(m) => m,

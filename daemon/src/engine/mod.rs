@@ -12,11 +12,13 @@
 //! Buffers (batch, logits) move between stages instead of being copied. Dropping the
 //! `Engine` drops the handles, and each actor stops after its current step.
 
+mod activity;
 mod cold;
 mod hot;
 mod predictor;
 mod sampling;
 mod scheduler;
+mod step;
 mod text;
 mod types;
 
@@ -27,9 +29,10 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+pub use activity::ActivityReport;
 pub use hot::HotInfo;
-pub use predictor::ActivityReport;
 pub use scheduler::SchedStatus;
+pub use step::Health;
 pub use types::*;
 
 use self::cold::ColdHandle;
@@ -39,8 +42,10 @@ use self::scheduler::{SchedHandle, SeqEvent, SeqRequest};
 use self::text::TextHandle;
 use crate::generate::{LoadedModel, StopMatcher};
 use crate::ids::TokenId;
-use crate::model::Model;
+use crate::model::placement::DeviceSizing;
+use crate::model::{LoadOptions, Model};
 use crate::tokenizer::{Detokenizer, Tokenizer};
+use powerinfer_ops::pool::ThreadPool;
 
 /// Largest `top_logprobs` a request may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -78,16 +83,41 @@ pub struct Engine {
     sched: SchedHandle,
     hot: HotHandle,
     cold: ColdHandle,
+    health: Arc<Health>,
 }
 
 impl Engine {
     /// Loads `path` and starts its actors (blocking: call from a blocking context). Must
     /// run inside a tokio runtime (the tokenizer actor is a task).
     pub fn load(name: &str, path: &Path, opts: EngineOptions) -> Result<Self, EngineError> {
+        let device = crate::device::open(&opts.device, opts.vram_budget)?;
+        Self::load_on(name, path, opts, device)
+    }
+
+    /// [`Self::load`] on a device already opened (`None`: all on the host), named
+    /// `opts.device` in reports.
+    pub fn load_on(
+        name: &str,
+        path: &Path,
+        opts: EngineOptions,
+        device: Option<Box<dyn powerinfer_ops::device::Device>>,
+    ) -> Result<Self, EngineError> {
         let mut opts = opts;
         opts.max_sequences = opts.max_sequences.max(1);
         opts.threads = opts.threads.max(1);
-        let mut loaded = LoadedModel::load_for(path, opts.sparsity)?;
+        let load = LoadOptions {
+            sparsity: opts.sparsity,
+            device: opts.device.clone(),
+            vram_budget: opts.vram_budget,
+            sizing: DeviceSizing {
+                n_ctx: opts.n_ctx.max(1),
+                n_seq: opts.max_sequences,
+                kv_type: opts.kv_type,
+                numerics: opts.numerics,
+            },
+            ..LoadOptions::default()
+        };
+        let loaded = crate::model::open_on(path, &load, None)?;
         let n_ctx_train = loaded.model.config.n_ctx_train;
         if opts.n_ctx == 0 || opts.n_ctx > n_ctx_train.max(1) {
             return Err(EngineError::InvalidArgument(format!(
@@ -96,23 +126,78 @@ impl Engine {
             )));
         }
         opts.max_prompt_tokens = opts.max_prompt_tokens.min(opts.n_ctx - 1);
-        let mut device =
-            crate::device::open(&opts.device, opts.vram_budget).map_err(EngineError::Device)?;
-        if let Some(dev) = device.as_mut() {
-            let sizing = (opts.n_ctx, opts.max_sequences, opts.kv_type);
-            crate::model::placement::place_on(
-                &mut loaded.model,
-                path,
-                &opts.device,
-                dev.as_mut(),
-                sizing,
-            )
-            .map_err(EngineError::InvalidArgument)?;
+        let mut loaded = loaded;
+        if let Some(dev) = device {
+            loaded.place_on(path, &load, dev)?;
         }
-        let LoadedModel { model, tokenizer } = loaded;
+        Self::start(name, path, opts, loaded)
+    }
+
+    /// Starts the actors of a model loaded (and placed, when it has a device) by the
+    /// caller, with `opts`' limits; its device's KV caches must hold `opts.n_ctx`
+    /// positions for `opts.max_sequences` sequences.
+    pub fn start(
+        name: &str,
+        path: &Path,
+        opts: EngineOptions,
+        loaded: LoadedModel,
+    ) -> Result<Self, EngineError> {
+        let mut opts = opts;
+        opts.max_sequences = opts.max_sequences.max(1);
+        opts.threads = opts.threads.max(1);
+        opts.max_prompt_tokens = opts.max_prompt_tokens.min(opts.n_ctx.saturating_sub(1));
+        if let Some(d) = &loaded.device {
+            let z = d.sizing;
+            if z.n_ctx < opts.n_ctx
+                || z.n_seq < opts.max_sequences
+                || z.kv_type != opts.kv_type
+                || z.numerics != opts.numerics
+            {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the device holds caches of {} positions for {} sequences ({:?}, {:?} \
+                     numerics); the engine needs {} for {} ({:?}, {:?})",
+                    z.n_ctx,
+                    z.n_seq,
+                    z.kv_type,
+                    z.numerics,
+                    opts.n_ctx,
+                    opts.max_sequences,
+                    opts.kv_type,
+                    opts.numerics
+                )));
+            }
+        }
+        let LoadedModel {
+            model,
+            tokenizer,
+            device,
+        } = loaded;
         let (model, tokenizer) = (Arc::new(model), Arc::new(tokenizer));
-        let hot = HotHandle::spawn(device)?;
-        let cold = ColdHandle::spawn(model.clone(), &opts)?;
+        let health = Arc::new(Health::default());
+        let pool = Arc::new(
+            ThreadPool::new(opts.threads, "pi-cpu")
+                .map_err(|e| EngineError::Internal(format!("thread pool: {e}")))?,
+        );
+        let (hot, links) = match device {
+            Some(d) => {
+                let with_predictor = model.sparsity.predictors.is_some();
+                let (hot_links, cold_links, pred_links) = hot::links(with_predictor);
+                if let Some(p) = pred_links {
+                    predictor::spawn(
+                        model.clone(),
+                        pool.clone(),
+                        p,
+                        opts.numerics,
+                        health.clone(),
+                    )?;
+                }
+                let hot =
+                    HotHandle::spawn(model.clone(), d.into_device(), hot_links, health.clone())?;
+                (hot, Some(cold_links))
+            }
+            None => (HotHandle::none(), None),
+        };
+        let cold = ColdHandle::spawn(model.clone(), pool, &opts, links, health.clone())?;
         let sampler = SamplerHandle::spawn()?;
         let shape = scheduler::ModelShape {
             n_vocab: model.config.n_vocab,
@@ -134,7 +219,13 @@ impl Engine {
             sched,
             hot,
             cold,
+            health,
         })
+    }
+
+    /// Whether the engine's actors are well (see [`Health`]).
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     pub fn name(&self) -> &str {
@@ -280,7 +371,7 @@ impl Engine {
             weight_bytes: w.bytes_per_token() as u64,
             options: self.opts.clone(),
             hot_share: self.model.hot_share(),
-            hot: self.hot.info().await?,
+            hot: self.hot.info(),
             sched: self.sched.status().await?,
             loaded_at: self.loaded_at,
         })

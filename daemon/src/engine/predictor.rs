@@ -1,80 +1,109 @@
-//! Neuron activity: which feed-forward neurons the steps computed, per layer.
+//! The predictor actor: owns the host copy of the model's activation predictors and,
+//! during a step, predicts the layers whose attention runs on the device but whose
+//! predictor does not fit there: it receives the layer's residual stream from the hot
+//! executor and sends the hot side's prediction back to it and the cold side's to the
+//! cold executor, which compute their sides from them. (A predictor placed on the device
+//! runs there, inside the hot executor's layer; a layer wholly on the host evaluates its
+//! predictor inline in the cold executor, from the same read-only weights, since a
+//! per-layer message would cost as much as the prediction.)
 //!
-//! The decision itself (every neuron, the gate's, or the predictor's) runs inline in the
-//! forward pass of the executor that owns the layer (DESIGN.md §3: layers wholly on one
-//! side exchange no per-layer messages); the executor reports each step's active counts
-//! and this keeps the totals.
+//! It computes on the cold executor's thread pool, which is idle while the cold executor
+//! waits for the prediction.
 
-/// Active and available neurons per layer since the engine started.
-pub struct Activity {
-    n_ff: usize,
-    active: Vec<u64>,
-    total: Vec<u64>,
-    /// Active neurons that were hot (on the device), summed over every layer.
-    hot: u64,
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use powerinfer_ops::pool::ThreadPool;
+use powerinfer_ops::quant::Numerics;
+use powerinfer_ops::sparse::ActiveSet;
+use powerinfer_ops::transformer::PredictorScratch;
+
+use super::hot::PredLinks;
+use super::step::{Health, PredictRequest, Prediction, panic_message};
+use super::types::EngineError;
+use crate::model::Model;
+
+struct PredictorActor {
+    model: Arc<Model>,
+    pool: Arc<ThreadPool>,
+    links: PredLinks,
+    scratch: PredictorScratch,
 }
 
-/// What [`Activity`] reports.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ActivityReport {
-    /// Fraction of neurons computed per layer.
-    pub active_fraction: Vec<f32>,
-    /// Share of the computed neurons that were hot (0 without a placement).
-    pub hot_hit_rate: f32,
-}
-
-impl Activity {
-    pub fn new(n_layer: usize, n_ff: usize) -> Self {
-        Self {
-            n_ff,
-            active: vec![0; n_layer],
-            total: vec![0; n_layer],
-            hot: 0,
-        }
-    }
-
-    /// Records one step: `counts` is `[n_tok][n_layer]` active neurons, `hot` the same
-    /// for the hot ones among them.
-    pub fn record(&mut self, counts: &[u32], hot: &[u32]) {
-        self.hot += hot.iter().map(|&h| u64::from(h)).sum::<u64>();
-        let n_layer = self.active.len();
-        for row in counts.chunks_exact(n_layer.max(1)) {
-            for (l, &c) in row.iter().enumerate() {
-                self.active[l] += u64::from(c);
-                self.total[l] += self.n_ff as u64;
+impl PredictorActor {
+    fn run(mut self) {
+        while let Ok(req) = self.links.requests.recv() {
+            let PredictRequest {
+                layer,
+                x,
+                tokens,
+                spare,
+            } = req;
+            let [a, b] = spare;
+            let mut sets = [
+                a.unwrap_or_else(|| ActiveSet::new(0)),
+                b.unwrap_or_else(|| ActiveSet::new(0)),
+            ];
+            let r = self.model.predict_sides(
+                &self.pool,
+                layer,
+                &x,
+                &tokens,
+                &mut self.scratch,
+                &mut sets,
+            );
+            let (hot, cold) = match r {
+                Ok(()) => {
+                    let [h, c] = sets;
+                    (Ok(h), Ok(c))
+                }
+                Err(e) => (Err(e.to_string()), Err(e.to_string())),
+            };
+            let to_cold = Prediction {
+                layer,
+                mask: cold,
+                x: None,
+                tokens: None,
+            };
+            let to_hot = Prediction {
+                layer,
+                mask: hot,
+                x: Some(x),
+                tokens: Some(tokens),
+            };
+            if self.links.to_cold.send(to_cold).is_err() || self.links.to_hot.send(to_hot).is_err()
+            {
+                return;
             }
         }
     }
-
-    pub fn report(&self) -> ActivityReport {
-        let active: u64 = self.active.iter().sum();
-        ActivityReport {
-            active_fraction: fractions(&self.active, &self.total),
-            hot_hit_rate: share(self.hot, active),
-        }
-    }
 }
 
-/// `part / whole`, 0 when the whole is 0.
-pub fn share(part: u64, whole: u64) -> f32 {
-    if whole == 0 {
-        0.0
-    } else {
-        (part as f64 / whole as f64) as f32
-    }
-}
-
-/// `active / total` per layer, 1 where nothing ran.
-pub fn fractions(active: &[u64], total: &[u64]) -> Vec<f32> {
-    active
-        .iter()
-        .zip(total)
-        .map(|(&a, &t)| {
-            if t == 0 {
-                1.0
-            } else {
-                (a as f64 / t as f64) as f32
+/// Starts the predictor actor on thread `pi-pred`; it stops when the hot executor drops
+/// its request channel.
+pub(crate) fn spawn(
+    model: Arc<Model>,
+    pool: Arc<ThreadPool>,
+    links: PredLinks,
+    numerics: Numerics,
+    health: Arc<Health>,
+) -> Result<(), EngineError> {
+    let actor = PredictorActor {
+        model,
+        pool,
+        links,
+        scratch: PredictorScratch::new(numerics),
+    };
+    std::thread::Builder::new()
+        .name("pi-pred".into())
+        .spawn(move || {
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| actor.run())) {
+                health.fail(format!(
+                    "the predictor actor panicked: {}",
+                    panic_message(&*p)
+                ));
             }
         })
-        .collect()
+        .map_err(|e| EngineError::Internal(format!("cannot start the predictor actor: {e}")))?;
+    Ok(())
 }

@@ -145,13 +145,13 @@ impl Sequence {
 
     /// Share of this sequence's computed neurons that were hot.
     fn hot_share(&self) -> f32 {
-        super::predictor::share(self.hot_total, self.active_totals.iter().sum())
+        super::activity::share(self.hot_total, self.active_totals.iter().sum())
     }
 
     fn active_fraction(&self, n_ff: usize) -> Vec<f32> {
         let total = self.tokens_run * n_ff as u64;
         let totals = vec![total; self.active_totals.len()];
-        super::predictor::fractions(&self.active_totals, &totals)
+        super::activity::fractions(&self.active_totals, &totals)
     }
 }
 

@@ -173,6 +173,10 @@ pub enum EngineError {
     Device(#[from] DeviceOpenError),
     #[error("the engine has stopped")]
     Stopped,
+    /// An actor of the model panicked or its device failed; the model serves nothing
+    /// until it is loaded again.
+    #[error("the model has failed: {0}")]
+    Failed(String),
     #[error("{0}")]
     Internal(String),
 }

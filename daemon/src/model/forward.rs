@@ -1,47 +1,55 @@
-//! The llama-family forward pass on the CPU.
+//! The llama-family forward pass on the host.
 //!
 //! One call runs a batch of tokens through every layer: the tokens of a prompt (prefill),
 //! one token of each running sequence (decode), or a mix. Each token names its sequence's
 //! KV-cache slot and its position, and attends to positions `0..=pos` of that slot.
+//!
+//! The layer pieces are `powerinfer_ops::transformer`'s, the same functions a device's
+//! reference implementation runs; the steps here ([`Model::begin`], [`Model::attention`],
+//! [`Model::ffn`], [`Model::head`]) are also what the hybrid executors call for the parts
+//! the host computes.
 
 use powerinfer_ops::gguf::GgufFile;
-use powerinfer_ops::nn::{self, KvElem, Rope};
-use powerinfer_ops::pool::{SharedMut, ThreadPool};
+use powerinfer_ops::kv::KvCache;
+use powerinfer_ops::nn::Rope;
+use powerinfer_ops::pool::ThreadPool;
+use powerinfer_ops::profile::{Profile, Stage};
 use powerinfer_ops::quant::Numerics;
-use powerinfer_ops::sparse::{ActiveSet, SparseScratch};
-use powerinfer_ops::tensor::Activations;
+use powerinfer_ops::transformer::{
+    AttentionBlock, AttentionScratch, AttentionShape, Head, HeadScratch, StepToken,
+};
 
 use super::config::ModelConfig;
-use super::kv_cache::{KvCache, KvData};
 use super::names::key;
-use super::neurons::HotFfn;
+use super::partition::Partition;
 use super::sparsity::{SparsityData, SparsityMode};
 use super::weights::{self, Weights};
 use super::{ForwardError, LoadError};
 use crate::ids::{SeqSlot, TokenId};
 
+mod capture;
 mod ffn;
 
-use ffn::{FfnPath, RowMajorFfn};
+pub use capture::Capture;
+pub(crate) use ffn::{FfnBuffers, NeuronSide};
 pub use ffn::{MASKED_MIN_ENV, MASKED_MIN_FRACTION};
 
-/// A loaded model: configuration, weights (mapped from the file), RoPE tables.
+/// A loaded model: configuration, weights (mapped from the file), RoPE tables, and where
+/// its parts are computed.
 pub struct Model {
     pub config: ModelConfig,
     pub weights: Weights,
     pub sparsity: SparsityData,
-    /// Per layer, the hot neurons (after [`Model::apply_placement`] they are the first
-    /// ones); all 0 without a placement.
-    pub hot_neurons: Vec<usize>,
-    /// The hot neurons' rows on a device computing in host memory, when placed there.
-    pub hot: Option<HotFfn>,
+    /// Where each part runs and each layer's hot side (set by
+    /// [`Model::apply_placement`]; everything on the host before).
+    pub partition: Partition,
     /// The neuron table after [`Model::apply_placement`]: per layer, the file's index of
     /// each neuron as now numbered (hot ones first). `None`: the file's order.
     pub neuron_order: Option<Vec<Vec<u32>>>,
     /// The active share from which a sparse token's FFN reads every gate, up and down
     /// row of the row-major matrices and zeroes `h` outside its set, rather than the
     /// scattered rows of its active neurons: the same values rounded in another order,
-    /// used where the file has `ffn_down` and the layer has no hot part. Default
+    /// used where the file has `ffn_down` and the layer has no hot side. Default
     /// [`MASKED_MIN_FRACTION`] or [`MASKED_MIN_ENV`]; above 1, never.
     pub masked_min_fraction: f64,
     rope: Rope,
@@ -59,212 +67,66 @@ pub struct BatchToken {
     pub sparsity: SparsityMode,
 }
 
-/// Stages of a forward pass, for [`Profile`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    Embed,
-    Norm,
-    QkvProj,
-    RopeKv,
-    Attention,
-    OutProj,
-    GateUp,
-    Activation,
-    Down,
-    Residual,
-    Head,
-}
-
-impl Stage {
-    pub const ALL: [Stage; 11] = [
-        Self::Embed,
-        Self::Norm,
-        Self::QkvProj,
-        Self::RopeKv,
-        Self::Attention,
-        Self::OutProj,
-        Self::GateUp,
-        Self::Activation,
-        Self::Down,
-        Self::Residual,
-        Self::Head,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Embed => "embedding",
-            Self::Norm => "rms_norm",
-            Self::QkvProj => "q/k/v projections",
-            Self::RopeKv => "rope + kv write",
-            Self::Attention => "attention",
-            Self::OutProj => "output projection",
-            Self::GateUp => "ffn gate/up",
-            Self::Activation => "ffn activation",
-            Self::Down => "ffn down",
-            Self::Residual => "residual adds",
-            Self::Head => "norm + lm head",
-        }
-    }
-}
-
-/// Wall time per stage, summed over forward passes; off unless `POWERINFER_PROFILE` is set
-/// (then it costs two clock reads per stage).
-#[derive(Default)]
-pub struct Profile {
-    enabled: bool,
-    last: Option<std::time::Instant>,
-    pub totals: [std::time::Duration; Stage::ALL.len()],
-    pub passes: u64,
-}
-
-impl Profile {
-    fn start(&mut self) {
-        if self.enabled {
-            self.passes += 1;
-            self.last = Some(std::time::Instant::now());
-        }
-    }
-
-    /// Charges the time since the previous mark to `stage`.
-    fn mark(&mut self, stage: Stage) {
-        if let Some(last) = self.last {
-            let now = std::time::Instant::now();
-            self.totals[stage as usize] += now - last;
-            self.last = Some(now);
-        }
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
-    /// `(stage, total)` for every stage that took time.
-    pub fn report(&self) -> Vec<(Stage, std::time::Duration)> {
-        Stage::ALL
-            .iter()
-            .map(|&s| (s, self.totals[s as usize]))
-            .filter(|(_, d)| !d.is_zero())
-            .collect()
-    }
-}
-
 /// Buffers reused from step to step, grown to the largest batch seen.
-#[derive(Default)]
 pub struct Scratch {
-    x: Vec<f32>,
-    xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    att: Vec<f32>,
-    proj: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    acts: Activations,
-    cos_sin: Vec<[f32; 2]>,
-    scores: Vec<Vec<f32>>,
+    /// The residual stream, `[n_tok][n_embd]`.
+    pub(crate) x: Vec<f32>,
+    /// The FFN input (`ffn_norm(x)`) of the current layer, `[n_tok][n_embd]`.
+    pub(crate) xn: Vec<f32>,
+    /// The FFN output of the current layer, `[n_tok][n_embd]`.
+    pub(crate) proj: Vec<f32>,
+    pub(crate) tokens: Vec<StepToken>,
+    /// RoPE angles, `n_rot / 2` per token.
+    pub(crate) cos_sin: Vec<[f32; 2]>,
+    /// The tokens whose logits are wanted, in batch order.
+    pub(crate) rows: Vec<u32>,
+    attn: AttentionScratch,
+    head: HeadScratch,
+    pub(crate) ffn: FfnBuffers,
     logits: Vec<f32>,
-    // The neuron-sparse FFN: active sets, operator scratch, predictor buffers, and the
-    // tokens that take the row-major dense path in a mixed batch.
-    active: Option<ActiveSet>,
-    sparse: SparseScratch,
-    pred_acts: Activations,
-    pred_hidden: Vec<f32>,
-    pred_logits: Vec<f32>,
-    /// `act(gate)` of one token, for gate mode's threshold.
-    gate_act: Vec<f32>,
-    row_major: Vec<usize>,
-    /// Sparse tokens with most neurons active, which take every row and mask `h`.
-    masked: Vec<usize>,
-    /// Their active neurons, one entry per masked token.
-    masked_active: Option<ActiveSet>,
-    gathered: Vec<f32>,
-    gathered_acts: Activations,
-    /// Gate, up and output of those row-major tokens.
-    mixed: [Vec<f32>; 3],
     /// Active neurons of each token of the last batch, per layer (`[n_tok][n_layer]`).
     pub active_counts: Vec<u32>,
-    /// Of those, the hot ones (placed on the device).
+    /// Of those, the hot ones.
     pub hot_counts: Vec<u32>,
     pub profile: Profile,
     /// What calibration records, when set.
     pub capture: Option<Capture>,
 }
 
-/// What [`Model::forward`] records for calibration when [`Scratch::capture`] is set: per
-/// layer, the FFN input (the residual stream before `ffn_norm`, what predictors read), the
-/// activated gate `|act(gate)|` of every token and, when asked, each neuron's `|h|`,
-/// appended batch after batch.
-#[derive(Default)]
-pub struct Capture {
-    /// `[layer]` → `[tokens × n_embd]`
-    pub x: Vec<Vec<f32>>,
-    /// `[layer]` → `[tokens × n_ff]`
-    pub gate: Vec<Vec<f32>>,
-    /// `[layer]` → `[tokens × n_ff]`: `|h| = |glu(gate, up)|`, the size of the neuron's
-    /// output weight (see [`Capture::with_h`]).
-    pub h: Option<Vec<Vec<f32>>>,
-    buf: Vec<f32>,
-    up: Vec<f32>,
-    hbuf: Vec<f32>,
-}
-
-impl Capture {
-    pub fn new(n_layer: usize) -> Self {
-        Self {
-            x: vec![Vec::new(); n_layer],
-            gate: vec![Vec::new(); n_layer],
-            h: None,
-            buf: Vec::new(),
-            up: Vec::new(),
-            hbuf: Vec::new(),
-        }
-    }
-
-    /// Records `|h|` too (the up rows once more per layer, and as much memory again as
-    /// the gate values).
-    pub fn with_h(mut self) -> Self {
-        self.h = Some(vec![Vec::new(); self.x.len()]);
-        self
-    }
-
-    /// Tokens recorded so far.
-    pub fn n_tokens(&self, n_embd: usize) -> usize {
-        self.x.first().map_or(0, |x| x.len() / n_embd.max(1))
-    }
-}
-
 impl Scratch {
     /// Buffers whose activations are prepared in the given numerics.
     pub fn new(numerics: Numerics) -> Self {
         Self {
-            acts: Activations::with_numerics(numerics),
-            pred_acts: Activations::with_numerics(numerics),
-            gathered_acts: Activations::with_numerics(numerics),
-            profile: Profile {
-                enabled: std::env::var_os("POWERINFER_PROFILE").is_some(),
-                ..Profile::default()
-            },
-            ..Self::default()
+            x: Vec::new(),
+            xn: Vec::new(),
+            proj: Vec::new(),
+            tokens: Vec::new(),
+            cos_sin: Vec::new(),
+            rows: Vec::new(),
+            attn: AttentionScratch::new(numerics),
+            head: HeadScratch::new(numerics),
+            ffn: FfnBuffers::new(numerics),
+            logits: Vec::new(),
+            active_counts: Vec::new(),
+            hot_counts: Vec::new(),
+            profile: Profile::new(std::env::var_os("POWERINFER_PROFILE").is_some()),
+            capture: None,
         }
     }
-}
 
-impl Scratch {
     /// The logits of the last [`Model::forward`].
     pub fn logits(&self) -> &[f32] {
         &self.logits
     }
 }
 
-/// Adds `bias` to every row of `rows`.
-fn add_rows(rows: &mut [f32], bias: &[f32]) {
-    for row in rows.chunks_exact_mut(bias.len()) {
-        row.iter_mut().zip(bias).for_each(|(r, b)| *r += b);
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new(Numerics::Precise)
     }
 }
 
-fn sized(v: &mut Vec<f32>, n: usize) {
+pub(crate) fn sized(v: &mut Vec<f32>, n: usize) {
     v.clear();
     v.resize(n, 0.0);
 }
@@ -282,8 +144,7 @@ impl Model {
             weights.rope_freqs.as_deref(),
         );
         Ok(Self {
-            hot_neurons: vec![0; config.n_layer],
-            hot: None,
+            partition: Partition::host(config.n_layer),
             neuron_order: None,
             masked_min_fraction: ffn::masked_min_fraction()?,
             config,
@@ -303,8 +164,48 @@ impl Model {
         self.sparsity.unavailable(mode, self.config.ffn.is_relu())
     }
 
-    /// Runs `batch` through the model, writing keys and values into `kv`, and returns the
-    /// logits (`n_vocab` each) of the tokens that asked for them, in batch order.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    pub fn attention_shape(&self) -> AttentionShape {
+        let c = &self.config;
+        AttentionShape {
+            n_embd: c.n_embd,
+            n_head: c.n_head,
+            n_head_kv: c.n_head_kv,
+            head_dim: c.head_dim,
+            rms_eps: c.rms_eps,
+        }
+    }
+
+    /// Layer `layer`'s attention block as the host holds it.
+    pub fn attention_block(&self, layer: usize) -> AttentionBlock<'_> {
+        let w = &self.weights.layers[layer];
+        AttentionBlock {
+            shape: self.attention_shape(),
+            rope: &self.rope,
+            attn_norm: &w.attn_norm,
+            wq: &w.wq,
+            wk: &w.wk,
+            wv: &w.wv,
+            wo: &w.wo,
+            ffn_norm: &w.ffn_norm,
+        }
+    }
+
+    /// The output head as the host holds it.
+    pub fn head_block(&self) -> Head<'_> {
+        Head {
+            output_norm: &self.weights.output_norm,
+            output: &self.weights.output,
+            rms_eps: self.config.rms_eps,
+        }
+    }
+
+    /// Runs `batch` through the model on the host, writing keys and values into `kv`, and
+    /// returns the logits (`n_vocab` each) of the tokens that asked for them, in batch
+    /// order.
     pub fn forward<'s>(
         &self,
         pool: &ThreadPool,
@@ -328,121 +229,91 @@ impl Model {
         s: &mut Scratch,
         logits: &mut Vec<f32>,
     ) -> Result<(), ForwardError> {
-        let c = &self.config;
-        self.check(batch, kv)?;
-        let (n, e, eps) = (batch.len(), c.n_embd, c.rms_eps);
-        let half_rot = c.n_rot / 2;
-        let n_layer = c.n_layer;
-        self.size_scratch(s, n, kv.n_ctx(), pool.n_threads());
-        s.profile.start();
+        self.begin(batch, kv.n_ctx(), kv.n_slots(), s)?;
+        for layer in 0..self.config.n_layer {
+            self.attention(pool, layer, kv, s)?;
+            self.ffn(pool, layer, batch, s)?;
+        }
+        self.head(pool, s, logits);
+        Ok(())
+    }
 
+    /// Starts a step: checks the batch against the model and a cache of `n_slots` slots
+    /// of `n_ctx` positions, sizes the buffers, and embeds the tokens into `s.x`.
+    pub(crate) fn begin(
+        &self,
+        batch: &[BatchToken],
+        n_ctx: usize,
+        n_slots: usize,
+        s: &mut Scratch,
+    ) -> Result<(), ForwardError> {
+        self.check(batch, n_ctx, n_slots)?;
+        let c = &self.config;
+        let (n, e) = (batch.len(), c.n_embd);
+        let half = c.n_rot / 2;
+        sized(&mut s.x, n * e);
+        sized(&mut s.xn, n * e);
+        sized(&mut s.proj, n * e);
+        s.cos_sin.resize(n * half, [0.0; 2]);
+        s.active_counts.clear();
+        s.active_counts.resize(n * c.n_layer, 0);
+        s.hot_counts.clear();
+        s.hot_counts.resize(n * c.n_layer, 0);
+        s.tokens.clear();
+        s.rows.clear();
+        s.profile.start();
         for (t, b) in batch.iter().enumerate() {
+            s.tokens.push(StepToken::new(b.pos, b.slot, b.sparsity));
+            if b.logits {
+                s.rows.push(t as u32);
+            }
             self.weights
                 .token_embd
                 .dequantize_row(b.token.index(), &mut s.x[t * e..(t + 1) * e]);
             self.rope
-                .cos_sin(b.pos, &mut s.cos_sin[t * half_rot..(t + 1) * half_rot]);
+                .cos_sin(b.pos, &mut s.cos_sin[t * half..(t + 1) * half]);
         }
         s.profile.mark(Stage::Embed);
-
-        for (layer, w) in self.weights.layers.iter().enumerate() {
-            // Attention block.
-            rms_norm_rows(&s.x, &w.attn_norm, eps, &mut s.xn); // [n][n_embd]
-            s.profile.mark(Stage::Norm);
-            s.acts.set(&s.xn, n);
-            w.wq.matmul(pool, &mut s.acts, &mut s.q); // [n][n_head · head_dim]
-            w.wk.matmul(pool, &mut s.acts, &mut s.k); // [n][n_head_kv · head_dim]
-            w.wv.matmul(pool, &mut s.acts, &mut s.v); // [n][n_head_kv · head_dim]
-            s.profile.mark(Stage::QkvProj);
-            self.rotate(&mut s.q, &mut s.k, &s.cos_sin);
-            for (t, b) in batch.iter().enumerate() {
-                let kv_w = c.n_embd_kv();
-                kv.write(
-                    layer,
-                    b.slot,
-                    b.pos,
-                    &s.k[t * kv_w..(t + 1) * kv_w],
-                    &s.v[t * kv_w..(t + 1) * kv_w],
-                );
-            }
-            s.profile.mark(Stage::RopeKv);
-            self.attention(pool, layer, batch, kv, &s.q, &mut s.scores, &mut s.att); // [n][n_head · head_dim]
-            s.profile.mark(Stage::Attention);
-            s.acts.set(&s.att, n);
-            w.wo.matmul(pool, &mut s.acts, &mut s.proj); // [n][n_embd]
-            s.profile.mark(Stage::OutProj);
-            nn::add(&mut s.x, &s.proj);
-            s.profile.mark(Stage::Residual);
-
-            // Feed-forward block.
-            rms_norm_rows(&s.x, &w.ffn_norm, eps, &mut s.xn); // [n][n_embd]
-            s.profile.mark(Stage::Norm);
-            s.acts.set(&s.xn, n);
-            if let Some(cap) = s.capture.as_mut() {
-                // Calibration only: the gate once more, whatever path the FFN takes.
-                cap.x[layer].extend_from_slice(&s.x);
-                sized(&mut cap.buf, n * c.n_ff);
-                w.gate.matmul(pool, &mut s.acts, &mut cap.buf);
-                if let Some(h) = cap.h.as_mut() {
-                    sized(&mut cap.up, n * c.n_ff);
-                    w.up.matmul(pool, &mut s.acts, &mut cap.up);
-                    cap.hbuf.clear();
-                    cap.hbuf.extend_from_slice(&cap.buf);
-                    c.ffn.glu().apply_slice(&mut cap.hbuf, &cap.up);
-                    h[layer].extend(cap.hbuf.iter().map(|v| v.abs()));
-                }
-                c.ffn.glu().act_slice(&mut cap.buf);
-                cap.gate[layer].extend(cap.buf.iter().map(|g| g.abs()));
-            }
-            match (&w.down, self.ffn_path(batch, w)) {
-                (Some(down), FfnPath::RowMajor) => {
-                    let ff = RowMajorFfn {
-                        kind: c.ffn,
-                        w,
-                        down,
-                    };
-                    ff.run(
-                        pool,
-                        &mut s.acts,
-                        [&mut s.gate, &mut s.up, &mut s.proj],
-                        &mut s.profile,
-                    );
-                    s.active_counts[layer..]
-                        .iter_mut()
-                        .step_by(n_layer)
-                        .for_each(|a| {
-                            *a = c.n_ff as u32;
-                        });
-                }
-                _ => self.ffn_neurons(pool, layer, batch, s)?,
-            }
-            nn::add(&mut s.x, &s.proj);
-            s.profile.mark(Stage::Residual);
-        }
-
-        // Output head, only for the tokens whose logits are wanted.
-        let wanted: Vec<usize> = (0..n).filter(|&t| batch[t].logits).collect();
-        logits.clear();
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        sized(&mut s.xn, wanted.len() * e);
-        for (i, &t) in wanted.iter().enumerate() {
-            nn::rms_norm(
-                &s.x[t * e..(t + 1) * e],
-                &self.weights.output_norm,
-                eps,
-                &mut s.xn[i * e..(i + 1) * e],
-            );
-        }
-        s.acts.set(&s.xn, wanted.len());
-        sized(logits, wanted.len() * c.n_vocab);
-        self.weights.output.matmul(pool, &mut s.acts, logits); // [n_out][n_vocab]
-        s.profile.mark(Stage::Head);
         Ok(())
     }
 
-    fn check(&self, batch: &[BatchToken], kv: &KvCache) -> Result<(), ForwardError> {
+    /// Layer `layer`'s attention block on the host: `s.x` updated, `s.xn` the FFN input.
+    pub(crate) fn attention(
+        &self,
+        pool: &ThreadPool,
+        layer: usize,
+        kv: &mut KvCache,
+        s: &mut Scratch,
+    ) -> Result<(), ForwardError> {
+        let kv = kv
+            .layer_mut(layer)
+            .ok_or(ForwardError::NotOnHost { layer })?;
+        self.attention_block(layer).run(
+            pool,
+            &s.tokens,
+            &s.cos_sin,
+            kv,
+            &mut s.x,
+            &mut s.xn,
+            &mut s.attn,
+            &mut s.profile,
+        );
+        Ok(())
+    }
+
+    /// The logits of the tokens that asked for them, from the residual stream `s.x`.
+    pub(crate) fn head(&self, pool: &ThreadPool, s: &mut Scratch, logits: &mut Vec<f32>) {
+        self.head_block()
+            .run(pool, &s.x, &s.rows, &mut s.head, logits);
+        s.profile.mark(Stage::Head);
+    }
+
+    fn check(
+        &self,
+        batch: &[BatchToken],
+        n_ctx: usize,
+        n_slots: usize,
+    ) -> Result<(), ForwardError> {
         if batch.is_empty() {
             return Err(ForwardError::EmptyBatch);
         }
@@ -456,109 +327,17 @@ impl Model {
                     n_vocab: self.config.n_vocab,
                 });
             }
-            if b.pos >= kv.n_ctx() {
-                return Err(ForwardError::ContextFull {
-                    pos: b.pos,
-                    n_ctx: kv.n_ctx(),
-                });
+            if b.pos >= n_ctx {
+                return Err(ForwardError::ContextFull { pos: b.pos, n_ctx });
             }
-            if b.slot.0 >= kv.n_slots() {
+            if b.slot.0 >= n_slots {
                 return Err(ForwardError::BadSlot {
                     slot: b.slot.0,
-                    n_slots: kv.n_slots(),
+                    n_slots,
                 });
             }
         }
         Ok(())
-    }
-
-    fn size_scratch(&self, s: &mut Scratch, n: usize, n_ctx: usize, n_threads: usize) {
-        let c = &self.config;
-        sized(&mut s.x, n * c.n_embd);
-        sized(&mut s.xn, n * c.n_embd);
-        sized(&mut s.q, n * c.n_embd_q());
-        sized(&mut s.k, n * c.n_embd_kv());
-        sized(&mut s.v, n * c.n_embd_kv());
-        sized(&mut s.att, n * c.n_embd_q());
-        sized(&mut s.proj, n * c.n_embd);
-        sized(&mut s.gate, n * c.n_ff);
-        sized(&mut s.up, n * c.n_ff);
-        s.cos_sin.resize(n * c.n_rot / 2, [0.0; 2]);
-        s.active_counts.clear();
-        s.active_counts.resize(n * c.n_layer, 0);
-        s.hot_counts.clear();
-        s.hot_counts.resize(n * c.n_layer, 0);
-        s.scores.resize_with(n_threads, Vec::new);
-        for sc in &mut s.scores {
-            sc.resize(n_ctx, 0.0);
-        }
-    }
-
-    /// Applies RoPE to every query and key head of every token.
-    fn rotate(&self, q: &mut [f32], k: &mut [f32], cos_sin: &[[f32; 2]]) {
-        let c = &self.config;
-        let half = c.n_rot / 2;
-        for (t, cs) in cos_sin.chunks_exact(half).enumerate() {
-            self.rope.apply(
-                &mut q[t * c.n_embd_q()..(t + 1) * c.n_embd_q()],
-                c.head_dim,
-                cs,
-            );
-            self.rope.apply(
-                &mut k[t * c.n_embd_kv()..(t + 1) * c.n_embd_kv()],
-                c.head_dim,
-                cs,
-            );
-        }
-    }
-
-    /// Every (token, query head) pair attends over its sequence's positions `0..=pos`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        pool: &ThreadPool,
-        layer: usize,
-        batch: &[BatchToken],
-        kv: &KvCache,
-        q: &[f32],
-        scores: &mut [Vec<f32>],
-        att: &mut [f32],
-    ) {
-        let c = &self.config;
-        let hd = c.head_dim;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let out = SharedMut::new(att);
-        let scores: Vec<SharedMut<'_, f32>> =
-            scores.iter_mut().map(|v| SharedMut::new(v)).collect();
-        let n_ctx = kv.n_ctx();
-        pool.for_each_chunk_on(batch.len() * c.n_head, 1, |thread, items| {
-            // SAFETY: each thread index is used by one thread at a time.
-            let sc = unsafe { scores[thread].slice(0..n_ctx) };
-            for item in items {
-                let (t, h) = (item / c.n_head, item % c.n_head);
-                let b = &batch[t];
-                let base = kv.head_offset(layer, b.slot, h / c.gqa_ratio());
-                let span = base..base + (b.pos + 1) * hd;
-                let qh = &q[item * hd..(item + 1) * hd];
-                // SAFETY: (token, head) items are disjoint head_dim ranges of `att`.
-                let o = unsafe { out.slice(item * hd..(item + 1) * hd) };
-                match &kv.data {
-                    KvData::F16 { k, v } => attend(qh, &k[span.clone()], &v[span], scale, sc, o),
-                    KvData::F32 { k, v } => attend(qh, &k[span.clone()], &v[span], scale, sc, o),
-                }
-            }
-        });
-    }
-}
-
-fn attend<K: KvElem>(q: &[f32], k: &[K], v: &[K], scale: f32, scores: &mut [f32], out: &mut [f32]) {
-    nn::attend(q, k, v, scale, scores, out);
-}
-
-fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let e = weight.len();
-    for (xr, or) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
-        nn::rms_norm(xr, weight, eps, or);
     }
 }
 

@@ -3,20 +3,23 @@
 
 pub mod config;
 mod forward;
-mod kv_cache;
+pub mod hybrid;
+mod load;
 pub mod names;
 mod neurons;
+pub mod partition;
 pub mod placement;
 pub mod sidecar;
 pub mod sparsity;
 mod weights;
 
 pub use config::{Arch, FfnKind, ModelConfig};
-pub use forward::{
-    BatchToken, Capture, MASKED_MIN_ENV, MASKED_MIN_FRACTION, Model, Profile, Scratch, Stage,
-};
-pub use kv_cache::{KvAllocError, KvCache, KvType};
-pub use neurons::{HotFfn, HotLayer};
+pub(crate) use forward::NeuronSide;
+pub use forward::{BatchToken, Capture, MASKED_MIN_ENV, MASKED_MIN_FRACTION, Model, Scratch};
+pub use load::{LoadOptions, LoadedModel, PlacedDevice, open, open_on, weight_memory};
+pub use partition::{LayerPartition, Partition, Side};
+pub use powerinfer_ops::kv::{KvAllocError, KvCache, KvShape, KvType};
+pub use powerinfer_ops::profile::{Profile, Stage};
 pub use sparsity::{Predictor, SparsityData, SparsityMode};
 pub use weights::{LayerWeights, Weights};
 
@@ -50,6 +53,10 @@ pub enum LoadError {
     Tensor(TensorError),
     #[error("unsupported {what}")]
     Unsupported { what: String },
+    #[error(transparent)]
+    Device(crate::device::DeviceOpenError),
+    #[error("placement: {0}")]
+    Placement(Box<placement::PlacementError>),
     #[error("{0}")]
     Other(String),
 }
@@ -67,4 +74,8 @@ pub enum ForwardError {
     BadSlot { slot: usize, n_slots: usize },
     #[error("{0}")]
     Sparsity(String),
+    #[error("layer {layer} is not computed on the host (its attention is on the device)")]
+    NotOnHost { layer: usize },
+    #[error("{0}")]
+    Device(powerinfer_ops::device::DeviceError),
 }

@@ -1,30 +1,12 @@
-//! The neuron-major form of a model's FFNs and their placement: `ffn_down_t` made at load,
-//! hot neurons renumbered first and uploaded to a device (DESIGN.md §4–5).
+//! The neuron-major form of a model's FFNs and the renumbering a placement asks for:
+//! `ffn_down_t` made at load, each layer's hot neurons renumbered first (DESIGN.md §4–5).
 
-use std::sync::Arc;
-
-use powerinfer_ops::device::Device;
-use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::quant::WeightType;
 use powerinfer_ops::sparse::NEURON_RANGE;
 use powerinfer_ops::tensor::Matrix;
 
 use super::LoadError;
 use super::forward::Model;
-
-/// The hot part of the FFNs on a device that computes in host memory (the simulated
-/// device): its copies of the hot rows and its compute pool.
-pub struct HotFfn {
-    pub pool: Arc<ThreadPool>,
-    /// Per layer (`None`: no hot neurons).
-    pub layers: Vec<Option<HotLayer>>,
-}
-
-/// One layer's hot rows on the device: neuron ranges `0..n_ranges` of gate, up, down_t.
-pub struct HotLayer {
-    pub n_ranges: usize,
-    pub w: [Matrix; 3],
-}
 
 /// The weight type of the neuron-major down projection made from a row-major one of type
 /// `wtype` with `n_embd` outputs (the length of the new rows).
@@ -77,16 +59,12 @@ impl Model {
     /// file) first: neurons are renumbered, hot ones by descending activation frequency,
     /// then the rest likewise, in gate, up, `down_t`, the predictors' outputs and the
     /// frequencies (the row-major `ffn_down` is dropped: every request then runs through
-    /// the neuron-major operator, whose sums do not depend on where a neuron runs). Hot
-    /// sets are rounded down to whole neuron ranges ([`NEURON_RANGE`]), the unit the
-    /// device computes. With `device`, the hot rows are uploaded and, when the device
-    /// computes in host memory, used for the hybrid FFN. Needs the neuron-major form. On
-    /// an error (a device too small, say) the model may be partly renumbered: drop it.
-    pub fn apply_placement(
-        &mut self,
-        hot: &[Vec<u32>],
-        mut device: Option<&mut dyn Device>,
-    ) -> Result<(), LoadError> {
+    /// the neuron-major sides, whose sums do not depend on where a side runs). Hot sets are
+    /// rounded down to whole neuron ranges ([`NEURON_RANGE`]), the unit of a side. The
+    /// partition's hot sides are set; where they run is for the device upload
+    /// (`placement::place_on`) to decide. Needs the neuron-major form. On an error the
+    /// model may be partly renumbered: drop it.
+    pub fn apply_placement(&mut self, hot: &[Vec<u32>]) -> Result<(), LoadError> {
         let c = &self.config;
         let n_ff = c.n_ff;
         if hot.len() != c.n_layer || !self.has_neuron_form() {
@@ -95,9 +73,7 @@ impl Model {
                 c.n_layer
             )));
         }
-        let mut hot_layers = Vec::with_capacity(c.n_layer);
         let mut order = Vec::with_capacity(c.n_layer);
-        let mut pool = None;
         for (l, set) in hot.iter().enumerate() {
             let freq = self.sparsity.frequencies.as_ref().map(|f| f[l].clone());
             let by_freq = |a: &u32, b: &u32| match &freq {
@@ -115,7 +91,12 @@ impl Model {
             }
             let mut first: Vec<u32> = set.clone();
             first.sort_by(by_freq);
-            let n_keep = first.len() / NEURON_RANGE * NEURON_RANGE;
+            // Every neuron hot is a side of its own, whatever the range size.
+            let n_keep = if first.len() == n_ff {
+                n_ff
+            } else {
+                first.len() / NEURON_RANGE * NEURON_RANGE
+            };
             first.truncate(n_keep);
             let kept: std::collections::HashSet<u32> = first.iter().copied().collect();
             let mut rest: Vec<u32> = (0..n_ff as u32).filter(|i| !kept.contains(i)).collect();
@@ -141,41 +122,7 @@ impl Model {
             if let Some(f) = self.sparsity.frequencies.as_mut() {
                 f[l] = perm.iter().map(|&i| f[l][i as usize]).collect();
             }
-            self.hot_neurons[l] = n_keep;
-
-            let placed = match (device.as_deref_mut(), n_keep) {
-                (Some(dev), n) if n > 0 => {
-                    let rows: Vec<u32> = (0..n as u32).collect();
-                    let w = &self.weights.layers[l];
-                    let down_t = w.down_t.as_ref().ok_or_else(|| {
-                        LoadError::Other(format!("layer {l}: no neuron-major down projection"))
-                    })?;
-                    let mut views = Vec::with_capacity(3);
-                    for m in [&w.gate, &w.up, down_t] {
-                        let id = dev
-                            .upload_rows(m, &rows)
-                            .map_err(|e| LoadError::Other(format!("layer {l}: {e}")))?;
-                        let (view, p) = dev.host_view(id).ok_or_else(|| {
-                            LoadError::Other(format!(
-                                "device {}: hybrid execution runs on the simulated device \
-                                 only in this build",
-                                dev.info().name
-                            ))
-                        })?;
-                        pool = Some(p);
-                        views.push(view);
-                    }
-                    let [g, u, d]: [Matrix; 3] = views
-                        .try_into()
-                        .map_err(|_| LoadError::Other("three matrices per hot layer".into()))?;
-                    Some(HotLayer {
-                        n_ranges: n / NEURON_RANGE,
-                        w: [g, u, d],
-                    })
-                }
-                _ => None,
-            };
-            hot_layers.push(placed);
+            self.partition.layers[l].hot = n_keep;
             order.push(perm);
         }
         // Composed with an earlier renumbering, so indices always name the file's neurons.
@@ -187,17 +134,13 @@ impl Model {
                 .map(|(p, b)| p.iter().map(|&i| b[i as usize]).collect())
                 .collect(),
         });
-        self.hot = pool.map(|pool| HotFfn {
-            pool,
-            layers: hot_layers,
-        });
         self.pack_neuron_form();
         Ok(())
     }
 
     /// Share of the FFN neurons that are hot.
     pub fn hot_share(&self) -> f32 {
-        let hot: usize = self.hot_neurons.iter().sum();
+        let hot: usize = self.partition.hot().sum();
         (hot as f64 / (self.config.n_layer * self.config.n_ff).max(1) as f64) as f32
     }
 

@@ -3,68 +3,7 @@
 //! read from the model file (PowerInfer's `PWRI` predictors) or from the sparsity sidecar
 //! GGUF next to the model (see [`super::sidecar`]).
 
-use powerinfer_ops::tensor::Matrix;
-
-/// How feed-forward neurons are chosen.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum SparsityMode {
-    /// Every neuron.
-    #[default]
-    Dense,
-    /// Low-rank predictors decide which neurons fire.
-    Predictor,
-    /// The gate decides: computed in full, then only the neurons whose activated gate
-    /// passes the layer's threshold (exactly 0 for ReLU-gated models) are finished.
-    Gate,
-}
-
-impl SparsityMode {
-    pub const ALL: [SparsityMode; 3] = [Self::Dense, Self::Predictor, Self::Gate];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Dense => "dense",
-            Self::Predictor => "predictor",
-            Self::Gate => "gate",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.name() == s)
-    }
-}
-
-impl std::fmt::Display for SparsityMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// One layer's predictor: `logits = fc2 · relu(fc1 · x + b1) + b2` over the residual
-/// stream `x` after attention (before `ffn_norm`); neuron `i` is predicted active where
-/// `logits[i] ≥ threshold`. PowerInfer's predictors have no biases; ours (from `prepare`)
-/// do.
-pub struct Predictor {
-    /// `[n_embd] → [rank]`
-    pub fc1: Matrix,
-    /// `[rank] → [n_ff]`
-    pub fc2: Matrix,
-    /// `[rank]`
-    pub b1: Option<Vec<f32>>,
-    /// `[n_ff]`
-    pub b2: Option<Vec<f32>>,
-}
-
-impl Predictor {
-    pub fn rank(&self) -> usize {
-        self.fc1.n_rows()
-    }
-
-    pub fn n_bytes(&self) -> usize {
-        let biases = self.b1.as_ref().map_or(0, Vec::len) + self.b2.as_ref().map_or(0, Vec::len);
-        self.fc1.n_bytes() + self.fc2.n_bytes() + 4 * biases
-    }
-}
+pub use powerinfer_ops::transformer::{Predictor, SparsityMode};
 
 /// The sparsity data of a loaded model.
 #[derive(Default)]

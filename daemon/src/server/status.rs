@@ -43,6 +43,11 @@ impl ServerError {
                 EngineError::InvalidArgument(_) => Code::InvalidArgument,
                 EngineError::QueueFull { .. } => Code::ResourceExhausted,
                 EngineError::Load(LoadError::Gguf(GgufError::Io { .. })) => Code::Internal,
+                // Asked for a backend this build or this machine lacks, or a device that
+                // cannot hold the model.
+                EngineError::Load(LoadError::Device(
+                    DeviceOpenError::NotCompiled { .. } | DeviceOpenError::Failed { .. },
+                )) => Code::FailedPrecondition,
                 // A file that is not a model we can run is the caller's input.
                 EngineError::Load(_) => Code::InvalidArgument,
                 EngineError::Device(DeviceOpenError::Unknown(_)) => Code::InvalidArgument,
@@ -50,7 +55,7 @@ impl ServerError {
                 EngineError::Device(
                     DeviceOpenError::NotCompiled { .. } | DeviceOpenError::Failed { .. },
                 ) => Code::FailedPrecondition,
-                EngineError::Stopped => Code::Unavailable,
+                EngineError::Stopped | EngineError::Failed(_) => Code::Unavailable,
                 EngineError::Internal(_) => Code::Internal,
             },
             Self::Resolve(e) => match e {

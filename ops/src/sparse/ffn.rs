@@ -1,9 +1,9 @@
 //! The fused neuron-sparse FFN (gate and up rows, the gated activation, the down
-//! projection's rows) of [`super`], on one pool or split with a device's hot part.
+//! projection's rows) of [`super`].
 
 use std::ops::Range;
 
-use super::{ActiveSet, Fold, NEURON_RANGE, SparseScratch, grow};
+use super::{ActiveSet, Fold, SparseScratch, grow};
 use crate::nn::Glu;
 use crate::pool::{SharedMut, ThreadPool};
 use crate::simd::{self, SimdLevel};
@@ -14,194 +14,61 @@ use crate::tensor::{Activations, Matrix, RowAxpy, RowDots};
 /// `u = up_i · x`, `h = glu(g, u)`, and `out[t] = Σ h · down_t[i]`; one pass over the
 /// neurons and the same bits as [`super::rows_sparse`] + [`Glu::apply_slice`] +
 /// [`super::axpy_sparse`].
-#[allow(clippy::too_many_arguments)]
-pub fn ffn_sparse(
-    pool: &ThreadPool,
-    gate: &Matrix,
-    up: &Matrix,
-    down_t: &Matrix,
-    glu: Glu,
-    x: &mut Activations,
-    gate_given: Option<&[f32]>,
-    active: &ActiveSet,
-    scratch: &mut SparseScratch,
-    out: &mut [f32],
-) {
-    ffn_sparse_at(
-        simd::detected(),
-        pool,
-        [gate, up, down_t],
-        glu,
-        x,
-        gate_given,
-        active,
-        scratch,
-        out,
-    );
-}
-
-/// [`ffn_sparse`] with the kernels of `level`; `w` is `[gate, up, down_t]`.
-#[allow(clippy::too_many_arguments)]
-pub fn ffn_sparse_at(
-    level: SimdLevel,
-    pool: &ThreadPool,
-    w: [&Matrix; 3],
-    glu: Glu,
-    x: &mut Activations,
-    gate_given: Option<&[f32]>,
-    active: &ActiveSet,
-    scratch: &mut SparseScratch,
-    out: &mut [f32],
-) {
-    ffn_sparse_split(
-        level, pool, w, None, glu, x, gate_given, active, scratch, out,
-    );
-}
-
-/// The hot part of a hybrid FFN: neuron ranges `0..n_ranges` (the first
-/// `n_ranges · NEURON_RANGE` neurons) run on worker 1 of another pool (the device's), with
-/// another copy of their rows (`w`: the first rows of `gate`, `up` and `down_t`),
-/// concurrently with the rest.
 #[derive(Clone, Copy)]
-pub struct HotSplit<'a> {
-    pub n_ranges: usize,
-    pub pool: &'a ThreadPool,
-    pub w: [&'a Matrix; 3],
+pub struct SparseFfn<'a> {
+    /// `[n_embd] → [n_ff]`, row per neuron.
+    pub gate: &'a Matrix,
+    pub up: &'a Matrix,
+    /// `[n_ff]` rows of `[n_embd]`: neuron `i`'s contribution.
+    pub down_t: &'a Matrix,
+    pub glu: Glu,
+    /// Gate values already computed for every token and neuron (`[n_tok × n_ff]`), used
+    /// instead of the gate rows.
+    pub gate_given: Option<&'a [f32]>,
+    /// The kernels' instruction set.
+    pub level: SimdLevel,
 }
 
-/// [`ffn_sparse_at`] with the neurons of `hot` (if any) computed on its pool from its
-/// copies while `pool` computes the others. Each neuron range's partial sum is made by
-/// the same kernel from the same row bytes wherever it runs, and the ranges are added in
-/// the same order, so the result has the same bits as without the split.
-#[allow(clippy::too_many_arguments)]
-pub fn ffn_sparse_split(
-    level: SimdLevel,
-    pool: &ThreadPool,
-    w: [&Matrix; 3],
-    hot: Option<HotSplit<'_>>,
-    glu: Glu,
-    x: &mut Activations,
-    gate_given: Option<&[f32]>,
-    active: &ActiveSet,
-    scratch: &mut SparseScratch,
-    out: &mut [f32],
-) {
-    let [gate, up, down_t] = w;
-    let (n_ff, n_tok, n_embd) = (gate.n_rows(), x.n_tok(), down_t.n_cols());
-    assert!(
-        up.n_rows() == n_ff && down_t.n_rows() == n_ff && up.n_cols() == gate.n_cols(),
-        "gate, up and down_t must have one row per neuron"
-    );
-    assert_eq!(active.n_rows(), n_ff, "active set is for another FFN");
-    assert_eq!(active.n_tok(), n_tok, "one active list per token");
-    assert_eq!(out.len(), n_tok * n_embd);
-    if let Some(h) = &hot {
-        let rows = (h.n_ranges * NEURON_RANGE).min(n_ff);
-        for (m, full) in h.w.iter().zip(w) {
-            assert!(
-                m.n_rows() >= rows && m.n_cols() == full.n_cols() && m.wtype() == full.wtype(),
-                "the hot copies must hold the first {rows} rows"
-            );
+impl<'a> SparseFfn<'a> {
+    /// The FFN of these matrices with the detected kernels, computing its own gates.
+    pub fn new(gate: &'a Matrix, up: &'a Matrix, down_t: &'a Matrix, glu: Glu) -> Self {
+        Self {
+            gate,
+            up,
+            down_t,
+            glu,
+            gate_given: None,
+            level: simd::detected(),
         }
     }
-    if let Some(g) = gate_given {
-        assert_eq!(g.len(), n_tok * n_ff);
-    } else {
-        x.prepare_for(gate.wtype());
-    }
-    x.prepare_for(up.wtype());
-    let x = &*x;
-    scratch.plan(active);
-    let Some(hot) = hot else {
-        return ffn_by_columns(level, pool, w, glu, x, gate_given, active, scratch, out);
-    };
-    let SparseScratch {
-        items,
-        token_items,
-        partials,
-        hot_items,
-        cold_items,
-        ..
-    } = scratch;
-    hot_items.clear();
-    cold_items.clear();
-    for (k, it) in items.iter().enumerate() {
-        let first = active.idx[it.lo as usize] as usize;
-        if first / NEURON_RANGE < hot.n_ranges {
-            hot_items.push(k as u32);
+
+    /// `out` (`n_tok × n_embd`) for the batch `x` and its tokens' active neurons.
+    pub fn run(
+        &self,
+        pool: &ThreadPool,
+        x: &mut Activations,
+        active: &ActiveSet,
+        scratch: &mut SparseScratch,
+        out: &mut [f32],
+    ) {
+        let (gate, up, down_t) = (self.gate, self.up, self.down_t);
+        let (n_ff, n_tok, n_embd) = (gate.n_rows(), x.n_tok(), down_t.n_cols());
+        assert!(
+            up.n_rows() == n_ff && down_t.n_rows() == n_ff && up.n_cols() == gate.n_cols(),
+            "gate, up and down_t must have one row per neuron"
+        );
+        assert_eq!(active.n_rows(), n_ff, "active set is for another FFN");
+        assert_eq!(active.n_tok(), n_tok, "one active list per token");
+        assert_eq!(out.len(), n_tok * n_embd);
+        if let Some(g) = self.gate_given {
+            assert_eq!(g.len(), n_tok * n_ff);
         } else {
-            cold_items.push(k as u32);
+            x.prepare_for(gate.wtype());
         }
+        x.prepare_for(up.wtype());
+        scratch.plan(active);
+        ffn_by_columns(self, pool, x, active, scratch, out);
     }
-    // Largest items first: threads taking the next item as they finish then end close
-    // together (which thread ran an item does not change its bits).
-    let size = |&k: &u32| std::cmp::Reverse(items[k as usize].hi - items[k as usize].lo);
-    hot_items.sort_by_key(size);
-    cold_items.sort_by_key(size);
-    let partials = SharedMut::new(grow(partials, items.len() * n_embd));
-    let fold = Fold::new(token_items, &partials, n_embd);
-    let out = SharedMut::new(out);
-    // SAFETY (for the callers): run once every item is finished; units are disjoint.
-    let fold_units = |r: Range<usize>| r.for_each(|w| unsafe { fold.unit(w, &out) });
-    // Computes the items `which` with the rows of `w`, as `how` says.
-    let run_items = |how: Run<'_>, w: [&Matrix; 3], which: &[u32]| {
-        let [gate, up, down_t] = w;
-        let n = which.len();
-        let body = |gate_src: GateSource<'_>, up_dots: &dyn RowDots, axpy: &dyn RowAxpy| {
-            let work = |range: Range<usize>| {
-                let mut g = [0.0f32; NEURON_RANGE];
-                let mut u = [0.0f32; NEURON_RANGE];
-                for q in range {
-                    let k = which[q] as usize;
-                    let it = items[k];
-                    let t = it.t as usize;
-                    let rows = &active.idx[it.lo as usize..it.hi as usize];
-                    let n = rows.len();
-                    neuron_values(
-                        gate_src,
-                        up_dots,
-                        glu,
-                        n_ff,
-                        t,
-                        rows,
-                        &mut g[..n],
-                        &mut u[..n],
-                    );
-                    // SAFETY: item k owns partial row k, and runs once.
-                    let acc = unsafe { partials.slice(k * n_embd..(k + 1) * n_embd) };
-                    acc.fill(0.0);
-                    axpy.axpy_rows_cols(rows, &g[..n], 0..n_embd, acc);
-                }
-            };
-            match how {
-                Run::Pool(p) => p.for_each_chunk(n, 1, work),
-                Run::Here => work(0..n),
-            }
-        };
-        up.with_row_dots(x, level, |up_dots| {
-            down_t.with_row_axpy(level, |axpy| match gate_given {
-                Some(gv) => body(GateSource::Given(gv), up_dots, axpy),
-                None => {
-                    gate.with_row_dots(x, level, |gd| body(GateSource::Dots(gd), up_dots, axpy))
-                }
-            })
-        });
-    };
-    if hot.pool.n_threads() >= 2 {
-        // One job on the device's pool: its worker runs the hot part while the calling
-        // thread runs the cold part on `pool` (the workers spin, then park, between
-        // jobs: no thread is created or woken through the OS per layer).
-        hot.pool.run(|thread| match thread {
-            0 => run_items(Run::Pool(pool), w, cold_items),
-            1 => run_items(Run::Here, hot.w, hot_items),
-            _ => {}
-        });
-    } else {
-        // A device without a worker of its own: one part after the other.
-        run_items(Run::Pool(pool), w, cold_items);
-        run_items(Run::Here, hot.w, hot_items);
-    }
-    pool.for_each_chunk(fold.n_units(), 1, fold_units);
 }
 
 /// Active (token, neuron) pairs a thread takes at least at a time in the first phase of
@@ -227,25 +94,28 @@ const COLUMN_SPLIT_MAX_DENSITY: f64 = 0.25;
 /// 2. Per token and block of output columns: each item's (neuron range's) partial sum
 ///    `Σ h · down_t[i]` over those columns, from 0 in neuron order, added into the output
 ///    in item order. Columns are independent, so every output value has the bits of the
-///    item partials and fold of the hybrid path, for any split of the columns, which
+///    item partials and their fold in item order, for any split of the columns, which
 ///    is therefore chosen per call for balance: whole rows when there are tokens enough,
 ///    else one block per thread.
 ///
 /// A few tokens over a large `down_t` ([`COLUMN_SPLIT_MAX_BYTES`]) instead take the
-/// items' whole-row partial sums in phase 2 and fold them in a second job, as the hybrid
-/// path does.
-#[allow(clippy::too_many_arguments)]
+/// items' whole-row partial sums in phase 2 and fold them in a second job.
 fn ffn_by_columns(
-    level: SimdLevel,
+    ffn: &SparseFfn<'_>,
     pool: &ThreadPool,
-    [gate, up, down_t]: [&Matrix; 3],
-    glu: Glu,
     x: &Activations,
-    gate_given: Option<&[f32]>,
     active: &ActiveSet,
     scratch: &mut SparseScratch,
     out: &mut [f32],
 ) {
+    let SparseFfn {
+        gate,
+        up,
+        down_t,
+        glu,
+        gate_given,
+        level,
+    } = *ffn;
     let (n_ff, n_embd, n_tok) = (gate.n_rows(), down_t.n_cols(), active.n_tok());
     let n_act = active.n_active();
     let SparseScratch {
@@ -347,15 +217,6 @@ fn ffn_by_columns(
             None => gate.with_row_dots(x, level, |gd| body(GateSource::Dots(gd), up_dots, axpy)),
         })
     });
-}
-
-/// How [`ffn_sparse_split`] runs a list of items.
-#[derive(Clone, Copy)]
-enum Run<'a> {
-    /// Spread over a pool.
-    Pool(&'a ThreadPool),
-    /// On the calling thread.
-    Here,
 }
 
 /// `h[j] = glu(gate_j · x_t, up_j · x_t)` for the active neurons `rows` of token `t`

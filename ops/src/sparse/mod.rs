@@ -6,7 +6,7 @@
 //! - [`rows_sparse`]: row-sparse dot, `out[t][i] = w_i · x_t` for active `i`, 0 elsewhere;
 //! - [`axpy_sparse`]: row-sparse axpy, `out[t] = Σ h[t][i] · down_t[i]` over active `i`
 //!   with `h[t][i] ≠ 0`;
-//! - [`ffn_sparse`]: both fused with the gated activation, one pass over the neurons.
+//! - [`SparseFfn`]: both fused with the gated activation, one pass over the neurons.
 //!
 //! Determinism: the neurons are cut into fixed ranges of [`NEURON_RANGE`] indices. Each
 //! range's contribution is summed in index order into its own accumulator, and the ranges
@@ -25,7 +25,7 @@ mod ffn;
 #[cfg(test)]
 mod tests;
 
-pub use ffn::{HotSplit, ffn_sparse, ffn_sparse_at, ffn_sparse_split};
+pub use ffn::SparseFfn;
 
 /// Neurons per range: the unit of work and of the deterministic reduction.
 pub const NEURON_RANGE: usize = 128;
@@ -71,6 +71,15 @@ impl ActiveSet {
             self.n_rows
         );
         self.start.push(self.idx.len());
+    }
+
+    /// Makes this set a copy of `other`, reusing its buffers.
+    pub fn copy_from(&mut self, other: &ActiveSet) {
+        self.n_rows = other.n_rows;
+        self.idx.clear();
+        self.idx.extend_from_slice(&other.idx);
+        self.start.clear();
+        self.start.extend_from_slice(&other.start);
     }
 
     /// Removes the last token added.
@@ -136,10 +145,6 @@ pub struct SparseScratch {
     /// Per token, the span of `items` that belongs to it.
     token_items: Vec<Range<usize>>,
     partials: Vec<f32>,
-    /// The items of a hybrid FFN's hot part, and the rest (all items without a hot part),
-    /// largest first.
-    hot_items: Vec<u32>,
-    cold_items: Vec<u32>,
     /// Per active (token, neuron) pair of the column-split FFN: `h`, and `up` on the way.
     h: Vec<f32>,
     up: Vec<f32>,

@@ -1,5 +1,5 @@
 //! Tests of the neuron-sparse operators: against the dense operators, f64, their
-//! parts, every thread count and the hybrid split.
+//! parts and every thread count.
 
 use super::ffn::COLUMN_SPLIT_MAX_BYTES;
 use super::*;
@@ -182,17 +182,12 @@ fn fused_ffn_equals_its_parts_for_every_glu_and_gate_source() {
                     for given in [None, Some(g_all.as_slice())] {
                         for pool in &pools {
                             let mut got = vec![f32::NAN; n_tok * n_embd];
-                            ffn_sparse_at(
+                            let ffn = SparseFfn {
+                                gate_given: given,
                                 level,
-                                pool,
-                                w,
-                                glu,
-                                &mut acts,
-                                given,
-                                &active,
-                                &mut scratch,
-                                &mut got,
-                            );
+                                ..SparseFfn::new(w[0], w[1], w[2], glu)
+                            };
+                            ffn.run(pool, &mut acts, &active, &mut scratch, &mut got);
                             assert_eq!(
                                 got,
                                 want,
@@ -239,85 +234,14 @@ fn large_dense_down_projections_split_by_ranges_with_the_same_bits() {
         for pool in &pools {
             let mut got = vec![f32::NAN; n_embd];
             let w = [&gate, &up, &down_t];
-            ffn_sparse(
+            SparseFfn::new(w[0], w[1], w[2], Glu::Silu).run(
                 pool,
-                w[0],
-                w[1],
-                w[2],
-                Glu::Silu,
                 &mut acts,
-                None,
                 &active,
                 &mut scratch,
                 &mut got,
             );
             assert_eq!(got, want, "at {p}, {} threads", pool.n_threads());
-        }
-    }
-}
-
-#[test]
-fn a_hot_split_on_another_pool_gives_the_same_bits() {
-    let mut rng = Rng::new(17);
-    let (n_ff, n_embd, n_tok) = (520, 256, 3);
-    let pool = ThreadPool::new(2, "cold").unwrap();
-    // A device pool with a worker of its own, and one without (parts in turn).
-    let devices = [
-        ThreadPool::new(2, "hot").unwrap(),
-        ThreadPool::new(1, "hot1").unwrap(),
-    ];
-    let mut scratch = SparseScratch::default();
-    for (wtype, down_type) in [
-        (WeightType::Q4_1, WeightType::Q8_0),
-        (WeightType::Q4_K, WeightType::Q6_K),
-        (WeightType::F16, WeightType::F32),
-    ] {
-        let ([gate, up, down_t], mut acts) =
-            random_ffn(&mut rng, [wtype, down_type], n_ff, n_embd, n_tok);
-        let level = simd::detected();
-        for p in [0.1, 0.5, 1.0] {
-            let active = random_set(&mut rng, n_ff, n_tok, p);
-            let mut want = vec![0.0; n_tok * n_embd];
-            let w = [&gate, &up, &down_t];
-            let glu = Glu::Silu;
-            ffn_sparse_at(
-                level,
-                &pool,
-                w,
-                glu,
-                &mut acts,
-                None,
-                &active,
-                &mut scratch,
-                &mut want,
-            );
-            for (n_ranges, device) in [0, 1, 3, 5].into_iter().zip(devices.iter().cycle()) {
-                let rows: Vec<u32> = (0..(n_ranges * NEURON_RANGE).min(n_ff) as u32).collect();
-                let copies = w.map(|m| m.select_rows(&rows).unwrap());
-                let hot = HotSplit {
-                    n_ranges,
-                    pool: device,
-                    w: [&copies[0], &copies[1], &copies[2]],
-                };
-                let mut got = vec![f32::NAN; n_tok * n_embd];
-                ffn_sparse_split(
-                    level,
-                    &pool,
-                    w,
-                    Some(hot),
-                    glu,
-                    &mut acts,
-                    None,
-                    &active,
-                    &mut scratch,
-                    &mut got,
-                );
-                assert_eq!(
-                    bits(&got),
-                    bits(&want),
-                    "{wtype:?}/{down_type:?} at {p}, {n_ranges} hot ranges"
-                );
-            }
         }
     }
 }

@@ -1,14 +1,21 @@
-//! The feed-forward block of [`Model::forward`]: the row-major dense FFN, and the
-//! neuron path of sparse modes (active sets, the masked row-major FFN for tokens with
-//! most neurons active, the neuron-sparse operator for the rest).
+//! The feed-forward block of [`Model::forward`] on the host.
+//!
+//! Where the file has the row-major `ffn_down` (a model without a placement): the
+//! row-major dense FFN for dense tokens, the masked row-major FFN for sparse tokens with
+//! most neurons active, and the neuron-sparse operator for the rest. Otherwise (neuron-
+//! major only, always the case once a placement is applied): the layer's neurons as a hot
+//! side and a cold side (`powerinfer_ops::transformer::NeuronFfn`), summed hot + cold,
+//! the order a hybrid run adds the device's and the host's partial sums in.
 
 use powerinfer_ops::nn;
 use powerinfer_ops::pool::ThreadPool;
-use powerinfer_ops::simd;
-use powerinfer_ops::sparse::{ActiveSet, HotSplit, ffn_sparse_split};
+use powerinfer_ops::profile::{Profile, Stage};
+use powerinfer_ops::quant::Numerics;
+use powerinfer_ops::sparse::{ActiveSet, SparseFfn, SparseScratch};
 use powerinfer_ops::tensor::{Activations, Matrix};
+use powerinfer_ops::transformer::{self, FfnScratch, NeuronFfn, PredictorScratch};
 
-use super::{BatchToken, Model, Profile, Scratch, Stage, add_rows, sized};
+use super::{BatchToken, Model, Scratch, sized};
 use crate::model::config::FfnKind;
 use crate::model::sparsity::SparsityMode;
 use crate::model::weights::LayerWeights;
@@ -45,28 +52,263 @@ fn parse_masked_min(v: &str) -> Result<f64, LoadError> {
     }
 }
 
-impl Model {
-    /// How this batch's FFN runs: wholly row-major (dense requests, where the file has
-    /// `ffn_down`), or through the neuron-sparse operator (dense requests then among them
-    /// on the row-major path all the same, so a request's numbers never depend on its
-    /// neighbours).
-    pub(super) fn ffn_path(&self, batch: &[BatchToken], w: &LayerWeights) -> FfnPath {
-        if w.down.is_some() && batch.iter().all(|b| b.sparsity == SparsityMode::Dense) {
-            FfnPath::RowMajor
-        } else {
-            FfnPath::Neurons
+/// Which side of a layer's neurons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NeuronSide {
+    /// Neurons `0..hot`.
+    Hot,
+    /// Neurons `hot..n_ff`.
+    Cold,
+}
+
+/// Buffers of the FFN block.
+pub(crate) struct FfnBuffers {
+    /// The batch's FFN inputs.
+    pub(crate) acts: Activations,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    active: Option<ActiveSet>,
+    /// Sparse tokens with most neurons active, which take every row and mask `h`, and
+    /// their active neurons (one entry per masked token).
+    masked: Vec<usize>,
+    masked_active: Option<ActiveSet>,
+    sparse: SparseScratch,
+    pred: PredictorScratch,
+    /// Per side (hot, cold): the predicted neurons of the batch's tokens (local to the
+    /// side), its operator scratch, partial sum and counts.
+    pub(crate) predicted: [ActiveSet; 2],
+    sides: [FfnScratch; 2],
+    side_out: [Vec<f32>; 2],
+    side_counts: [Vec<u32>; 2],
+    /// `act(gate)` of one token, for gate mode's threshold.
+    gate_act: Vec<f32>,
+    /// Dense tokens that take the row-major path in a mixed batch.
+    row_major: Vec<usize>,
+    gathered: Vec<f32>,
+    gathered_acts: Activations,
+    /// Gate, up and output of the gathered tokens.
+    mixed: [Vec<f32>; 3],
+}
+
+impl FfnBuffers {
+    /// The partial sum of `side` from the last [`Model::side`], swapped out for `spare`
+    /// (so it can be moved to another thread without a copy).
+    pub(crate) fn take_side_out(&mut self, side: NeuronSide, spare: Vec<f32>) -> Vec<f32> {
+        let k = match side {
+            NeuronSide::Hot => 0,
+            NeuronSide::Cold => 1,
+        };
+        std::mem::replace(&mut self.side_out[k], spare)
+    }
+
+    /// The partial sum of `side` from the last [`Model::side`].
+    pub(crate) fn side_out(&self, side: NeuronSide) -> &[f32] {
+        match side {
+            NeuronSide::Hot => &self.side_out[0],
+            NeuronSide::Cold => &self.side_out[1],
         }
     }
 
-    /// The FFN through the neuron-sparse operator: each token's active neurons chosen by
-    /// its mode (every neuron, the gate, or the predictor), then gate, up and down rows of
-    /// those neurons only. Dense tokens of a batch that also has sparse ones take the
-    /// row-major path when the file has `ffn_down`, exactly as they would alone.
-    pub(super) fn ffn_neurons(
+    pub(crate) fn new(numerics: Numerics) -> Self {
+        Self {
+            acts: Activations::with_numerics(numerics),
+            gate: Vec::new(),
+            up: Vec::new(),
+            active: None,
+            masked: Vec::new(),
+            masked_active: None,
+            sparse: SparseScratch::default(),
+            pred: PredictorScratch::new(numerics),
+            predicted: [ActiveSet::new(0), ActiveSet::new(0)],
+            sides: [FfnScratch::default(), FfnScratch::default()],
+            side_out: [Vec::new(), Vec::new()],
+            side_counts: [Vec::new(), Vec::new()],
+            gate_act: Vec::new(),
+            row_major: Vec::new(),
+            gathered: Vec::new(),
+            gathered_acts: Activations::with_numerics(numerics),
+            mixed: [Vec::new(), Vec::new(), Vec::new()],
+        }
+    }
+}
+
+impl Model {
+    /// Layer `layer`'s FFN on the host, both sides: `s.x += ffn(s.xn)`.
+    pub(crate) fn ffn(
         &self,
         pool: &ThreadPool,
         layer: usize,
         batch: &[BatchToken],
+        s: &mut Scratch,
+    ) -> Result<(), ForwardError> {
+        let w = &self.weights.layers[layer];
+        let n = batch.len();
+        s.ffn.acts.set(&s.xn, n);
+        if let Some(cap) = s.capture.as_mut() {
+            cap.record(pool, &self.config, layer, w, &s.x, &mut s.ffn.acts);
+        }
+        match &w.down {
+            Some(down) if batch.iter().all(|b| b.sparsity == SparsityMode::Dense) => {
+                let ff = RowMajorFfn {
+                    kind: self.config.ffn,
+                    w,
+                    down,
+                };
+                let b = &mut s.ffn;
+                ff.run(
+                    pool,
+                    &mut b.acts,
+                    [&mut b.gate, &mut b.up, &mut s.proj],
+                    &mut s.profile,
+                );
+                let n_layer = self.config.n_layer;
+                for t in 0..n {
+                    s.active_counts[t * n_layer + layer] = self.config.n_ff as u32;
+                }
+            }
+            Some(down) => self.ffn_mixed(pool, layer, batch, down, s)?,
+            None => {
+                if self.wants_predictor(&s.tokens) {
+                    self.predict(pool, layer, s)?;
+                }
+                let hot = self.partition.layers[layer].hot;
+                let n_ff = self.config.n_ff;
+                if hot > 0 {
+                    self.side(pool, layer, NeuronSide::Hot, s);
+                }
+                if hot < n_ff {
+                    self.side(pool, layer, NeuronSide::Cold, s);
+                }
+                let [h, c] = &s.ffn.side_out;
+                match (hot > 0, hot < n_ff) {
+                    (true, true) => {
+                        for ((p, a), b) in s.proj.iter_mut().zip(h).zip(c) {
+                            *p = a + b;
+                        }
+                    }
+                    (true, false) => s.proj.copy_from_slice(h),
+                    _ => s.proj.copy_from_slice(c),
+                }
+            }
+        }
+        nn::add(&mut s.x, &s.proj);
+        s.profile.mark(Stage::Residual);
+        Ok(())
+    }
+
+    /// Whether any token of the step needs its layer's predictor.
+    pub(crate) fn wants_predictor(
+        &self,
+        tokens: &[powerinfer_ops::transformer::StepToken],
+    ) -> bool {
+        tokens.iter().any(|t| t.mode == SparsityMode::Predictor)
+    }
+
+    /// Layer `layer`'s predictor on the residual stream `s.x`: the predicted neurons of
+    /// each predictor-mode token, split into the hot and cold sides
+    /// (`s.ffn.predicted`).
+    pub(crate) fn predict(
+        &self,
+        pool: &ThreadPool,
+        layer: usize,
+        s: &mut Scratch,
+    ) -> Result<(), ForwardError> {
+        let b = &mut s.ffn;
+        self.predict_sides(pool, layer, &s.x, &s.tokens, &mut b.pred, &mut b.predicted)?;
+        s.profile.mark(Stage::GateUp);
+        Ok(())
+    }
+
+    /// Layer `layer`'s predictor on the residual stream `x` (`[n_tok][n_embd]`) of a step
+    /// of `tokens`: `[hot, cold]` get the predicted neurons of each side (indices from the
+    /// side's first neuron; empty for tokens not in predictor mode).
+    pub fn predict_sides(
+        &self,
+        pool: &ThreadPool,
+        layer: usize,
+        x: &[f32],
+        tokens: &[powerinfer_ops::transformer::StepToken],
+        scratch: &mut PredictorScratch,
+        [hot_set, cold_set]: &mut [ActiveSet; 2],
+    ) -> Result<(), ForwardError> {
+        let p = self
+            .sparsity
+            .predictors
+            .as_ref()
+            .and_then(|p| p.get(layer))
+            .ok_or_else(|| ForwardError::Sparsity("this model has no predictors".into()))?;
+        let (hot, n_ff) = (self.partition.layers[layer].hot, self.config.n_ff);
+        p.logits(pool, x, tokens.len(), scratch);
+        let thr = self.sparsity.predictor_threshold;
+        transformer::select(scratch.logits(), tokens, thr, 0..hot, hot_set);
+        transformer::select(scratch.logits(), tokens, thr, hot..n_ff, cold_set);
+        Ok(())
+    }
+
+    /// One side of layer `layer`'s neurons on the host, from the FFN inputs in
+    /// `s.ffn.acts` and the predicted sets in `s.ffn.predicted`: its partial sum, and its
+    /// counts added to the step's.
+    pub(crate) fn side(&self, pool: &ThreadPool, layer: usize, which: NeuronSide, s: &mut Scratch) {
+        let (hot, n_ff, n_layer) = (
+            self.partition.layers[layer].hot,
+            self.config.n_ff,
+            self.config.n_layer,
+        );
+        let w = &self.weights.layers[layer];
+        let down_t = w
+            .down_t
+            .as_ref()
+            .expect("layers without ffn_down have the neuron-major form");
+        let (rows, k) = match which {
+            NeuronSide::Hot => (0..hot, 0),
+            NeuronSide::Cold => (hot..n_ff, 1),
+        };
+        let (gate, up, down_t) = (
+            w.gate.rows(rows.clone()),
+            w.up.rows(rows.clone()),
+            down_t.rows(rows),
+        );
+        let ffn = NeuronFfn {
+            gate: &gate,
+            up: &up,
+            down_t: &down_t,
+            glu: self.config.ffn.glu(),
+            gate_threshold: self.sparsity.gate_threshold(layer),
+        };
+        let n = s.tokens.len();
+        let b = &mut s.ffn;
+        sized(&mut b.side_out[k], n * self.config.n_embd);
+        b.side_counts[k].clear();
+        b.side_counts[k].resize(n, 0);
+        let predicted = self.wants_predictor(&s.tokens).then_some(&b.predicted[k]);
+        ffn.run(
+            pool,
+            &s.tokens,
+            &mut b.acts,
+            predicted,
+            &mut b.sides[k],
+            &mut b.side_out[k],
+            &mut b.side_counts[k],
+            &mut s.profile,
+        );
+        for (t, &c) in b.side_counts[k].iter().enumerate() {
+            s.active_counts[t * n_layer + layer] += c;
+            if which == NeuronSide::Hot {
+                s.hot_counts[t * n_layer + layer] += c;
+            }
+        }
+    }
+
+    /// The FFN of a layer that still has its row-major `ffn_down`, with sparse tokens in
+    /// the batch: each token's active neurons chosen by its mode (every neuron, the gate,
+    /// or the predictor), then gate, up and down rows of those neurons only. Dense tokens
+    /// take the row-major path exactly as they would alone.
+    fn ffn_mixed(
+        &self,
+        pool: &ThreadPool,
+        layer: usize,
+        batch: &[BatchToken],
+        down: &Matrix,
         s: &mut Scratch,
     ) -> Result<(), ForwardError> {
         let c = &self.config;
@@ -77,169 +319,118 @@ impl Model {
             .down_t
             .as_ref()
             .ok_or_else(|| ForwardError::Sparsity("no neuron-major down projection".into()))?;
+        let ff = RowMajorFfn {
+            kind: c.ffn,
+            w,
+            down,
+        };
 
-        // Dense tokens that can take the row-major path, done first on their own rows.
-        s.row_major.clear();
-        if w.down.is_some() {
-            s.row_major
-                .extend((0..n).filter(|&t| batch[t].sparsity == SparsityMode::Dense));
-        }
-        if let (Some(down), false) = (&w.down, s.row_major.is_empty()) {
-            gather(s, Gathered::RowMajor, n_ff, e);
-            let [g, u, out] = &mut s.mixed;
-            let ff = RowMajorFfn {
-                kind: c.ffn,
-                w,
-                down,
-            };
-            ff.run(pool, &mut s.gathered_acts, [g, u, out], &mut s.profile);
-            scatter(&s.row_major, out, e, &mut s.proj);
+        // Dense tokens take the row-major path, done first on their own rows.
+        let b = &mut s.ffn;
+        b.row_major.clear();
+        b.row_major
+            .extend((0..n).filter(|&t| batch[t].sparsity == SparsityMode::Dense));
+        if !b.row_major.is_empty() {
+            gather(b, Gathered::RowMajor, &s.xn, n_ff, e);
+            let [g, u, out] = &mut b.mixed;
+            ff.run(pool, &mut b.gathered_acts, [g, u, out], &mut s.profile);
+            scatter(&b.row_major, out, e, &mut s.proj);
         }
 
         // Gate values in full when a token thresholds them (the same bits the fused
         // operator would compute row by row, so they are reused there).
         let want_gate = batch.iter().any(|b| b.sparsity == SparsityMode::Gate);
         if want_gate {
-            w.gate.matmul(pool, &mut s.acts, &mut s.gate);
+            sized(&mut b.gate, n * n_ff);
+            w.gate.matmul(pool, &mut b.acts, &mut b.gate);
         }
-        // Predictor logits for the tokens that ask for them, from the residual stream.
-        let want_pred = batch.iter().any(|b| b.sparsity == SparsityMode::Predictor);
-        if want_pred {
-            let p = self
-                .sparsity
-                .predictors
-                .as_ref()
-                .and_then(|p| p.get(layer))
-                .ok_or_else(|| ForwardError::Sparsity("this model has no predictors".into()))?;
-            s.pred_acts.set(&s.x, n);
-            sized(&mut s.pred_hidden, n * p.rank());
-            p.fc1.matmul(pool, &mut s.pred_acts, &mut s.pred_hidden);
-            if let Some(b) = &p.b1 {
-                add_rows(&mut s.pred_hidden, b);
-            }
-            nn::relu(&mut s.pred_hidden);
-            s.pred_acts.set(&s.pred_hidden, n);
-            sized(&mut s.pred_logits, n * n_ff);
-            p.fc2.matmul(pool, &mut s.pred_acts, &mut s.pred_logits);
-            if let Some(b) = &p.b2 {
-                add_rows(&mut s.pred_logits, b);
-            }
+        if self.wants_predictor(&s.tokens) {
+            self.predict(pool, layer, s)?;
         }
+        let b = &mut s.ffn;
         s.profile.mark(Stage::GateUp);
 
-        let mut active = s.active.take().unwrap_or_else(|| ActiveSet::new(n_ff));
+        let mut active = b.active.take().unwrap_or_else(|| ActiveSet::new(n_ff));
         active.reset(n_ff);
         // Tokens with most neurons active move their set here and leave an empty one in
         // `active`: they take every row of the row-major matrices instead.
-        let mut masked_active = s
+        let mut masked_active = b
             .masked_active
             .take()
             .unwrap_or_else(|| ActiveSet::new(n_ff));
         masked_active.reset(n_ff);
-        s.masked.clear();
-        let hot_layer = self.hot.as_ref().is_some_and(|h| h.layers[layer].is_some());
-        let most = if w.down.is_some() && !hot_layer {
-            (self.masked_min_fraction * n_ff as f64).ceil() as usize
-        } else {
-            usize::MAX
-        };
+        b.masked.clear();
+        let most = (self.masked_min_fraction * n_ff as f64).ceil() as usize;
         let gate_thr = self.sparsity.gate_threshold(layer);
-        let pred_thr = self.sparsity.predictor_threshold;
-        for (t, b) in batch.iter().enumerate() {
+        for (t, tok) in batch.iter().enumerate() {
             let row = t * n_ff..(t + 1) * n_ff;
-            if s.row_major.binary_search(&t).is_ok() {
-                active.push_token([]);
-                continue;
-            }
-            match b.sparsity {
-                SparsityMode::Dense => active.push_all(),
+            match tok.sparsity {
+                SparsityMode::Dense => {
+                    active.push_token([]);
+                    s.active_counts[t * c.n_layer + layer] = n_ff as u32;
+                    continue;
+                }
                 SparsityMode::Gate => {
-                    s.gate_act.clear();
-                    s.gate_act.extend_from_slice(&s.gate[row]);
-                    glu.act_slice(&mut s.gate_act);
-                    let a = &s.gate_act;
+                    b.gate_act.clear();
+                    b.gate_act.extend_from_slice(&b.gate[row]);
+                    glu.act_slice(&mut b.gate_act);
+                    let a = &b.gate_act;
                     active.push_where(|i| a[i].abs() > gate_thr);
                 }
+                // Without a hot side the cold side's set is every neuron's.
                 SparsityMode::Predictor => {
-                    let z = &s.pred_logits[row];
-                    active.push_where(|i| z[i] >= pred_thr);
+                    active.push_token(b.predicted[1].token(t).iter().copied())
                 }
             }
             let rows = active.token(t);
             s.active_counts[t * c.n_layer + layer] = rows.len() as u32;
-            let n_hot = self.hot_neurons[layer] as u32;
-            s.hot_counts[t * c.n_layer + layer] = rows.partition_point(|&i| i < n_hot) as u32;
             if rows.len() >= most {
                 masked_active.push_token(rows.iter().copied());
                 active.pop_token();
                 active.push_token([]);
-                s.masked.push(t);
+                b.masked.push(t);
             }
-        }
-        for &t in &s.row_major {
-            s.active_counts[t * c.n_layer + layer] = n_ff as u32;
         }
         s.profile.mark(Stage::Activation);
 
-        if let (Some(down), false) = (&w.down, s.masked.is_empty()) {
-            gather(s, Gathered::Masked, n_ff, e);
-            let [g, u, out] = &mut s.mixed;
-            let ff = RowMajorFfn {
-                kind: c.ffn,
-                w,
-                down,
-            };
+        if !b.masked.is_empty() {
+            gather(b, Gathered::Masked, &s.xn, n_ff, e);
+            let [g, u, out] = &mut b.mixed;
             let mask = Mask {
                 active: &masked_active,
-                tokens: &s.masked,
-                batch_gate: want_gate.then_some(s.gate.as_slice()),
+                tokens: &b.masked,
+                batch_gate: want_gate.then_some(b.gate.as_slice()),
             };
             ff.run_masked(
                 pool,
-                &mut s.gathered_acts,
+                &mut b.gathered_acts,
                 [g, u, out],
                 mask,
                 &mut s.profile,
             );
-            scatter(&s.masked, out, e, &mut s.proj);
+            scatter(&b.masked, out, e, &mut s.proj);
         }
 
         // (Both lists are in token order.)
         let on_rows =
-            |t: &usize| s.row_major.binary_search(t).is_ok() || s.masked.binary_search(t).is_ok();
+            |t: &usize| b.row_major.binary_search(t).is_ok() || b.masked.binary_search(t).is_ok();
         if (0..n).any(|t| !on_rows(&t)) {
             // Tokens of the row-major and masked paths have no active neurons here and
             // get 0.
-            let mut sparse_out = std::mem::take(&mut s.up);
+            let mut sparse_out = std::mem::take(&mut b.up);
             sized(&mut sparse_out, n * e);
-            let hot = self
-                .hot
-                .as_ref()
-                .and_then(|h| Some((h, h.layers[layer].as_ref()?)))
-                .map(|(h, l)| HotSplit {
-                    n_ranges: l.n_ranges,
-                    pool: &h.pool,
-                    w: [&l.w[0], &l.w[1], &l.w[2]],
-                });
-            ffn_sparse_split(
-                simd::detected(),
-                pool,
-                [&w.gate, &w.up, down_t],
-                hot,
-                glu,
-                &mut s.acts,
-                want_gate.then_some(s.gate.as_slice()),
-                &active,
-                &mut s.sparse,
-                &mut sparse_out,
-            );
+            let ffn = SparseFfn {
+                gate_given: want_gate.then_some(b.gate.as_slice()),
+                ..SparseFfn::new(&w.gate, &w.up, down_t, glu)
+            };
+            ffn.run(pool, &mut b.acts, &active, &mut b.sparse, &mut sparse_out);
             for t in (0..n).filter(|t| !on_rows(t)) {
                 s.proj[t * e..(t + 1) * e].copy_from_slice(&sparse_out[t * e..(t + 1) * e]);
             }
-            s.up = sparse_out;
+            b.up = sparse_out;
         }
-        s.active = Some(active);
-        s.masked_active = Some(masked_active);
+        b.active = Some(active);
+        b.masked_active = Some(masked_active);
         s.profile.mark(Stage::Down);
         Ok(())
     }
@@ -252,22 +443,22 @@ enum Gathered {
     Masked,
 }
 
-/// The FFN inputs of some tokens of the batch, into `gathered_acts`, with `mixed` sized
-/// for their gate, up and output.
-fn gather(s: &mut Scratch, which: Gathered, n_ff: usize, e: usize) {
+/// The FFN inputs `xn` of some tokens of the batch, into `gathered_acts`, with `mixed`
+/// sized for their gate, up and output.
+fn gather(b: &mut FfnBuffers, which: Gathered, xn: &[f32], n_ff: usize, e: usize) {
     let tokens = match which {
-        Gathered::RowMajor => &s.row_major,
-        Gathered::Masked => &s.masked,
+        Gathered::RowMajor => &b.row_major,
+        Gathered::Masked => &b.masked,
     };
     let m = tokens.len();
-    s.gathered.clear();
+    b.gathered.clear();
     for &t in tokens {
-        s.gathered.extend_from_slice(&s.xn[t * e..(t + 1) * e]);
+        b.gathered.extend_from_slice(&xn[t * e..(t + 1) * e]);
     }
-    s.gathered_acts.set(&s.gathered, m);
-    sized(&mut s.mixed[0], m * n_ff);
-    sized(&mut s.mixed[1], m * n_ff);
-    sized(&mut s.mixed[2], m * e);
+    b.gathered_acts.set(&b.gathered, m);
+    sized(&mut b.mixed[0], m * n_ff);
+    sized(&mut b.mixed[1], m * n_ff);
+    sized(&mut b.mixed[2], m * e);
 }
 
 /// Row `i` of `out` (`n_embd` = `e` values) to token `tokens[i]`'s row of `proj`.
@@ -279,10 +470,10 @@ fn scatter(tokens: &[usize], out: &[f32], e: usize, proj: &mut [f32]) {
 
 /// The dense FFN on row-major matrices: `out = down · (act(gate · x) ∘ (up · x))` for the
 /// batch in `acts` (which ends holding the hidden activations).
-pub(super) struct RowMajorFfn<'a> {
-    pub(super) kind: FfnKind,
-    pub(super) w: &'a LayerWeights,
-    pub(super) down: &'a Matrix,
+struct RowMajorFfn<'a> {
+    kind: FfnKind,
+    w: &'a LayerWeights,
+    down: &'a Matrix,
 }
 
 /// What [`RowMajorFfn::run_masked`] keeps of each row `i` of its batch: the neurons
@@ -295,13 +486,15 @@ struct Mask<'a> {
 }
 
 impl RowMajorFfn<'_> {
-    pub(super) fn run(
+    fn run(
         &self,
         pool: &ThreadPool,
         acts: &mut Activations,
         [gate, up, out]: [&mut Vec<f32>; 3],
         profile: &mut Profile,
     ) {
+        let n = acts.n_tok();
+        sized(gate, n * self.w.gate.n_rows());
         self.w.gate.matmul(pool, acts, gate); // [n][n_ff]
         self.finish(pool, acts, [gate, up, out], None, profile);
     }
@@ -337,6 +530,7 @@ impl RowMajorFfn<'_> {
         profile: &mut Profile,
     ) {
         let n = acts.n_tok();
+        sized(up, n * self.w.up.n_rows());
         self.w.up.matmul(pool, acts, up); // [n][n_ff]
         profile.mark(Stage::GateUp);
         gate_activation(self.kind, gate, up); // h = act(gate) ∘ up
@@ -356,12 +550,6 @@ impl RowMajorFfn<'_> {
         self.down.matmul(pool, acts, out); // [n][n_embd]
         profile.mark(Stage::Down);
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum FfnPath {
-    RowMajor,
-    Neurons,
 }
 
 /// `gate = act(gate) ∘ up` for the model's FFN kind.
