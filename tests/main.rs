@@ -4,6 +4,7 @@
 mod cli_inspect;
 mod cli_pull;
 mod cli_run;
+mod device_faults;
 mod engine;
 mod gguf_hostile;
 mod gguf_roundtrip;

@@ -66,8 +66,20 @@ struct ColdExecutor {
 }
 
 impl ColdExecutor {
+    /// Serves steps until the last handle drops; a panic is recorded in the engine's
+    /// health before the executor's channels close.
     fn run(mut self) {
         while let Ok(msg) = self.rx.recv() {
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.handle(msg))) {
+                let why = format!("the cold executor panicked: {}", panic_message(&*p));
+                self.health.fail(why);
+                return;
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: ColdMsg) {
+        {
             match msg {
                 ColdMsg::Step {
                     batch,
@@ -79,6 +91,10 @@ impl ColdExecutor {
                     let stage = tracing::info_span!(parent: &span, "cold.forward", tokens = batch.len(), layers = self.model.config.n_layer);
                     let _enter = stage.enter();
                     let result = self.step(&batch, &mut logits);
+                    if let Err(ForwardError::Device(e)) = &result {
+                        // A failed device stays failed: the model stops serving.
+                        self.health.fail(format!("device: {e}"));
+                    }
                     active.clear();
                     if result.is_ok() {
                         // Active counts, then the hot ones among them.

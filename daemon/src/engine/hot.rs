@@ -68,28 +68,37 @@ impl From<DeviceError> for Stop {
 }
 
 impl HotExecutor {
-    fn run(mut self) {
+    /// Serves runs until the cold executor goes; a panic is recorded in `health` before
+    /// the executor's channels close (so its peers report why it stopped).
+    fn run(mut self, health: &Health) {
         while let Ok(msg) = self.links.from_cold.recv() {
-            match msg {
-                ToHot::Begin { mut tokens } => {
-                    std::mem::swap(&mut self.tokens, &mut tokens);
-                    self.begin_spare = tokens;
-                    if let Err(e) = self.device.submit(Op::Begin {
-                        tokens: &self.tokens,
-                    }) {
-                        let _ = self.links.to_cold.send(FromHot::Failed(e));
-                    }
-                }
-                ToHot::Run { layers, x, end } => match self.run_layers(layers, x, end) {
-                    Ok(()) => {}
-                    Err(Stop::Device(e)) => {
-                        let _ = self.links.to_cold.send(FromHot::Failed(e));
-                    }
-                    Err(Stop::Peer(why)) => tracing::debug!(%why, "hot executor: run dropped"),
-                },
-                // A late abort for a run that already ended: nothing to drop.
-                ToHot::Abort | ToHot::Partial { .. } => {}
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.handle(msg))) {
+                health.fail(format!("the hot executor panicked: {}", panic_message(&*p)));
+                return;
             }
+        }
+    }
+
+    fn handle(&mut self, msg: ToHot) {
+        match msg {
+            ToHot::Begin { mut tokens } => {
+                std::mem::swap(&mut self.tokens, &mut tokens);
+                self.begin_spare = tokens;
+                if let Err(e) = self.device.submit(Op::Begin {
+                    tokens: &self.tokens,
+                }) {
+                    let _ = self.links.to_cold.send(FromHot::Failed(e));
+                }
+            }
+            ToHot::Run { layers, x, end } => match self.run_layers(layers, x, end) {
+                Ok(()) => {}
+                Err(Stop::Device(e)) => {
+                    let _ = self.links.to_cold.send(FromHot::Failed(e));
+                }
+                Err(Stop::Peer(why)) => tracing::debug!(%why, "hot executor: run dropped"),
+            },
+            // A late abort for a run that already ended: nothing to drop.
+            ToHot::Abort | ToHot::Partial { .. } => {}
         }
     }
 
@@ -264,11 +273,7 @@ impl HotHandle {
         };
         std::thread::Builder::new()
             .name("pi-hot".into())
-            .spawn(move || {
-                if let Err(p) = catch_unwind(AssertUnwindSafe(|| exec.run())) {
-                    health.fail(format!("the hot executor panicked: {}", panic_message(&*p)));
-                }
-            })
+            .spawn(move || exec.run(&health))
             .map_err(|e| EngineError::Internal(format!("cannot start the hot executor: {e}")))?;
         Ok(Self { info })
     }

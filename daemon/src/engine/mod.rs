@@ -68,6 +68,8 @@ pub struct EngineInfo {
     pub hot: HotInfo,
     pub sched: SchedStatus,
     pub loaded_at: SystemTime,
+    /// Why the model stopped serving, if it did (see [`Health`]).
+    pub failure: Option<String>,
 }
 
 /// One loaded model and its actors.
@@ -251,6 +253,9 @@ impl Engine {
         &self,
         spec: GenerateSpec,
     ) -> Result<ReceiverStream<Result<StreamItem, EngineError>>, EngineError> {
+        if let Some(f) = self.health.failure() {
+            return Err(EngineError::Failed(f));
+        }
         spec.sampling
             .validate()
             .map_err(EngineError::InvalidArgument)?;
@@ -374,6 +379,7 @@ impl Engine {
             hot: self.hot.info(),
             sched: self.sched.status().await?,
             loaded_at: self.loaded_at,
+            failure: self.health.failure(),
         })
     }
 }

@@ -31,8 +31,27 @@ struct PredictorActor {
 }
 
 impl PredictorActor {
-    fn run(mut self) {
+    /// Serves predictions until the hot executor goes; a panic is recorded in `health`
+    /// before the actor's channels close.
+    fn run(mut self, health: &Health) {
         while let Ok(req) = self.links.requests.recv() {
+            match catch_unwind(AssertUnwindSafe(|| self.predict(req))) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(p) => {
+                    health.fail(format!(
+                        "the predictor actor panicked: {}",
+                        panic_message(&*p)
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answers one request; false when a peer has gone.
+    fn predict(&mut self, req: PredictRequest) -> bool {
+        {
             let PredictRequest {
                 layer,
                 x,
@@ -71,10 +90,7 @@ impl PredictorActor {
                 x: Some(x),
                 tokens: Some(tokens),
             };
-            if self.links.to_cold.send(to_cold).is_err() || self.links.to_hot.send(to_hot).is_err()
-            {
-                return;
-            }
+            self.links.to_cold.send(to_cold).is_ok() && self.links.to_hot.send(to_hot).is_ok()
         }
     }
 }
@@ -96,14 +112,7 @@ pub(crate) fn spawn(
     };
     std::thread::Builder::new()
         .name("pi-pred".into())
-        .spawn(move || {
-            if let Err(p) = catch_unwind(AssertUnwindSafe(|| actor.run())) {
-                health.fail(format!(
-                    "the predictor actor panicked: {}",
-                    panic_message(&*p)
-                ));
-            }
-        })
+        .spawn(move || actor.run(&health))
         .map_err(|e| EngineError::Internal(format!("cannot start the predictor actor: {e}")))?;
     Ok(())
 }

@@ -208,6 +208,12 @@ pub fn model_info(s: &ModelSnapshot) -> v1::ModelInfo {
             .loaded_at
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
+        state: match i.failure {
+            None => v1::ModelState::Serving,
+            Some(_) => v1::ModelState::Failed,
+        }
+        .into(),
+        failure: i.failure.clone().unwrap_or_default(),
     }
 }
 

@@ -69,7 +69,8 @@ pub struct ModelManager {
     models_dir: PathBuf,
     paths: PathPolicy,
     defaults: EngineOptions,
-    loaded: RwLock<BTreeMap<String, Arc<Engine>>>,
+    /// Shared with the tasks that watch each engine's health.
+    loaded: Arc<RwLock<BTreeMap<String, Arc<Engine>>>>,
     load_lock: tokio::sync::Mutex<()>,
     /// Taken at shutdown, which ends every WatchModels stream.
     events: std::sync::Mutex<Option<broadcast::Sender<ModelEvent>>>,
@@ -107,7 +108,7 @@ impl ModelManager {
                 PathPolicy::Refuse
             },
             defaults,
-            loaded: RwLock::new(BTreeMap::new()),
+            loaded: Arc::new(RwLock::new(BTreeMap::new())),
             load_lock: tokio::sync::Mutex::new(()),
             events: std::sync::Mutex::new(Some(broadcast::channel(EVENT_BACKLOG).0)),
             health,
@@ -278,6 +279,7 @@ impl ModelManager {
                 let engine = Arc::new(engine);
                 self.loaded_map_mut().insert(name.clone(), engine.clone());
                 self.set_health(&name, ServingStatus::Serving).await;
+                self.watch_failure(&name, &engine);
                 if let Ok(info) = engine.info().await {
                     self.emit(ModelEvent::Loaded(Box::new(info)));
                 }
@@ -316,6 +318,35 @@ impl ModelManager {
             .await
             .map_err(|e| ServerError::Internal(format!("loading the model: {e}")))??;
         Ok(engine)
+    }
+
+    /// When `engine` fails (an actor panicked, its device failed), its name reports
+    /// NOT_SERVING — if the name still belongs to it.
+    fn watch_failure(&self, name: &str, engine: &Arc<Engine>) {
+        let mut failed = engine.health().watch();
+        let (loaded, weak) = (self.loaded.clone(), Arc::downgrade(engine));
+        let (health, name) = (self.health.clone(), name.to_owned());
+        tokio::spawn(async move {
+            // Ends when the engine is dropped (its health with it).
+            while failed.changed().await.is_ok() {
+                let reason = failed.borrow_and_update().clone();
+                let Some(reason) = reason else { continue };
+                let current = loaded
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&name)
+                    .cloned();
+                if let (Some(now), Some(this)) = (current, weak.upgrade())
+                    && Arc::ptr_eq(&now, &this)
+                {
+                    tracing::warn!(model = %name, %reason, "model failed, not serving");
+                    health
+                        .set_service_status(&name, ServingStatus::NotServing)
+                        .await;
+                }
+                return;
+            }
+        });
     }
 
     /// Unloads a model: new requests no longer reach it; streams already running finish,
