@@ -16,7 +16,7 @@ use crate::model::{
     BatchToken, ForwardError, KvCache, KvType, LoadError, Model, Scratch, SparsityMode, sidecar,
 };
 use crate::sampler::{Sampled, Sampler, SamplerConfig};
-use crate::tokenizer::{Detokenizer, Tokenizer, TokenizerError};
+use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 
 /// Tokens per forward call while reading a prompt.
 pub const PREFILL_BATCH: usize = 512;
@@ -339,8 +339,7 @@ impl<'m> Session<'m> {
         let prompt_time = t0.elapsed();
 
         let t1 = Instant::now();
-        let mut detok = Detokenizer::new(false);
-        let mut stops = StopMatcher::new(&params.stop);
+        let mut text = TextStream::new(params.stop.clone());
         let mut generated = Vec::new();
         let mut pos = prompt.len();
         let stop = loop {
@@ -353,11 +352,10 @@ impl<'m> Session<'m> {
             }
             sampler.accept(sampled.token);
             generated.push(sampled.token);
-            let piece = detok.push(self.tokenizer, sampled.token);
-            let (text, hit) = stops.push(&piece);
+            let (piece, hit) = text.push(self.tokenizer, sampled.token);
             if on_token(&TokenEvent {
                 sampled: &sampled,
-                text: &text,
+                text: &piece,
             })
             .is_break()
             {
@@ -376,7 +374,7 @@ impl<'m> Session<'m> {
         };
         // Whatever the stop matcher held back is released when no stop string matched.
         if !matches!(stop, StopReason::StopSequence | StopReason::Cancelled) {
-            let rest = stops.finish(&detok.finish());
+            let rest = text.finish();
             if !rest.is_empty()
                 && let Some(last) = generated.last()
             {
@@ -398,85 +396,5 @@ impl<'m> Session<'m> {
             decode_time: t1.elapsed(),
             stop,
         })
-    }
-}
-
-/// Streams text while watching for stop strings: text that could still become the start
-/// of a stop string is held back until it cannot.
-pub(crate) struct StopMatcher<'a> {
-    stops: &'a [String],
-    held: String,
-    done: bool,
-}
-
-impl<'a> StopMatcher<'a> {
-    pub(crate) fn new(stops: &'a [String]) -> Self {
-        Self {
-            stops,
-            held: String::new(),
-            done: false,
-        }
-    }
-
-    /// Adds text; returns what may be emitted now and whether a stop string was found
-    /// (the emitted text then ends just before it).
-    pub(crate) fn push(&mut self, piece: &str) -> (String, bool) {
-        if self.done {
-            return (String::new(), true);
-        }
-        self.held.push_str(piece);
-        let stops = self.stops.iter().filter(|s| !s.is_empty());
-        if let Some(at) = stops
-            .clone()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
-        {
-            self.done = true;
-            let out = self.held[..at].to_owned();
-            self.held.clear();
-            return (out, true);
-        }
-        // Keep the longest suffix that is a prefix of some stop string.
-        let keep = stops
-            .flat_map(|s| {
-                (1..s.len().min(self.held.len() + 1))
-                    .filter(move |&k| s.is_char_boundary(k))
-                    .map(move |k| &s[..k])
-            })
-            .filter(|prefix| self.held.ends_with(prefix))
-            .map(str::len)
-            .max()
-            .unwrap_or(0);
-        let cut = self.held.len() - keep;
-        let out = self.held[..cut].to_owned();
-        self.held.drain(..cut);
-        (out, false)
-    }
-
-    pub(crate) fn finish(&mut self, tail: &str) -> String {
-        let mut out = std::mem::take(&mut self.held);
-        out.push_str(tail);
-        out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_strings_hold_back_only_possible_prefixes() {
-        let stops = vec!["\n\nUser:".to_owned(), "END".to_owned()];
-        let mut m = StopMatcher::new(&stops);
-        assert_eq!(m.push("Hello"), ("Hello".to_owned(), false));
-        assert_eq!(m.push(" world\n"), (" world".to_owned(), false));
-        assert_eq!(m.push("\nUs"), (String::new(), false));
-        assert_eq!(m.push("er: hi"), (String::new(), true));
-        let mut m = StopMatcher::new(&stops);
-        assert_eq!(m.push("THE E"), ("THE ".to_owned(), false));
-        assert_eq!(m.push("ND"), (String::new(), true));
-        let mut m = StopMatcher::new(&stops);
-        assert_eq!(m.push("EN"), (String::new(), false));
-        assert_eq!(m.finish("!"), "EN!");
     }
 }

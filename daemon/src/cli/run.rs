@@ -10,7 +10,7 @@ use serde_json::json;
 use super::common::{SamplingArgs, SparsityArg, default_threads, load_model};
 use super::exit;
 use crate::generate::{GenParams, GenerateError, Session, SessionOptions, StopReason};
-use crate::tokenizer::{ChatMessage, render_chat};
+use crate::tokenizer::{ChatMessage, TokenizerError};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -59,29 +59,20 @@ pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     };
     let tok = &loaded.tokenizer;
     let text = if a.chat {
-        let Some(template) = tok.chat_template() else {
-            let _ = writeln!(
-                err,
-                "error: the model has no chat template; run without --chat"
-            );
-            return exit::BAD_INPUT;
-        };
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
             messages.push(ChatMessage::new("system", s));
         }
         messages.push(ChatMessage::new("user", &a.prompt));
-        let special = |t: Option<crate::ids::TokenId>| {
-            t.and_then(|t| tok.token_text(t)).unwrap_or("").to_owned()
-        };
-        match render_chat(
-            template,
-            &messages,
-            true,
-            &special(tok.bos()),
-            &special(tok.eos()),
-        ) {
+        match tok.render_chat(&messages) {
             Ok(s) => s,
+            Err(TokenizerError::NoChatTemplate) => {
+                let _ = writeln!(
+                    err,
+                    "error: the model has no chat template; run without --chat"
+                );
+                return exit::BAD_INPUT;
+            }
             Err(e) => {
                 let _ = writeln!(err, "error: {e}");
                 return exit::BAD_INPUT;

@@ -37,10 +37,10 @@ use self::hot::HotHandle;
 use self::sampling::SamplerHandle;
 use self::scheduler::{SchedHandle, SeqEvent, SeqRequest};
 use self::text::TextHandle;
-use crate::generate::{LoadedModel, StopMatcher};
+use crate::generate::LoadedModel;
 use crate::ids::TokenId;
 use crate::model::Model;
-use crate::tokenizer::{Detokenizer, Tokenizer};
+use crate::tokenizer::{TextStream, Tokenizer};
 
 /// Largest `top_logprobs` a request may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -305,8 +305,7 @@ impl StreamTask {
         out: mpsc::Sender<Result<StreamItem, EngineError>>,
     ) {
         let tok = &self.tokenizer;
-        let mut detok = Detokenizer::new(false);
-        let mut stops = StopMatcher::new(&self.stop);
+        let mut stream = TextStream::new(self.stop.clone());
         let started = Instant::now();
         let mut queue = std::time::Duration::ZERO;
         let mut first_token: Option<Instant> = None;
@@ -320,8 +319,7 @@ impl StreamTask {
                 SeqEvent::Token(s) => {
                     first_token.get_or_insert_with(Instant::now);
                     completion += 1;
-                    let piece = detok.push(tok, s.token);
-                    let (text, hit) = stops.push(&piece);
+                    let (text, hit) = stream.push(tok, s.token);
                     let top = s
                         .top
                         .iter()
@@ -380,7 +378,7 @@ impl StreamTask {
                         ..self.sparsity.clone()
                     },
                     finish,
-                    text: stops.finish(&detok.finish()),
+                    text: stream.finish(),
                 }),
                 SeqEvent::Failed(reason) => {
                     let _ = out.send(Err(EngineError::Internal(reason))).await;

@@ -6,7 +6,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::types::{EngineError, Input};
 use crate::ids::TokenId;
-use crate::tokenizer::{Tokenizer, render_chat};
+use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// Requests waiting for the tokenizer.
 const INBOX: usize = 256;
@@ -74,19 +74,12 @@ impl TextActor {
             Input::Text(t) => Ok(tok.encode(&t, true, true)),
             Input::Tokens(ids) => Ok(ids),
             Input::Chat(messages) => {
-                let template = tok.chat_template().ok_or_else(|| {
-                    EngineError::InvalidArgument("the model has no chat template".into())
+                let text = tok.render_chat(&messages).map_err(|e| match e {
+                    TokenizerError::NoChatTemplate => {
+                        EngineError::InvalidArgument("the model has no chat template".into())
+                    }
+                    e => EngineError::InvalidArgument(e.to_string()),
                 })?;
-                let special =
-                    |t: Option<TokenId>| t.and_then(|t| tok.token_text(t)).unwrap_or("").to_owned();
-                let text = render_chat(
-                    template,
-                    &messages,
-                    true,
-                    &special(tok.bos()),
-                    &special(tok.eos()),
-                )
-                .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
                 Ok(tok.encode(&text, true, true))
             }
         }
