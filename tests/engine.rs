@@ -116,7 +116,7 @@ async fn sixteen_concurrent_streams_match_their_runs_alone() {
         assert_eq!(&ids, want, "stream {i}");
         assert!(matches!(
             fin.finish,
-            FinishReason::Length | FinishReason::Stop
+            FinishReason::MaxTokens | FinishReason::EndOfGeneration(_)
         ));
     }
     let info = engine.info().await.unwrap();

@@ -1,6 +1,6 @@
 //! Single-sequence generation on one model: the direct path that `powerinferd run`, the
-//! benchmarks and the parity tests drive (the daemon's actors reach the same forward pass
-//! through the pipeline).
+//! benchmarks and the parity tests drive. The daemon's actors reach the same forward pass
+//! through the pipeline, and both run each sequence through the same [`Generation`].
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -15,8 +15,11 @@ use crate::ids::{SeqSlot, TokenId};
 use crate::model::{
     BatchToken, ForwardError, KvCache, KvType, LoadError, Model, Scratch, SparsityMode, sidecar,
 };
-use crate::sampler::{Sampled, Sampler, SamplerConfig};
-use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
+use crate::sampler::SamplerConfig;
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+pub use crate::generation::{FinishReason, TokenEvent};
+use crate::generation::{Generation, GenerationLimits};
 
 /// Tokens per forward call while reading a prompt.
 pub const PREFILL_BATCH: usize = 512;
@@ -117,43 +120,13 @@ pub struct GenParams {
     pub stop: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopReason {
-    /// An end-of-generation token (not emitted).
-    EndOfGeneration(TokenId),
-    MaxTokens,
-    StopSequence,
-    ContextFull,
-    /// The caller asked to stop.
-    Cancelled,
-}
-
-impl StopReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::EndOfGeneration(_) => "eog",
-            Self::MaxTokens => "max_tokens",
-            Self::StopSequence => "stop",
-            Self::ContextFull => "context",
-            Self::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// One generated token, with the text it completes (whole characters only; stop strings
-/// held back until they can be ruled out).
-pub struct TokenEvent<'a> {
-    pub sampled: &'a Sampled,
-    pub text: &'a str,
-}
-
 #[derive(Clone, Debug)]
 pub struct Summary {
     pub prompt_tokens: usize,
     pub generated: Vec<TokenId>,
     pub prompt_time: Duration,
     pub decode_time: Duration,
-    pub stop: StopReason,
+    pub stop: FinishReason,
 }
 
 impl Summary {
@@ -303,12 +276,13 @@ impl<'m> Session<'m> {
     }
 
     /// Reads `prompt` and generates from it, calling `on_token` for every token; a
-    /// `Break` from it stops generation.
+    /// `Break` from it stops generation. Text held back for a stop string that never came
+    /// arrives at the end on one more event, for the last token with log-probability 0.
     pub fn generate(
         &mut self,
         prompt: &[TokenId],
         params: &GenParams,
-        mut on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
+        mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<Summary, GenerateError> {
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
@@ -320,10 +294,12 @@ impl<'m> Session<'m> {
             });
         }
         params.sampler.validate().map_err(GenerateError::Sampling)?;
-        let mut sampler = Sampler::new(params.sampler.clone());
-        for &t in prompt {
-            sampler.accept(t);
-        }
+        let limits = GenerationLimits {
+            max_tokens: params.max_tokens,
+            n_ctx: self.n_ctx(),
+        };
+        let mut generation =
+            Generation::new(params.sampler.clone(), params.stop.clone(), prompt, limits);
 
         let t0 = Instant::now();
         let n_vocab = self.model.config.n_vocab;
@@ -339,55 +315,39 @@ impl<'m> Session<'m> {
         let prompt_time = t0.elapsed();
 
         let t1 = Instant::now();
-        let mut text = TextStream::new(params.stop.clone());
         let mut generated = Vec::new();
-        let mut pos = prompt.len();
         let stop = loop {
-            if generated.len() >= params.max_tokens {
-                break StopReason::MaxTokens;
+            if let Some(finish) = generation.finish() {
+                break finish;
             }
-            let sampled = sampler.sample(&logits);
-            if self.tokenizer.is_eog(sampled.token) {
-                break StopReason::EndOfGeneration(sampled.token);
+            let step = generation.advance(self.tokenizer, &logits);
+            if let Some(ev) = &step.token {
+                generated.push(ev.id);
+                if on_token(ev).is_break() {
+                    generation.cancel();
+                    break FinishReason::Cancelled;
+                }
             }
-            sampler.accept(sampled.token);
-            generated.push(sampled.token);
-            let (piece, hit) = text.push(self.tokenizer, sampled.token);
-            if on_token(&TokenEvent {
-                sampled: &sampled,
-                text: &piece,
-            })
-            .is_break()
-            {
-                break StopReason::Cancelled;
+            if let Some(finish) = step.finish {
+                break finish;
             }
-            if hit {
-                break StopReason::StopSequence;
-            }
-            if pos >= self.n_ctx() {
-                break StopReason::ContextFull;
-            }
-            let out = self.eval(&[sampled.token], pos, |_| true)?;
+            let (token, pos) = generation
+                .next_input()
+                .expect("a generation that goes on has streamed a token");
+            let out = self.eval(&[token], pos, |_| true)?;
             logits.clear();
             logits.extend_from_slice(out);
-            pos += 1;
         };
-        // Whatever the stop matcher held back is released when no stop string matched.
-        if !matches!(stop, StopReason::StopSequence | StopReason::Cancelled) {
-            let rest = text.finish();
-            if !rest.is_empty()
-                && let Some(last) = generated.last()
-            {
-                let sampled = Sampled {
-                    token: *last,
-                    logprob: 0.0,
-                    top: Vec::new(),
-                };
-                let _ = on_token(&TokenEvent {
-                    sampled: &sampled,
-                    text: &rest,
-                });
-            }
+        let rest = generation.take_tail();
+        if !rest.is_empty()
+            && let Some(&last) = generated.last()
+        {
+            let _ = on_token(&TokenEvent {
+                id: last,
+                text: rest,
+                logprob: 0.0,
+                top_logprobs: Vec::new(),
+            });
         }
         Ok(Summary {
             prompt_tokens: prompt.len(),

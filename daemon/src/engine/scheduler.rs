@@ -461,16 +461,16 @@ impl Scheduler {
             s.phase = tracing::info_span!(parent: &s.span, "decode", seq = id);
         }
         let finish = if eog {
-            Some(FinishReason::Stop)
+            Some(FinishReason::EndOfGeneration(sampled.token))
         } else {
             s.generated += 1;
             s.pending = Some(sampled.token);
             // Capacity is max_tokens + 2: never full while the sequence runs.
             let _ = s.events.try_send(SeqEvent::Token(sampled));
             if s.generated >= s.max_tokens {
-                Some(FinishReason::Length)
+                Some(FinishReason::MaxTokens)
             } else if s.pos() >= self.opts.n_ctx {
-                Some(FinishReason::Context)
+                Some(FinishReason::ContextFull)
             } else {
                 None
             }
