@@ -2,13 +2,13 @@
 //!
 //! ```text
 //! request ─▶ tokenizer ─▶ scheduler ──batch──▶ cold executor (pi-cold: layers wholly on
-//!            (task)       (pi-sched) ◀─logits─ the CPU in one message per step, predictor
+//!            (pi-text)    (pi-sched) ◀─logits─ the CPU in one message per step, predictor
 //!                         samples and          inline; the hot executor holds the
 //!                         detokenizes          device's part)
 //! ```
 //!
-//! The tokenizer is a tokio task; the scheduler and the executors run on named threads
-//! with bounded mailboxes, replies travelling on channels carried in the messages. Each
+//! The tokenizer, the scheduler and the executors run on named threads with bounded
+//! mailboxes, replies travelling on channels carried in the messages. Each
 //! sequence's sampler and text stream live in the scheduler, which samples and
 //! detokenizes inline after every step and streams straight to the request's channel (no
 //! hand-off to a sampler thread and back, nor to a stream task). Buffers (batch, logits)
@@ -84,8 +84,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads `path` and starts its actors (blocking: call from a blocking context). Must
-    /// run inside a tokio runtime (the tokenizer actor is a task).
+    /// Loads `path` and starts its actors (blocking: call from a blocking context).
     pub fn load(name: &str, path: &Path, opts: EngineOptions) -> Result<Self, EngineError> {
         let mut opts = opts;
         opts.max_sequences = opts.max_sequences.max(1);
@@ -128,7 +127,7 @@ impl Engine {
         };
         let stats = StatsBoard::new(c.n_layer, c.n_ff);
         let sched = SchedHandle::spawn(config, tokenizer.clone(), cold, stats.clone())?;
-        let text = TextHandle::spawn(tokenizer.clone());
+        let text = TextHandle::spawn(tokenizer.clone())?;
         Ok(Self {
             name: name.to_owned(),
             path: path.to_owned(),
