@@ -116,7 +116,7 @@ async fn sixteen_concurrent_streams_match_their_runs_alone() {
         assert_eq!(&ids, want, "stream {i}");
         assert!(matches!(
             fin.finish,
-            FinishReason::Length | FinishReason::Stop
+            FinishReason::MaxTokens | FinishReason::EndOfGeneration(_)
         ));
     }
     let info = engine.info().await.unwrap();
@@ -330,4 +330,61 @@ async fn a_model_placed_on_the_simulated_device_runs_hybrid_and_reports_its_hot_
     };
     let engine = tokio::task::block_in_place(|| Engine::load("cold", &path, tiny)).unwrap();
     assert_eq!(engine.info().await.unwrap().hot_share, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_ended_by_a_stop_string_reports_its_measured_sparsity() {
+    use powerinfer_daemon::engine::SparsityMode;
+
+    // A dReLU model in gate mode computes only the neurons whose gate fires (about half).
+    let dir = TempDir::new("engine-stop-sparsity");
+    let path = Spec {
+        arch: "bamboo",
+        down_t: true,
+        wtype: WeightType::Q4_0,
+        n_ff: 320,
+        n_layer: 3,
+        seed: 904,
+        ..Spec::default()
+    }
+    .write_to(dir.path(), "relu");
+    let opts = EngineOptions {
+        sparsity: SparsityMode::Gate,
+        ..options(1)
+    };
+    let engine = tokio::task::block_in_place(|| Engine::load("relu", &path, opts)).unwrap();
+
+    // The text of a free run; the stop string is all of it up to a token some way in, so
+    // the stop string completes exactly at that token.
+    let mut free = engine.generate(greedy("hello", 12)).await.unwrap();
+    let mut texts = Vec::new();
+    while let Some(item) = free.next().await {
+        match item.unwrap() {
+            StreamItem::Token(t) => texts.push(t.text),
+            StreamItem::Final(f) => assert_eq!(f.finish, FinishReason::MaxTokens),
+        }
+    }
+    let at = (3..texts.len())
+        .find(|&k| !texts[k].is_empty())
+        .expect("some text a few tokens in");
+    let mut stopped = greedy("hello", 12);
+    stopped.stop = vec![texts[..=at].concat()];
+    let (ids, stop) = collect(&engine, stopped).await;
+    assert_eq!(stop.finish, FinishReason::StopSequence);
+    assert_eq!(ids.len(), at + 1);
+
+    // The same tokens ended by the length limit at the same point.
+    let (_, length) = collect(&engine, greedy("hello", at + 1)).await;
+    assert_eq!(length.finish, FinishReason::MaxTokens);
+    let fractions = &stop.sparsity.active_fraction_per_layer;
+    assert_eq!(fractions, &length.sparsity.active_fraction_per_layer);
+    assert!(
+        fractions.iter().all(|&f| f > 0.0 && f < 1.0),
+        "gate mode computes a part of the neurons: {fractions:?}"
+    );
+    assert_eq!(stop.sparsity.mode, SparsityMode::Gate);
+    assert_eq!(
+        (stop.sparsity.hot_share, stop.sparsity.cold_share),
+        (0.0, 1.0)
+    );
 }

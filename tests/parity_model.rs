@@ -3,7 +3,7 @@
 //! first-step logits, free-running greedy continuations, teacher-forced agreement, and
 //! perplexity of GPL-3 at n_ctx 512.
 
-use powerinfer_daemon::generate::{GenParams, Session, SessionOptions, StopReason};
+use powerinfer_daemon::generate::{FinishReason, GenParams, Session, SessionOptions};
 use powerinfer_daemon::ids::TokenId;
 use powerinfer_daemon::perplexity::perplexity;
 use powerinfer_daemon::sampler::SamplerConfig;
@@ -113,7 +113,7 @@ fn greedy_continuations_match_up_to_near_ties() {
             }
             None => {
                 let eog_stop = c["stopped_at_eog"].as_bool().unwrap();
-                let stopped = matches!(got.stop, StopReason::EndOfGeneration(_));
+                let stopped = matches!(got.stop, FinishReason::EndOfGeneration(_));
                 if eog_stop && !stopped {
                     let margin = steps[want.len()]["margin_top1_top2"].as_f64().unwrap();
                     assert!(

@@ -1,6 +1,6 @@
 //! Single-sequence generation on one model: the direct path that `powerinferd run`, the
-//! benchmarks and the parity tests drive (the daemon's actors reach the same forward pass
-//! through the pipeline).
+//! benchmarks and the parity tests drive. The daemon's actors reach the same forward pass
+//! through the pipeline, and both run each sequence through the same [`Generation`].
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -13,8 +13,11 @@ use crate::model::{
     BatchToken, ForwardError, KvCache, KvType, LoadError, Model, PlacedDevice, Scratch, Side,
     SparsityMode,
 };
-use crate::sampler::{Sampled, Sampler, SamplerConfig};
-use crate::tokenizer::{Detokenizer, Tokenizer, TokenizerError};
+use crate::sampler::SamplerConfig;
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+pub use crate::generation::{FinishReason, TokenEvent};
+use crate::generation::{Generation, GenerationLimits};
 
 /// Tokens per forward call while reading a prompt.
 pub const PREFILL_BATCH: usize = 512;
@@ -55,43 +58,13 @@ pub struct GenParams {
     pub stop: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopReason {
-    /// An end-of-generation token (not emitted).
-    EndOfGeneration(TokenId),
-    MaxTokens,
-    StopSequence,
-    ContextFull,
-    /// The caller asked to stop.
-    Cancelled,
-}
-
-impl StopReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::EndOfGeneration(_) => "eog",
-            Self::MaxTokens => "max_tokens",
-            Self::StopSequence => "stop",
-            Self::ContextFull => "context",
-            Self::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// One generated token, with the text it completes (whole characters only; stop strings
-/// held back until they can be ruled out).
-pub struct TokenEvent<'a> {
-    pub sampled: &'a Sampled,
-    pub text: &'a str,
-}
-
 #[derive(Clone, Debug)]
 pub struct Summary {
     pub prompt_tokens: usize,
     pub generated: Vec<TokenId>,
     pub prompt_time: Duration,
     pub decode_time: Duration,
-    pub stop: StopReason,
+    pub stop: FinishReason,
 }
 
 impl Summary {
@@ -298,12 +271,13 @@ impl<'m> Session<'m> {
     }
 
     /// Reads `prompt` and generates from it, calling `on_token` for every token; a
-    /// `Break` from it stops generation.
+    /// `Break` from it stops generation. Text held back for a stop string that never came
+    /// arrives at the end on one more event, for the last token with log-probability 0.
     pub fn generate(
         &mut self,
         prompt: &[TokenId],
         params: &GenParams,
-        mut on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
+        mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<Summary, GenerateError> {
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
@@ -315,10 +289,12 @@ impl<'m> Session<'m> {
             });
         }
         params.sampler.validate().map_err(GenerateError::Sampling)?;
-        let mut sampler = Sampler::new(params.sampler.clone());
-        for &t in prompt {
-            sampler.accept(t);
-        }
+        let limits = GenerationLimits {
+            max_tokens: params.max_tokens,
+            n_ctx: self.n_ctx(),
+        };
+        let mut generation =
+            Generation::new(params.sampler.clone(), params.stop.clone(), prompt, limits);
 
         let t0 = Instant::now();
         let n_vocab = self.model.config.n_vocab;
@@ -334,57 +310,39 @@ impl<'m> Session<'m> {
         let prompt_time = t0.elapsed();
 
         let t1 = Instant::now();
-        let mut detok = Detokenizer::new(false);
-        let mut stops = StopMatcher::new(&params.stop);
         let mut generated = Vec::new();
-        let mut pos = prompt.len();
         let stop = loop {
-            if generated.len() >= params.max_tokens {
-                break StopReason::MaxTokens;
+            if let Some(finish) = generation.finish() {
+                break finish;
             }
-            let sampled = sampler.sample(&logits);
-            if self.tokenizer.is_eog(sampled.token) {
-                break StopReason::EndOfGeneration(sampled.token);
+            let step = generation.advance(self.tokenizer, &logits);
+            if let Some(ev) = &step.token {
+                generated.push(ev.id);
+                if on_token(ev).is_break() {
+                    generation.cancel();
+                    break FinishReason::Cancelled;
+                }
             }
-            sampler.accept(sampled.token);
-            generated.push(sampled.token);
-            let piece = detok.push(self.tokenizer, sampled.token);
-            let (text, hit) = stops.push(&piece);
-            if on_token(&TokenEvent {
-                sampled: &sampled,
-                text: &text,
-            })
-            .is_break()
-            {
-                break StopReason::Cancelled;
+            if let Some(finish) = step.finish {
+                break finish;
             }
-            if hit {
-                break StopReason::StopSequence;
-            }
-            if pos >= self.n_ctx() {
-                break StopReason::ContextFull;
-            }
-            let out = self.eval(&[sampled.token], pos, |_| true)?;
+            let (token, pos) = generation
+                .next_input()
+                .expect("a generation that goes on has streamed a token");
+            let out = self.eval(&[token], pos, |_| true)?;
             logits.clear();
             logits.extend_from_slice(out);
-            pos += 1;
         };
-        // Whatever the stop matcher held back is released when no stop string matched.
-        if !matches!(stop, StopReason::StopSequence | StopReason::Cancelled) {
-            let rest = stops.finish(&detok.finish());
-            if !rest.is_empty()
-                && let Some(last) = generated.last()
-            {
-                let sampled = Sampled {
-                    token: *last,
-                    logprob: 0.0,
-                    top: Vec::new(),
-                };
-                let _ = on_token(&TokenEvent {
-                    sampled: &sampled,
-                    text: &rest,
-                });
-            }
+        let rest = generation.take_tail();
+        if !rest.is_empty()
+            && let Some(&last) = generated.last()
+        {
+            let _ = on_token(&TokenEvent {
+                id: last,
+                text: rest,
+                logprob: 0.0,
+                top_logprobs: Vec::new(),
+            });
         }
         Ok(Summary {
             prompt_tokens: prompt.len(),
@@ -393,85 +351,5 @@ impl<'m> Session<'m> {
             decode_time: t1.elapsed(),
             stop,
         })
-    }
-}
-
-/// Streams text while watching for stop strings: text that could still become the start
-/// of a stop string is held back until it cannot.
-pub(crate) struct StopMatcher<'a> {
-    stops: &'a [String],
-    held: String,
-    done: bool,
-}
-
-impl<'a> StopMatcher<'a> {
-    pub(crate) fn new(stops: &'a [String]) -> Self {
-        Self {
-            stops,
-            held: String::new(),
-            done: false,
-        }
-    }
-
-    /// Adds text; returns what may be emitted now and whether a stop string was found
-    /// (the emitted text then ends just before it).
-    pub(crate) fn push(&mut self, piece: &str) -> (String, bool) {
-        if self.done {
-            return (String::new(), true);
-        }
-        self.held.push_str(piece);
-        let stops = self.stops.iter().filter(|s| !s.is_empty());
-        if let Some(at) = stops
-            .clone()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
-        {
-            self.done = true;
-            let out = self.held[..at].to_owned();
-            self.held.clear();
-            return (out, true);
-        }
-        // Keep the longest suffix that is a prefix of some stop string.
-        let keep = stops
-            .flat_map(|s| {
-                (1..s.len().min(self.held.len() + 1))
-                    .filter(move |&k| s.is_char_boundary(k))
-                    .map(move |k| &s[..k])
-            })
-            .filter(|prefix| self.held.ends_with(prefix))
-            .map(str::len)
-            .max()
-            .unwrap_or(0);
-        let cut = self.held.len() - keep;
-        let out = self.held[..cut].to_owned();
-        self.held.drain(..cut);
-        (out, false)
-    }
-
-    pub(crate) fn finish(&mut self, tail: &str) -> String {
-        let mut out = std::mem::take(&mut self.held);
-        out.push_str(tail);
-        out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_strings_hold_back_only_possible_prefixes() {
-        let stops = vec!["\n\nUser:".to_owned(), "END".to_owned()];
-        let mut m = StopMatcher::new(&stops);
-        assert_eq!(m.push("Hello"), ("Hello".to_owned(), false));
-        assert_eq!(m.push(" world\n"), (" world".to_owned(), false));
-        assert_eq!(m.push("\nUs"), (String::new(), false));
-        assert_eq!(m.push("er: hi"), (String::new(), true));
-        let mut m = StopMatcher::new(&stops);
-        assert_eq!(m.push("THE E"), ("THE ".to_owned(), false));
-        assert_eq!(m.push("ND"), (String::new(), true));
-        let mut m = StopMatcher::new(&stops);
-        assert_eq!(m.push("EN"), (String::new(), false));
-        assert_eq!(m.finish("!"), "EN!");
     }
 }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod generate;
+pub mod generation;
 pub mod ids;
 pub mod inspect;
 pub mod model;

@@ -11,9 +11,9 @@ use super::common::{
     DeviceArgs, SamplingArgs, SparsityArg, default_threads, load_model, place_loaded,
 };
 use super::exit;
-use crate::generate::{GenParams, GenerateError, Session, SessionOptions, StopReason};
+use crate::generate::{FinishReason, GenParams, GenerateError, Session, SessionOptions};
 use crate::model::LoadOptions;
-use crate::tokenizer::{ChatMessage, render_chat};
+use crate::tokenizer::{ChatMessage, TokenizerError};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -68,29 +68,20 @@ pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     };
     let tok = &loaded.tokenizer;
     let text = if a.chat {
-        let Some(template) = tok.chat_template() else {
-            let _ = writeln!(
-                err,
-                "error: the model has no chat template; run without --chat"
-            );
-            return exit::BAD_INPUT;
-        };
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
             messages.push(ChatMessage::new("system", s));
         }
         messages.push(ChatMessage::new("user", &a.prompt));
-        let special = |t: Option<crate::ids::TokenId>| {
-            t.and_then(|t| tok.token_text(t)).unwrap_or("").to_owned()
-        };
-        match render_chat(
-            template,
-            &messages,
-            true,
-            &special(tok.bos()),
-            &special(tok.eos()),
-        ) {
+        match tok.render_chat(&messages) {
             Ok(s) => s,
+            Err(TokenizerError::NoChatTemplate) => {
+                let _ = writeln!(
+                    err,
+                    "error: the model has no chat template; run without --chat"
+                );
+                return exit::BAD_INPUT;
+            }
             Err(e) => {
                 let _ = writeln!(err, "error: {e}");
                 return exit::BAD_INPUT;
@@ -121,7 +112,6 @@ pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     ) {
         return code;
     }
-    let tok = &loaded.tokenizer;
     let mut session = match Session::new(&loaded, session_opts) {
         Ok(s) => s,
         Err(e) => {
@@ -139,12 +129,11 @@ pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let result = session.generate(&prompt, &params, |ev| {
         let written = if a.json {
             let top: Vec<_> = ev
-                .sampled
-                .top
+                .top_logprobs
                 .iter()
-                .map(|(t, lp)| json!({"id": t.0, "text": String::from_utf8_lossy(tok.token_bytes(*t, true)), "logprob": lp}))
+                .map(|(t, text, lp)| json!({"id": t.0, "text": text, "logprob": lp}))
                 .collect();
-            let mut obj = json!({"id": ev.sampled.token.0, "text": ev.text, "logprob": ev.sampled.logprob});
+            let mut obj = json!({"id": ev.id.0, "text": ev.text, "logprob": ev.logprob});
             if a.logprobs > 0 {
                 obj["top_logprobs"] = json!(top);
             }
@@ -187,7 +176,7 @@ pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             "generated_tokens": summary.generated.len(),
             "prompt_tokens_per_second": summary.prompt_tps(),
             "decode_tokens_per_second": summary.decode_tps(),
-            "stop_reason": summary.stop.as_str(),
+            "stop_reason": stop_reason(summary.stop),
             "seed": seed,
             "threads": threads,
         }});
@@ -205,9 +194,21 @@ pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         summary.decode_time.as_secs_f64() * 1e3,
         summary.decode_tps(),
         match summary.stop {
-            StopReason::EndOfGeneration(t) => format!("end of generation (token {t})"),
-            other => other.as_str().to_owned(),
+            FinishReason::EndOfGeneration(t) => format!("end of generation (token {t})"),
+            other => stop_reason(other).to_owned(),
         },
     );
     exit::OK
+}
+
+/// The `stop_reason` of the JSON summary and the stderr line (this command's own names,
+/// older than the API's).
+fn stop_reason(finish: FinishReason) -> &'static str {
+    match finish {
+        FinishReason::EndOfGeneration(_) => "eog",
+        FinishReason::MaxTokens => "max_tokens",
+        FinishReason::StopSequence => "stop",
+        FinishReason::ContextFull => "context",
+        FinishReason::Cancelled => "cancelled",
+    }
 }

@@ -15,7 +15,6 @@ use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::profile::Stage;
 use powerinfer_ops::transformer::StepToken;
 
-use super::activity::{Activity, ActivityReport};
 use super::hot::ColdLinks;
 use super::step::{FromHot, Health, RunEnd, ToHot, panic_message};
 use super::types::{EngineError, EngineOptions};
@@ -37,9 +36,6 @@ pub(crate) enum ColdMsg {
         /// The step's span (disabled unless the step is traced).
         span: tracing::Span,
     },
-    ActiveFraction {
-        reply: Sender<ActivityReport>,
-    },
 }
 
 /// A finished step: the buffers handed back, and the logits of the tokens that asked.
@@ -55,7 +51,6 @@ struct ColdExecutor {
     pool: Arc<ThreadPool>,
     kv: KvCache,
     scratch: Scratch,
-    activity: Activity,
     rx: Receiver<ColdMsg>,
     /// With a device: the channels to the hot executor and the predictor actor.
     hybrid: Option<ColdLinks>,
@@ -100,8 +95,6 @@ impl ColdExecutor {
                         // Active counts, then the hot ones among them.
                         active.extend_from_slice(&self.scratch.active_counts);
                         active.extend_from_slice(&self.scratch.hot_counts);
-                        self.activity
-                            .record(&self.scratch.active_counts, &self.scratch.hot_counts);
                     }
                     let _ = reply.send(StepDone {
                         batch,
@@ -109,9 +102,6 @@ impl ColdExecutor {
                         active,
                         result,
                     });
-                }
-                ColdMsg::ActiveFraction { reply } => {
-                    let _ = reply.send(self.activity.report());
                 }
             }
         }
@@ -351,14 +341,12 @@ impl ColdHandle {
                 });
                 match kv {
                     Ok(kv) => {
-                        let activity = Activity::new(c.n_layer, c.n_ff);
                         let _ = ready_tx.send(Ok(()));
                         let exec = ColdExecutor {
                             scratch: Scratch::new(opts.numerics),
                             model,
                             pool,
                             kv,
-                            activity,
                             rx,
                             hybrid,
                             health: h.clone(),
@@ -399,14 +387,6 @@ impl ColdHandle {
                 reply,
                 span: span.clone(),
             })
-            .map_err(|_| self.stopped())?;
-        rx.recv().map_err(|_| self.stopped())
-    }
-
-    pub fn activity(&self) -> Result<ActivityReport, EngineError> {
-        let (reply, rx) = bounded(1);
-        self.tx
-            .send(ColdMsg::ActiveFraction { reply })
             .map_err(|_| self.stopped())?;
         rx.recv().map_err(|_| self.stopped())
     }

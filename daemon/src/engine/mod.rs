@@ -1,22 +1,25 @@
 //! The engine of one loaded model: the per-token dataflow of DESIGN.md §3 as actors.
 //!
 //! ```text
-//! request ─▶ tokenizer ─▶ scheduler ─▶ cold executor (CPU; layers wholly on the CPU run
-//!                 ▲            ▲          inside one message per step, predictor inline)
-//!                 │            └──────── logits ◀─┘     hot executor (device, placement)
-//!                 └── detokenize ◀── sampler ◀── logits
+//! request ─▶ tokenizer ─▶ scheduler ──batch──▶ cold executor (pi-cold: layers wholly on
+//!            (pi-text)    (pi-sched) ◀─logits─ the CPU in one message per step, predictor
+//!                         samples and          inline; the hot executor holds the
+//!                         detokenizes          device's part)
 //! ```
 //!
-//! The tokenizer is a tokio task; the scheduler, executors and sampler run on named
-//! threads with bounded channels, replies travelling on channels carried in the messages.
-//! Buffers (batch, logits) move between stages instead of being copied. Dropping the
-//! `Engine` drops the handles, and each actor stops after its current step.
+//! The tokenizer, the scheduler and the executors run on named threads with bounded
+//! mailboxes, replies travelling on channels carried in the messages. Each
+//! sequence's sampler and text stream live in the scheduler, which samples and
+//! detokenizes inline after every step and streams straight to the request's channel (no
+//! hand-off to a sampler thread and back, nor to a stream task). Buffers (batch, logits)
+//! move between stages instead of being copied. The scheduler publishes its statistics
+//! after every step, so status reads never wait for a step. Dropping the `Engine` drops
+//! the handles, and each actor stops after its current step.
 
 mod activity;
 mod cold;
 mod hot;
 mod predictor;
-mod sampling;
 mod scheduler;
 mod step;
 mod text;
@@ -26,7 +29,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use activity::ActivityReport;
@@ -37,20 +39,17 @@ pub use types::*;
 
 use self::cold::ColdHandle;
 use self::hot::HotHandle;
-use self::sampling::SamplerHandle;
-use self::scheduler::{SchedHandle, SeqEvent, SeqRequest};
+use self::scheduler::{SchedConfig, SchedHandle, SeqRequest, StatsBoard};
 use self::text::TextHandle;
-use crate::generate::{LoadedModel, StopMatcher};
+use crate::generate::LoadedModel;
 use crate::ids::TokenId;
 use crate::model::placement::DeviceSizing;
 use crate::model::{LoadOptions, Model};
-use crate::tokenizer::{Detokenizer, Tokenizer};
+use crate::tokenizer::Tokenizer;
 use powerinfer_ops::pool::ThreadPool;
 
 /// Largest `top_logprobs` a request may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
-/// Items a generation stream buffers ahead of a slow client.
-const STREAM_BUFFER: usize = 64;
 
 /// A snapshot of a loaded model.
 #[derive(Clone, Debug)]
@@ -84,13 +83,13 @@ pub struct Engine {
     text: TextHandle,
     sched: SchedHandle,
     hot: HotHandle,
-    cold: ColdHandle,
     health: Arc<Health>,
+    /// What the scheduler publishes: its status and the neuron activity.
+    stats: StatsBoard,
 }
 
 impl Engine {
-    /// Loads `path` and starts its actors (blocking: call from a blocking context). Must
-    /// run inside a tokio runtime (the tokenizer actor is a task).
+    /// Loads `path` and starts its actors (blocking: call from a blocking context).
     pub fn load(name: &str, path: &Path, opts: EngineOptions) -> Result<Self, EngineError> {
         let device = crate::device::open(&opts.device, opts.vram_budget)?;
         Self::load_on(name, path, opts, device)
@@ -200,15 +199,19 @@ impl Engine {
             None => (HotHandle::none(), None),
         };
         let cold = ColdHandle::spawn(model.clone(), pool, &opts, links, health.clone())?;
-        let sampler = SamplerHandle::spawn()?;
-        let shape = scheduler::ModelShape {
-            n_vocab: model.config.n_vocab,
-            n_layer: model.config.n_layer,
-            n_ff: model.config.n_ff,
+        let c = &model.config;
+        let config = SchedConfig {
+            n_ctx: opts.n_ctx,
+            max_sequences: opts.max_sequences,
+            max_queue: opts.max_queue,
+            prefill_chunk: opts.prefill_chunk,
+            n_vocab: c.n_vocab,
+            n_layer: c.n_layer,
+            n_ff: c.n_ff,
         };
-        let sched =
-            SchedHandle::spawn(&opts, shape, tokenizer.eog_tokens(), cold.clone(), sampler)?;
-        let text = TextHandle::spawn(tokenizer.clone());
+        let stats = StatsBoard::new(c.n_layer, c.n_ff);
+        let sched = SchedHandle::spawn(config, tokenizer.clone(), cold, stats.clone())?;
+        let text = TextHandle::spawn(tokenizer.clone())?;
         Ok(Self {
             name: name.to_owned(),
             path: path.to_owned(),
@@ -220,8 +223,8 @@ impl Engine {
             text,
             sched,
             hot,
-            cold,
             health,
+            stats,
         })
     }
 
@@ -281,37 +284,21 @@ impl Engine {
             Some(0) | None => self.opts.default_max_tokens.min(room),
             Some(n) => n.min(room),
         };
-        let (events_tx, events_rx) = mpsc::channel(max_tokens + 2);
-        let (out_tx, out_rx) = mpsc::channel(STREAM_BUFFER);
         let mut sampling = spec.sampling;
         sampling.n_logprobs = spec.top_logprobs;
-        let prompt_tokens = prompt.len();
-        self.sched
+        let events = self
+            .sched
             .submit(SeqRequest {
                 prompt,
                 max_tokens,
                 sampling,
-                events: events_tx,
-                submitted: Instant::now(),
+                stop: spec.stop,
                 sparsity,
+                submitted: Instant::now(),
                 span: tracing::Span::current(),
             })
             .await?;
-        let stats = SparsityStats {
-            mode: sparsity,
-            active_fraction_per_layer: vec![1.0; self.model.config.n_layer],
-            hot_share: 0.0,
-            cold_share: 1.0,
-        };
-        let stream = StreamTask {
-            span: tracing::Span::current(),
-            tokenizer: self.tokenizer.clone(),
-            stop: spec.stop,
-            sparsity: stats,
-            prompt_tokens,
-        };
-        tokio::spawn(stream.run(events_rx, out_tx));
-        Ok(ReceiverStream::new(out_rx))
+        Ok(ReceiverStream::new(events))
     }
 
     fn check_prompt(&self, prompt: &[TokenId]) -> Result<(), EngineError> {
@@ -353,9 +340,9 @@ impl Engine {
     }
 
     /// Neurons computed per layer since the model was loaded, and the share of them that
-    /// were hot.
+    /// were hot, as of the last step; `Stopped` once the scheduler has ended.
     pub fn activity(&self) -> Result<ActivityReport, EngineError> {
-        self.cold.activity()
+        self.stats.activity()
     }
 
     pub async fn info(&self) -> Result<EngineInfo, EngineError> {
@@ -377,124 +364,9 @@ impl Engine {
             options: self.opts.clone(),
             hot_share: self.model.hot_share(),
             hot: self.hot.info(),
-            sched: self.sched.status().await?,
+            sched: self.stats.status()?,
             loaded_at: self.loaded_at,
             failure: self.health.failure(),
         })
-    }
-}
-
-/// Turns one sequence's scheduler events into stream items: text in whole characters,
-/// stop strings applied, the final summary.
-struct StreamTask {
-    /// The request's span: usage and the finish reason are recorded on it at the end.
-    span: tracing::Span,
-    tokenizer: Arc<Tokenizer>,
-    stop: Vec<String>,
-    sparsity: SparsityStats,
-    prompt_tokens: usize,
-}
-
-impl StreamTask {
-    async fn run(
-        self,
-        mut events: mpsc::Receiver<SeqEvent>,
-        out: mpsc::Sender<Result<StreamItem, EngineError>>,
-    ) {
-        let tok = &self.tokenizer;
-        let mut detok = Detokenizer::new(false);
-        let mut stops = StopMatcher::new(&self.stop);
-        let started = Instant::now();
-        let mut queue = std::time::Duration::ZERO;
-        let mut first_token: Option<Instant> = None;
-        let mut completion = 0usize;
-        while let Some(ev) = events.recv().await {
-            let item = match ev {
-                SeqEvent::Admitted(q) => {
-                    queue = q;
-                    continue;
-                }
-                SeqEvent::Token(s) => {
-                    first_token.get_or_insert_with(Instant::now);
-                    completion += 1;
-                    let piece = detok.push(tok, s.token);
-                    let (text, hit) = stops.push(&piece);
-                    let top = s
-                        .top
-                        .iter()
-                        .map(|&(t, lp)| {
-                            (
-                                t,
-                                String::from_utf8_lossy(tok.token_bytes(t, true)).into_owned(),
-                                lp,
-                            )
-                        })
-                        .collect();
-                    let event = StreamItem::Token(TokenEvent {
-                        id: s.token,
-                        text,
-                        logprob: s.logprob,
-                        top_logprobs: top,
-                    });
-                    if out.send(Ok(event)).await.is_err() {
-                        return; // the client has gone; dropping `events` cancels the sequence
-                    }
-                    if !hit {
-                        continue;
-                    }
-                    let now = Instant::now();
-                    let first = first_token.unwrap_or(now);
-                    StreamItem::Final(FinalEvent {
-                        prompt_tokens: self.prompt_tokens,
-                        completion_tokens: completion,
-                        timings: Timings {
-                            queue,
-                            prefill: first
-                                .saturating_duration_since(started)
-                                .saturating_sub(queue),
-                            decode: now - first,
-                        },
-                        sparsity: self.sparsity.clone(),
-                        finish: FinishReason::StopSequence,
-                        text: String::new(),
-                    })
-                }
-                SeqEvent::Done {
-                    finish,
-                    prompt_tokens,
-                    completion_tokens,
-                    timings,
-                    active_fraction_per_layer,
-                    hot_share,
-                } => StreamItem::Final(FinalEvent {
-                    prompt_tokens,
-                    completion_tokens,
-                    timings,
-                    sparsity: SparsityStats {
-                        active_fraction_per_layer,
-                        hot_share,
-                        cold_share: 1.0 - hot_share,
-                        ..self.sparsity.clone()
-                    },
-                    finish,
-                    text: stops.finish(&detok.finish()),
-                }),
-                SeqEvent::Failed(reason) => {
-                    let _ = out.send(Err(EngineError::Internal(reason))).await;
-                    return;
-                }
-            };
-            if let StreamItem::Final(f) = &item {
-                self.span
-                    .record("gen_ai.usage.input_tokens", f.prompt_tokens);
-                self.span
-                    .record("gen_ai.usage.output_tokens", f.completion_tokens);
-                self.span
-                    .record("gen_ai.response.finish_reasons", f.finish.name());
-            }
-            let _ = out.send(Ok(item)).await;
-            return;
-        }
-        let _ = out.send(Err(EngineError::Stopped)).await;
     }
 }

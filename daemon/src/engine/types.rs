@@ -11,6 +11,7 @@ use crate::model::{KvType, LoadError};
 use crate::sampler::SamplerConfig;
 use crate::tokenizer::ChatMessage;
 
+pub use crate::generation::{FinishReason, TokenEvent};
 pub use crate::model::SparsityMode;
 
 /// What to generate from.
@@ -47,39 +48,6 @@ impl GenerateSpec {
             sparsity: None,
         }
     }
-}
-
-/// Why a sequence ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An end-of-generation token.
-    Stop,
-    /// The token limit.
-    Length,
-    /// A stop string.
-    StopSequence,
-    /// The context is full.
-    Context,
-}
-
-impl FinishReason {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Stop => "stop",
-            Self::Length => "length",
-            Self::StopSequence => "stop_sequence",
-            Self::Context => "context",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct TokenEvent {
-    pub id: TokenId,
-    /// The text this token completes (whole characters; may be empty).
-    pub text: String,
-    pub logprob: f32,
-    pub top_logprobs: Vec<(TokenId, String, f32)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

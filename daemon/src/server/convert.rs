@@ -41,10 +41,12 @@ pub fn sparsity_to_wire(mode: SparsityMode) -> v1::SparsityMode {
 
 fn finish_to_wire(f: FinishReason) -> v1::FinishReason {
     match f {
-        FinishReason::Stop => v1::FinishReason::Stop,
-        FinishReason::Length => v1::FinishReason::Length,
+        FinishReason::EndOfGeneration(_) => v1::FinishReason::Stop,
+        FinishReason::MaxTokens => v1::FinishReason::Length,
         FinishReason::StopSequence => v1::FinishReason::StopSequence,
-        FinishReason::Context => v1::FinishReason::Context,
+        FinishReason::ContextFull => v1::FinishReason::Context,
+        // A cancelled stream has no reader to receive a final event.
+        FinishReason::Cancelled => v1::FinishReason::Unspecified,
     }
 }
 

@@ -4,7 +4,7 @@
 use minijinja::syntax::SyntaxConfig;
 use minijinja::{Environment, Error, ErrorKind, Value, context};
 
-use super::TokenizerError;
+use super::{Tokenizer, TokenizerError};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatMessage {
@@ -21,8 +21,26 @@ impl ChatMessage {
     }
 }
 
+impl Tokenizer {
+    /// `messages` rendered with the model's chat template, the assistant's turn opened:
+    /// the text a chat request generates from (`powerinferd run --chat` and the engine's
+    /// chat input both come here).
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, TokenizerError> {
+        let template = self.chat_template().ok_or(TokenizerError::NoChatTemplate)?;
+        let special =
+            |t: Option<crate::ids::TokenId>| t.and_then(|t| self.token_text(t)).unwrap_or("");
+        render_template(
+            template,
+            messages,
+            true,
+            special(self.bos()),
+            special(self.eos()),
+        )
+    }
+}
+
 /// Renders `messages` with `template`; `add_generation_prompt` opens the assistant turn.
-pub fn render_chat(
+fn render_template(
     template: &str,
     messages: &[ChatMessage],
     add_generation_prompt: bool,
@@ -57,4 +75,25 @@ pub fn render_chat(
         eos_token => eos_token,
     })
     .map_err(|e| TokenizerError::Template(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::byte_level_for_tests;
+
+    #[test]
+    fn the_model_s_template_renders_with_its_special_tokens_and_opens_the_answer() {
+        let tok = byte_level_for_tests();
+        let text = tok
+            .render_chat(&[
+                ChatMessage::new("system", "be brief"),
+                ChatMessage::new("user", "hi"),
+            ])
+            .unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>system: be brief<|im_end|>\nuser: hi<|im_end|>\nassistant:"
+        );
+    }
 }

@@ -8,14 +8,16 @@ mod chat;
 mod detok;
 mod pretok;
 mod spm;
+mod stream;
 
 use std::collections::HashMap;
 
 pub use bpe::byte_to_char;
-pub use chat::{ChatMessage, render_chat};
+pub use chat::ChatMessage;
 pub use detok::Detokenizer;
 use powerinfer_ops::gguf::{Metadata, Value};
 pub use pretok::PreTokenizer;
+pub use stream::TextStream;
 
 use crate::ids::TokenId;
 
@@ -542,6 +544,42 @@ fn token_bytes(kind: &Kind, tokens: &[String], types: &[TokenType]) -> Vec<Vec<u
             (TokenType::Normal, Kind::Spm { .. }) => text.replace('\u{2581}', " ").into_bytes(),
         })
         .collect()
+}
+
+/// A byte-level vocabulary for unit tests elsewhere in the crate: token `b` (0..256) is
+/// byte `b`; then `<|endoftext|>` (256), `<|im_start|>` (257, BOS), `<|im_end|>` (258,
+/// EOS; both end generation) and `<|pad|>` (259); a ChatML template.
+#[cfg(test)]
+pub(crate) fn byte_level_for_tests() -> Tokenizer {
+    use powerinfer_ops::gguf::Array;
+
+    let table = bpe::byte_to_char();
+    let mut tokens: Vec<String> = table.iter().map(|c| c.to_string()).collect();
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"];
+    tokens.extend(specials.iter().map(|s| (*s).to_owned()));
+    let mut types = vec![1i32; 256];
+    types.extend([3; 4]);
+    let mut md = Metadata::new();
+    let mut set = |k: &str, v: Value| md.set(k, v);
+    set("tokenizer.ggml.model", Value::String("gpt2".into()));
+    set("tokenizer.ggml.pre", Value::String("smollm".into()));
+    set("tokenizer.ggml.tokens", Value::Array(Array::String(tokens)));
+    set("tokenizer.ggml.token_type", Value::Array(Array::I32(types)));
+    set(
+        "tokenizer.ggml.merges",
+        Value::Array(Array::String(Vec::new())),
+    );
+    set("tokenizer.ggml.bos_token_id", Value::U32(257));
+    set("tokenizer.ggml.eos_token_id", Value::U32(258));
+    set("tokenizer.ggml.add_bos_token", Value::Bool(false));
+    set(
+        "tokenizer.chat_template",
+        Value::String(
+            "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+                .into(),
+        ),
+    );
+    Tokenizer::from_gguf(&md).expect("a valid vocabulary")
 }
 
 #[cfg(test)]
