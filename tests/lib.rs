@@ -18,7 +18,10 @@ pub fn default_model() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let dir = models::default_models_dir();
-        models::resolve(DEFAULT_MODEL, &dir, PathPolicy::Refuse)
+        let python = powerinfer_daemon::settings::Settings::from_env()
+            .map(|s| s.python)
+            .unwrap_or_else(|e| panic!("{e}"));
+        models::resolve(DEFAULT_MODEL, &dir, PathPolicy::Refuse, &python)
             .unwrap_or_else(|e| panic!("the default model is needed by this test: {e}"))
     })
 }

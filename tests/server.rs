@@ -30,6 +30,7 @@ pub fn test_config(models_dir: &Path) -> ServeConfig {
         drain_timeout: Duration::from_secs(20),
         otlp_endpoint: None,
         preload: Vec::new(),
+        python: "python3".into(),
     }
 }
 

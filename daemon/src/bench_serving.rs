@@ -96,6 +96,7 @@ async fn local_server(
         drain_timeout: Duration::from_secs(5),
         otlp_endpoint: None,
         preload: Vec::new(),
+        python: "python3".into(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {

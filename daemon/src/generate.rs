@@ -88,6 +88,8 @@ pub struct SessionOptions {
     pub numerics: Numerics,
     /// How the FFN neurons of every token are chosen.
     pub sparsity: SparsityMode,
+    /// Time each stage of the forward pass (see [`Session::profile`]).
+    pub profile: bool,
 }
 
 impl SessionOptions {
@@ -99,6 +101,7 @@ impl SessionOptions {
             kv_type: KvType::F16,
             numerics: Numerics::Precise,
             sparsity: SparsityMode::Dense,
+            profile: false,
         }
     }
 
@@ -167,7 +170,11 @@ impl<'m> Session<'m> {
             tokenizer: &loaded.tokenizer,
             pool,
             kv,
-            scratch: Scratch::new(opts.numerics),
+            scratch: {
+                let mut s = Scratch::new(opts.numerics);
+                s.profile = crate::model::Profile::new(opts.profile);
+                s
+            },
             device: loaded.device.as_ref(),
             device_buffers: Default::default(),
             logits: Vec::new(),

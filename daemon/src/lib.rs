@@ -20,4 +20,5 @@ pub mod prepare;
 pub mod progress;
 pub mod sampler;
 pub mod server;
+pub mod settings;
 pub mod tokenizer;

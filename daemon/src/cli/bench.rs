@@ -12,6 +12,7 @@ use super::common::{DeviceArgs, NumericsArg, SparsityArg, default_threads, load_
 use super::exit;
 use crate::bench::{Test, run_test};
 use crate::generate::SessionOptions;
+use crate::settings::Settings;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -64,7 +65,7 @@ pub struct BenchArgs {
     pub models_dir: Option<PathBuf>,
 }
 
-pub fn run(a: &BenchArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+pub fn run(a: &BenchArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     if a.repetitions == 0 {
         let _ = writeln!(err, "error: --repetitions must be at least 1");
         return exit::BAD_INPUT;
@@ -81,8 +82,8 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     sizing.numerics = a.numerics.into();
     let opts = a
         .device
-        .load_options(a.sparsity.into(), sizing.device_sizing());
-    let (path, loaded) = match load_model(&a.model, a.models_dir.as_deref(), &opts, err) {
+        .load_options(a.sparsity.into(), sizing.device_sizing(), s);
+    let (path, loaded) = match load_model(&a.model, a.models_dir.as_deref(), &opts, s, err) {
         Ok(m) => m,
         Err(code) => return code,
     };
@@ -139,6 +140,7 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     for &t in &threads {
         for &test in &tests {
             let mut opts = SessionOptions::new(1, t.max(1));
+            opts.profile = s.profile;
             opts.numerics = a.numerics.into();
             opts.sparsity = a.sparsity.into();
             let r = match run_test(&loaded, test, a.repetitions, opts, 1234) {

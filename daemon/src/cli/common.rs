@@ -11,6 +11,7 @@ use crate::model::placement::DeviceSizing;
 use crate::model::{LoadOptions, LoadedModel, SparsityMode};
 use crate::models::{self, PathPolicy};
 use crate::sampler::SamplerConfig;
+use crate::settings::Settings;
 
 /// Sampling flags (the same on `run` and `pictl generate`).
 #[derive(Args, Clone, Debug)]
@@ -82,8 +83,14 @@ pub struct DeviceArgs {
 
 impl DeviceArgs {
     /// Load options for `sparsity` on this device, its caches sized by `sizing`.
-    pub fn load_options(&self, sparsity: SparsityMode, sizing: DeviceSizing) -> LoadOptions {
+    pub fn load_options(
+        &self,
+        sparsity: SparsityMode,
+        sizing: DeviceSizing,
+        settings: &Settings,
+    ) -> LoadOptions {
         LoadOptions {
+            tuning: settings.tuning,
             sparsity,
             device: self.device.clone().unwrap_or_else(|| "cpu".into()),
             vram_budget: self.vram_budget,
@@ -99,9 +106,10 @@ pub fn load_model(
     reference: &str,
     models_dir: Option<&Path>,
     opts: &LoadOptions,
+    settings: &Settings,
     err: &mut dyn Write,
 ) -> Result<(PathBuf, LoadedModel), u8> {
-    let path = resolve_model(reference, models_dir, err)?;
+    let path = resolve_model(reference, models_dir, settings, err)?;
     let loaded = crate::model::open(&path, opts).map_err(|e| {
         let _ = writeln!(err, "error: {}: {e}", path.display());
         exit::BAD_INPUT
@@ -120,9 +128,10 @@ pub fn place_loaded(
     args: &DeviceArgs,
     sparsity: SparsityMode,
     sizing: DeviceSizing,
+    settings: &Settings,
     err: &mut dyn Write,
 ) -> Result<(), u8> {
-    let opts = args.load_options(sparsity, sizing);
+    let opts = args.load_options(sparsity, sizing, settings);
     let device = crate::device::open(&opts.device, opts.vram_budget).map_err(|e| {
         let _ = writeln!(err, "error: {e}");
         exit::BAD_INPUT
@@ -168,10 +177,11 @@ pub fn report_placement(
 pub fn resolve_model(
     reference: &str,
     models_dir: Option<&Path>,
+    settings: &Settings,
     err: &mut dyn Write,
 ) -> Result<PathBuf, u8> {
     let dir = models_dir.map_or_else(models::default_models_dir, Path::to_path_buf);
-    models::resolve(reference, &dir, PathPolicy::Allow).map_err(|e| {
+    models::resolve(reference, &dir, PathPolicy::Allow, &settings.python).map_err(|e| {
         let _ = writeln!(err, "error: {e}");
         exit::BAD_INPUT
     })

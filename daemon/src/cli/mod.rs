@@ -20,6 +20,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::settings::Settings;
+
 /// Exit statuses.
 pub mod exit {
     pub const OK: u8 = 0;
@@ -90,15 +92,24 @@ where
             return exit::OK;
         }
     };
+    // The environment's settings, read once (the server reads its own with its file).
+    let s = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            return exit::BAD_INPUT;
+        }
+    };
+    s.apply();
     match cli.command {
         Command::Inspect { file, json } => inspect::run(&file, json, out, err),
-        Command::Run(a) => run::run(&a, out, err),
-        Command::Tokenize(a) => tokenize::run(&a, out, err),
-        Command::Perplexity(a) => perplexity::run(&a, out, err),
-        Command::Prepare(a) => prepare::run(&a, out, err),
-        Command::Place(a) => place::run(&a, out, err),
-        Command::Bench(a) => bench::run(&a, out, err),
-        Command::Pull(a) => pull::run(&a, out, err),
+        Command::Run(a) => run::run(&a, &s, out, err),
+        Command::Tokenize(a) => tokenize::run(&a, &s, out, err),
+        Command::Perplexity(a) => perplexity::run(&a, &s, out, err),
+        Command::Prepare(a) => prepare::run(&a, &s, out, err),
+        Command::Place(a) => place::run(&a, &s, out, err),
+        Command::Bench(a) => bench::run(&a, &s, out, err),
+        Command::Pull(a) => pull::run(&a, &s, out, err),
         Command::Serve(a) => serve::run(&a, err),
     }
 }

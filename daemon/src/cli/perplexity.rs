@@ -9,6 +9,7 @@ use super::common::{DeviceArgs, SparsityArg, default_threads, load_model};
 use super::exit;
 use crate::generate::{Session, SessionOptions};
 use crate::perplexity::{PerplexityError, perplexity};
+use crate::settings::Settings;
 
 #[derive(Args, Debug)]
 pub struct PerplexityArgs {
@@ -29,7 +30,7 @@ pub struct PerplexityArgs {
     pub models_dir: Option<PathBuf>,
 }
 
-pub fn run(a: &PerplexityArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+pub fn run(a: &PerplexityArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let text = match std::fs::read(&a.file) {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
         Err(e) => {
@@ -44,8 +45,8 @@ pub fn run(a: &PerplexityArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     };
     let opts = a
         .device
-        .load_options(a.sparsity.into(), session_opts.device_sizing());
-    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), &opts, err) {
+        .load_options(a.sparsity.into(), session_opts.device_sizing(), s);
+    let (_, loaded) = match load_model(&a.model, a.models_dir.as_deref(), &opts, s, err) {
         Ok(m) => m,
         Err(code) => return code,
     };

@@ -8,9 +8,10 @@ use clap::Args;
 
 use super::common::resolve_model;
 use super::exit;
-use crate::generate::LoadedModel;
+use crate::model::KvType;
+use crate::model::LoadOptions;
 use crate::model::placement::{self, DeviceProfile};
-use crate::model::{KvType, SparsityMode};
+use crate::settings::Settings;
 
 #[derive(Args, Debug)]
 pub struct PlaceArgs {
@@ -65,14 +66,18 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-pub fn run(a: &PlaceArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let path = match resolve_model(&a.model, a.models_dir.as_deref(), err) {
+pub fn run(a: &PlaceArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let path = match resolve_model(&a.model, a.models_dir.as_deref(), s, err) {
         Ok(p) => p,
         Err(code) => return code,
     };
     // The neuron-major form is what hot neurons are uploaded in; its bytes are the ones
     // that count.
-    let loaded = match LoadedModel::load_for(&path, SparsityMode::Dense) {
+    let opts = LoadOptions {
+        tuning: s.tuning,
+        ..LoadOptions::default()
+    };
+    let loaded = match crate::model::open(&path, &opts) {
         Ok(mut l) => {
             l.model.ensure_neuron_form();
             l

@@ -8,10 +8,11 @@ use clap::Args;
 
 use super::common::{default_threads, resolve_model};
 use super::exit;
-use crate::generate::LoadedModel;
+use crate::model::LoadOptions;
 use crate::model::sidecar;
 use crate::prepare::{PrepareError, PrepareOptions, TrainConfig, prepare};
 use crate::progress::Progress;
+use crate::settings::Settings;
 
 #[derive(Args, Debug)]
 pub struct PrepareArgs {
@@ -52,8 +53,8 @@ pub struct PrepareArgs {
     pub models_dir: Option<PathBuf>,
 }
 
-pub fn run(a: &PrepareArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let path = match resolve_model(&a.model, a.models_dir.as_deref(), err) {
+pub fn run(a: &PrepareArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let path = match resolve_model(&a.model, a.models_dir.as_deref(), s, err) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -68,7 +69,13 @@ pub fn run(a: &PrepareArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         let _ = writeln!(err, "error: --recall and --held-out must be in [0, 1)");
         return exit::BAD_INPUT;
     }
-    let loaded = match LoadedModel::load_without_sidecar(&path) {
+    // The model alone: what calibration measures is without any earlier sidecar.
+    let opts = LoadOptions {
+        sidecar: false,
+        tuning: s.tuning,
+        ..LoadOptions::default()
+    };
+    let loaded = match crate::model::open(&path, &opts) {
         Ok(l) => l,
         Err(e) => {
             let _ = writeln!(err, "error: {}: {e}", path.display());

@@ -1,6 +1,8 @@
 //! `powerinferd pull ALIAS-OR-URL`: put a model into the models directory.
 
 use std::io::Write;
+
+use crate::settings::Settings;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -22,14 +24,14 @@ pub struct PullArgs {
     pub models_dir: Option<PathBuf>,
 }
 
-pub fn run(a: &PullArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+pub fn run(a: &PullArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let dir = a
         .models_dir
         .clone()
         .unwrap_or_else(models::default_models_dir);
     if let Some(entry) = catalog::lookup(&a.source) {
         let dest = dir.join(entry.file_name());
-        if let Err(e) = models::fetch(entry, &dest) {
+        if let Err(e) = models::fetch(entry, &dest, &s.python) {
             let _ = writeln!(err, "error: {e}");
             return exit::FAILURE;
         }

@@ -13,6 +13,7 @@ use super::common::{
 use super::exit;
 use crate::generate::{FinishReason, GenParams, GenerateError, Session, SessionOptions};
 use crate::model::LoadOptions;
+use crate::settings::Settings;
 use crate::tokenizer::{ChatMessage, TokenizerError};
 
 #[derive(Args, Debug)]
@@ -57,12 +58,13 @@ pub struct RunArgs {
     pub models_dir: Option<PathBuf>,
 }
 
-pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+pub fn run(a: &RunArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let host = LoadOptions {
         sparsity: a.sparsity.into(),
+        tuning: s.tuning,
         ..LoadOptions::default()
     };
-    let (path, mut loaded) = match load_model(&a.model, a.models_dir.as_deref(), &host, err) {
+    let (path, mut loaded) = match load_model(&a.model, a.models_dir.as_deref(), &host, s, err) {
         Ok(m) => m,
         Err(code) => return code,
     };
@@ -108,6 +110,7 @@ pub fn run(a: &RunArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         &a.device,
         a.sparsity.into(),
         session_opts.device_sizing(),
+        s,
         err,
     ) {
         return code;

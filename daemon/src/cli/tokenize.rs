@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::common::load_model;
 use super::exit;
+use crate::settings::Settings;
 
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
@@ -23,11 +24,15 @@ pub struct TokenizeArgs {
     pub models_dir: Option<PathBuf>,
 }
 
-pub fn run(a: &TokenizeArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+pub fn run(a: &TokenizeArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let (_, loaded) = match load_model(
         &a.model,
         a.models_dir.as_deref(),
-        &crate::model::LoadOptions::default(),
+        &crate::model::LoadOptions {
+            tuning: s.tuning,
+            ..Default::default()
+        },
+        s,
         err,
     ) {
         Ok(m) => m,

@@ -110,6 +110,7 @@ impl Engine {
             sparsity: opts.sparsity,
             device: opts.device.clone(),
             vram_budget: opts.vram_budget,
+            tuning: opts.tuning,
             sizing: DeviceSizing {
                 n_ctx: opts.n_ctx.max(1),
                 n_seq: opts.max_sequences,

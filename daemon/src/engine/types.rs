@@ -7,7 +7,7 @@ use powerinfer_ops::quant::Numerics;
 
 use crate::device::DeviceOpenError;
 use crate::ids::TokenId;
-use crate::model::{KvType, LoadError};
+use crate::model::{KvType, LoadError, Tuning};
 use crate::sampler::SamplerConfig;
 use crate::tokenizer::ChatMessage;
 
@@ -106,6 +106,8 @@ pub struct EngineOptions {
     /// `cpu`, `sim[:BYTES]`, `cuda:N`, `hip:N`.
     pub device: String,
     pub vram_budget: u64,
+    /// How the model is loaded (from the environment, see `crate::settings`).
+    pub tuning: Tuning,
 }
 
 impl Default for EngineOptions {
@@ -123,6 +125,7 @@ impl Default for EngineOptions {
             sparsity: SparsityMode::Dense,
             device: "cpu".into(),
             vram_budget: 0,
+            tuning: Tuning::default(),
         }
     }
 }

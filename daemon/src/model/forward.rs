@@ -50,7 +50,7 @@ pub struct Model {
     /// row of the row-major matrices and zeroes `h` outside its set, rather than the
     /// scattered rows of its active neurons: the same values rounded in another order,
     /// used where the file has `ffn_down` and the layer has no hot side. Default
-    /// [`MASKED_MIN_FRACTION`] or [`MASKED_MIN_ENV`]; above 1, never.
+    /// [`MASKED_MIN_FRACTION`] (see `Tuning`); above 1, never.
     pub masked_min_fraction: f64,
     rope: Rope,
 }
@@ -109,7 +109,7 @@ impl Scratch {
             logits: Vec::new(),
             active_counts: Vec::new(),
             hot_counts: Vec::new(),
-            profile: Profile::new(std::env::var_os("POWERINFER_PROFILE").is_some()),
+            profile: Profile::default(),
             capture: None,
         }
     }
@@ -146,7 +146,7 @@ impl Model {
         Ok(Self {
             partition: Partition::host(config.n_layer),
             neuron_order: None,
-            masked_min_fraction: ffn::masked_min_fraction()?,
+            masked_min_fraction: MASKED_MIN_FRACTION,
             config,
             weights,
             sparsity,
@@ -355,7 +355,7 @@ fn load_file_sparsity(file: &GgufFile, c: &ModelConfig) -> Result<SparsityData, 
             }
         }
     }
-    let mut threshold = match file.metadata().get(key::SPARSE_THRESHOLD) {
+    let threshold = match file.metadata().get(key::SPARSE_THRESHOLD) {
         None => 0.0,
         Some(v) => v.as_f32().ok_or_else(|| LoadError::BadKey {
             key: key::SPARSE_THRESHOLD.into(),
@@ -363,13 +363,6 @@ fn load_file_sparsity(file: &GgufFile, c: &ModelConfig) -> Result<SparsityData, 
             expected: "a float".into(),
         })?,
     };
-    if let Ok(v) = std::env::var(key::SPARSE_THRESHOLD_ENV) {
-        threshold = v.trim().parse().map_err(|_| LoadError::BadKey {
-            key: key::SPARSE_THRESHOLD_ENV.into(),
-            value: v.clone(),
-            expected: "a float".into(),
-        })?;
-    }
     let has = !predictors.is_empty();
     Ok(SparsityData {
         predictors: has.then_some(predictors),

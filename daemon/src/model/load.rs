@@ -14,7 +14,7 @@ use powerinfer_ops::storage;
 
 use super::placement::{self, DeviceSizing, Placement};
 use super::sparsity::SparsityMode;
-use super::{LoadError, Model, sidecar};
+use super::{LoadError, MASKED_MIN_FRACTION, Model, sidecar};
 use crate::device::DeviceOpenError;
 use crate::tokenizer::Tokenizer;
 
@@ -26,7 +26,7 @@ pub struct LoadOptions {
     pub sparsity: SparsityMode,
     /// Read `NAME.sparsity.gguf` when it exists (calibration reads the model without it).
     pub sidecar: bool,
-    pub memory: FileMemory,
+    pub tuning: Tuning,
     /// `cpu`, `sim[:BYTES]`, `cuda:N`, `hip:N`.
     pub device: String,
     /// Device memory for the placement (`sim:BYTES` names its own).
@@ -40,7 +40,7 @@ impl Default for LoadOptions {
         Self {
             sparsity: SparsityMode::Dense,
             sidecar: true,
-            memory: weight_memory(),
+            tuning: Tuning::default(),
             device: "cpu".into(),
             vram_budget: 0,
             sizing: DeviceSizing {
@@ -53,12 +53,33 @@ impl Default for LoadOptions {
     }
 }
 
-/// How model weights are held (see [`FileMemory`]): read into memory in huge pages where
-/// the system offers transparent huge pages, unless `POWERINFER_MMAP=1` asks for a map of
-/// the file (less memory per process: the page cache's copy is shared); mapped otherwise.
+/// Settings of loading that the operator tunes (from the environment, see
+/// `crate::settings`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tuning {
+    /// How the weights are held: read into memory in huge pages where the system offers
+    /// transparent huge pages (the default there), or mapped (less memory per process:
+    /// the page cache's copy is shared).
+    pub memory: FileMemory,
+    /// See [`Model::masked_min_fraction`].
+    pub masked_min_fraction: f64,
+    /// A predictor threshold over the file's and the sidecar's.
+    pub predictor_threshold: Option<f32>,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            memory: weight_memory(),
+            masked_min_fraction: MASKED_MIN_FRACTION,
+            predictor_threshold: None,
+        }
+    }
+}
+
+/// Huge-page reads where the system offers transparent huge pages, else a map.
 pub fn weight_memory() -> FileMemory {
-    let map = std::env::var("POWERINFER_MMAP").is_ok_and(|v| v == "1");
-    if !map && storage::huge_pages_available() {
+    if storage::huge_pages_available() {
         FileMemory::Read
     } else {
         FileMemory::Map
@@ -114,11 +135,15 @@ pub fn open_on(
 
 /// The model and its vocabulary, on the host.
 fn open_host(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
-    let file = GgufFile::open_as(path, opts.memory)?;
+    let file = GgufFile::open_as(path, opts.tuning.memory)?;
     let mut model = Model::load(&file)?;
     let side = sidecar::path_for(path);
     if opts.sidecar && side.exists() {
         sidecar::read(&side, &mut model)?;
+    }
+    model.masked_min_fraction = opts.tuning.masked_min_fraction;
+    if let Some(t) = opts.tuning.predictor_threshold {
+        model.sparsity.predictor_threshold = t;
     }
     if opts.sparsity != SparsityMode::Dense {
         model.ensure_neuron_form();

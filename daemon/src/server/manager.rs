@@ -69,6 +69,8 @@ pub struct ModelManager {
     models_dir: PathBuf,
     paths: PathPolicy,
     defaults: EngineOptions,
+    /// The Python that fetches catalog models.
+    python: String,
     /// Shared with the tasks that watch each engine's health.
     loaded: Arc<RwLock<BTreeMap<String, Arc<Engine>>>>,
     load_lock: tokio::sync::Mutex<()>,
@@ -98,6 +100,7 @@ impl ModelManager {
         models_dir: PathBuf,
         allow_paths: bool,
         defaults: EngineOptions,
+        python: String,
         health: HealthReporter,
     ) -> Self {
         Self {
@@ -108,6 +111,7 @@ impl ModelManager {
                 PathPolicy::Refuse
             },
             defaults,
+            python,
             loaded: Arc::new(RwLock::new(BTreeMap::new())),
             load_lock: tokio::sync::Mutex::new(()),
             events: std::sync::Mutex::new(Some(broadcast::channel(EVENT_BACKLOG).0)),
@@ -305,7 +309,8 @@ impl ModelManager {
         opts: EngineOptions,
     ) -> Result<Engine, ServerError> {
         let (dir, paths, r) = (self.models_dir.clone(), self.paths, reference.to_owned());
-        let path = tokio::task::spawn_blocking(move || models::resolve(&r, &dir, paths))
+        let python = self.python.clone();
+        let path = tokio::task::spawn_blocking(move || models::resolve(&r, &dir, paths, &python))
             .await
             .map_err(|e| ServerError::Internal(format!("resolving the model: {e}")))??;
         self.emit(ModelEvent::Loading {

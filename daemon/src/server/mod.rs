@@ -55,6 +55,7 @@ pub async fn serve(
         config.models_dir.clone(),
         config.allow_paths,
         config.engine.clone(),
+        config.python.clone(),
         health.clone(),
     ));
     let shared = Arc::new(Shared {

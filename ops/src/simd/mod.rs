@@ -73,16 +73,23 @@ pub fn hardware_level() -> SimdLevel {
     *LEVEL.get_or_init(probe)
 }
 
-/// The level kernels run at: the hardware level, capped by the environment variable
-/// `POWERINFER_SIMD` (`scalar`, `avx2`, `avx512`, `avx512vnni`) when set.
+/// The cap [`limit`] set, if any.
+static LIMIT: OnceLock<SimdLevel> = OnceLock::new();
+
+/// Caps the level kernels run at for the rest of the process (for comparisons: the
+/// binary's `POWERINFER_SIMD` setting). Call before the first kernel runs; a later call
+/// is refused (the level a kernel ran at must not change under it).
+pub fn limit(cap: SimdLevel) -> Result<(), SimdLevel> {
+    LIMIT.set(cap)?;
+    Ok(())
+}
+
+/// The level kernels run at: the hardware level, capped by [`limit`].
 pub fn detected() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {
         let hw = hardware_level();
-        std::env::var("POWERINFER_SIMD")
-            .ok()
-            .and_then(|v| SimdLevel::parse(v.trim()))
-            .map_or(hw, |cap| cap.min(hw))
+        LIMIT.get().map_or(hw, |&cap| cap.min(hw))
     })
 }
 

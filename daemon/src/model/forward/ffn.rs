@@ -16,10 +16,10 @@ use powerinfer_ops::tensor::{Activations, Matrix};
 use powerinfer_ops::transformer::{self, FfnScratch, NeuronFfn, PredictorScratch};
 
 use super::{BatchToken, Model, Scratch, sized};
+use crate::model::ForwardError;
 use crate::model::config::FfnKind;
 use crate::model::sparsity::SparsityMode;
 use crate::model::weights::LayerWeights;
-use crate::model::{ForwardError, LoadError};
 
 /// Rows scattered over memory cost about twice as much per byte as rows streamed in
 /// order (the hardware prefetchers fetch the skipped rows too), so on SmolLM2 a token
@@ -32,25 +32,10 @@ use crate::model::{ForwardError, LoadError};
 /// token's numbers never depend on the size of the batch it is computed in.
 pub const MASKED_MIN_FRACTION: f64 = 0.4;
 
-/// Overrides [`MASKED_MIN_FRACTION`] for the models loaded in this process (a value
-/// above 1 turns the masked path off), for measuring the crossover.
+/// The environment variable that overrides [`MASKED_MIN_FRACTION`] for the models a
+/// command loads (a value above 1 turns the masked path off), for measuring the
+/// crossover; read by `crate::settings`.
 pub const MASKED_MIN_ENV: &str = "POWERINFER_MASKED_MIN";
-
-/// [`MASKED_MIN_FRACTION`], or [`MASKED_MIN_ENV`] when set.
-pub(super) fn masked_min_fraction() -> Result<f64, LoadError> {
-    std::env::var(MASKED_MIN_ENV).map_or(Ok(MASKED_MIN_FRACTION), |v| parse_masked_min(&v))
-}
-
-fn parse_masked_min(v: &str) -> Result<f64, LoadError> {
-    match v.trim().parse::<f64>() {
-        Ok(f) if f >= 0.0 => Ok(f),
-        _ => Err(LoadError::BadKey {
-            key: MASKED_MIN_ENV.into(),
-            value: v.into(),
-            expected: "a fraction of neurons, 0 or more".into(),
-        }),
-    }
-}
 
 /// Which side of a layer's neurons.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -559,21 +544,5 @@ fn gate_activation(kind: FfnKind, gate: &mut [f32], up: &[f32]) {
         FfnKind::ReGlu => nn::relu_mul(gate, up),
         FfnKind::DRelu => nn::dual_relu_mul(gate, up),
         FfnKind::GeGlu => nn::gelu_mul(gate, up),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_masked_crossover_override_takes_fractions_and_refuses_the_rest() {
-        assert_eq!(parse_masked_min("0.25").unwrap(), 0.25);
-        assert_eq!(parse_masked_min(" 2 ").unwrap(), 2.0);
-        assert_eq!(parse_masked_min("0").unwrap(), 0.0);
-        for bad in ["", "half", "-0.1", "NaN"] {
-            let e = parse_masked_min(bad).unwrap_err().to_string();
-            assert!(e.contains(MASKED_MIN_ENV), "{bad:?}: {e}");
-        }
     }
 }
