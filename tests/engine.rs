@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use powerinfer_daemon::engine::{
     Engine, EngineError, EngineOptions, FinishReason, GenerateSpec, Input, StreamItem,
 };
-use powerinfer_daemon::generate::{GenParams, LoadedModel, Session, SessionOptions};
+use powerinfer_daemon::generation::sampler::SamplerConfig;
+use powerinfer_daemon::generation::{GenParams, LoadedModel, Session, SessionOptions};
 use powerinfer_daemon::ids::TokenId;
-use powerinfer_daemon::sampler::SamplerConfig;
 use powerinfer_ops::quant::WeightType;
 use powerinfer_tests::TempDir;
 use powerinfer_tests::synth::Spec;

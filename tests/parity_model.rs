@@ -3,10 +3,10 @@
 //! first-step logits, free-running greedy continuations, teacher-forced agreement, and
 //! perplexity of GPL-3 at n_ctx 512.
 
-use powerinfer_daemon::generate::{FinishReason, GenParams, Session, SessionOptions};
+use powerinfer_daemon::generation::sampler::SamplerConfig;
+use powerinfer_daemon::generation::{FinishReason, GenParams, Session, SessionOptions};
 use powerinfer_daemon::ids::TokenId;
-use powerinfer_daemon::perplexity::perplexity;
-use powerinfer_daemon::sampler::SamplerConfig;
+use powerinfer_daemon::tools::perplexity::perplexity;
 use powerinfer_tests::{default_loaded, fixture_json, ids};
 
 /// First-step top-10 logits may differ by this much (correct implementations: <= 0.55).

@@ -2,7 +2,7 @@
 //! order and the per-layer minimum; gpuidx files round-trip, PowerInfer-style files are
 //! read by position, and hostile ones are refused with a reason.
 
-use powerinfer_daemon::generate::LoadedModel;
+use powerinfer_daemon::generation::LoadedModel;
 use powerinfer_daemon::model::placement::{self, DeviceProfile};
 use powerinfer_daemon::model::sidecar::{self, SidecarData};
 use powerinfer_daemon::model::{KvType, SparsityMode};

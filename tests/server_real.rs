@@ -3,13 +3,13 @@
 //! its run alone.
 
 use powerinfer_client::{Client, chat_request, greedy, proto, text_request};
-use powerinfer_daemon::models::{self, DEFAULT_MODEL};
+use powerinfer_daemon::store::{self, DEFAULT_MODEL};
 use powerinfer_tests::server::{TestServer, test_config};
 use powerinfer_tests::{default_model, powerinferd};
 
 fn server(max_sequences: usize) -> TestServer {
     default_model(); // fetched before the server looks for it
-    let mut config = test_config(&models::default_models_dir());
+    let mut config = test_config(&store::default_models_dir());
     config.engine.max_sequences = max_sequences;
     config.engine.max_queue = 16;
     config.engine.threads = 2;

@@ -2,7 +2,7 @@
 //! ReLU-gated models, a request's numbers do not depend on its batch neighbours' modes,
 //! and the sidecar is read, checked and required where a mode needs it.
 
-use powerinfer_daemon::generate::LoadedModel;
+use powerinfer_daemon::generation::LoadedModel;
 use powerinfer_daemon::ids::{SeqSlot, TokenId};
 use powerinfer_daemon::model::sidecar::{self, PredictorData, SidecarData};
 use powerinfer_daemon::model::{BatchToken, KvCache, KvType, Model, Scratch, SparsityMode};

@@ -10,9 +10,9 @@ use serde_json::json;
 use super::bench_serving as serving;
 use super::common::{DeviceArgs, NumericsArg, SparsityArg, default_threads, load_model};
 use super::exit;
-use crate::bench::{Test, run_test};
-use crate::generate::SessionOptions;
+use crate::generation::SessionOptions;
 use crate::settings::Settings;
+use crate::tools::bench::{Test, run_test};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -170,7 +170,7 @@ pub fn run(a: &BenchArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write
                 "model_type": name,
                 "model_size": size,
                 "model_n_params": n_params,
-                "n_batch": crate::generate::PREFILL_BATCH,
+                "n_batch": crate::generation::PREFILL_BATCH,
                 "n_threads": r.n_threads,
                 "type_k": "f16",
                 "type_v": "f16",
@@ -198,11 +198,11 @@ pub fn run(a: &BenchArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write
     exit::OK
 }
 
-fn count_params(loaded: &crate::generate::LoadedModel) -> u64 {
+fn count_params(loaded: &crate::generation::LoadedModel) -> u64 {
     loaded.model.weights.n_params()
 }
 
-fn model_label(path: &Path, loaded: &crate::generate::LoadedModel) -> String {
+fn model_label(path: &Path, loaded: &crate::generation::LoadedModel) -> String {
     let stem = path
         .file_stem()
         .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());

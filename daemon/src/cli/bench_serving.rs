@@ -1,5 +1,5 @@
 //! `powerinferd bench --pipeline` and `--server`: tables (or JSON) of the serving
-//! benchmarks in `crate::bench_serving`.
+//! benchmarks in `crate::tools::bench_serving`.
 
 use std::io::Write;
 use std::path::Path;
@@ -7,8 +7,8 @@ use std::path::Path;
 use serde_json::json;
 
 use super::exit;
-use crate::bench_serving::{self, median};
-use crate::generate::LoadedModel;
+use crate::generation::LoadedModel;
+use crate::tools::bench_serving::{self, median};
 
 #[allow(clippy::too_many_arguments)]
 pub fn pipeline(

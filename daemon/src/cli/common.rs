@@ -7,11 +7,11 @@ use clap::{Args, ValueEnum};
 use powerinfer_ops::quant::Numerics;
 
 use super::exit;
+use crate::generation::sampler::SamplerConfig;
 use crate::model::placement::DeviceSizing;
 use crate::model::{LoadOptions, LoadedModel, SparsityMode};
-use crate::models::{self, PathPolicy};
-use crate::sampler::SamplerConfig;
 use crate::settings::Settings;
+use crate::store::{self, PathPolicy};
 
 /// Sampling flags (the same on `run` and `pictl generate`).
 #[derive(Args, Clone, Debug)]
@@ -56,7 +56,9 @@ impl SamplingArgs {
             frequency_penalty: self.frequency_penalty,
             presence_penalty: self.presence_penalty,
             penalty_last_n: self.penalty_last_n,
-            seed: self.seed.unwrap_or_else(crate::sampler::random_seed),
+            seed: self
+                .seed
+                .unwrap_or_else(crate::generation::sampler::random_seed),
             n_logprobs,
         }
     }
@@ -180,8 +182,8 @@ pub fn resolve_model(
     settings: &Settings,
     err: &mut dyn Write,
 ) -> Result<PathBuf, u8> {
-    let dir = models_dir.map_or_else(models::default_models_dir, Path::to_path_buf);
-    models::resolve(reference, &dir, PathPolicy::Allow, &settings.python).map_err(|e| {
+    let dir = models_dir.map_or_else(store::default_models_dir, Path::to_path_buf);
+    store::resolve(reference, &dir, PathPolicy::Allow, &settings.python).map_err(|e| {
         let _ = writeln!(err, "error: {e}");
         exit::BAD_INPUT
     })

@@ -6,7 +6,7 @@ use std::path::Path;
 use powerinfer_ops::gguf::{GgufError, GgufFile};
 
 use super::exit;
-use crate::inspect;
+use crate::tools::inspect;
 
 pub fn run(path: &Path, json: bool, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let file = match GgufFile::open(path) {

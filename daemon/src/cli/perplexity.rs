@@ -7,9 +7,9 @@ use clap::Args;
 
 use super::common::{DeviceArgs, SparsityArg, default_threads, load_model};
 use super::exit;
-use crate::generate::{Session, SessionOptions};
-use crate::perplexity::{PerplexityError, perplexity};
+use crate::generation::{Session, SessionOptions};
 use crate::settings::Settings;
+use crate::tools::perplexity::{PerplexityError, perplexity};
 
 #[derive(Args, Debug)]
 pub struct PerplexityArgs {

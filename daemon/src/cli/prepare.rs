@@ -10,9 +10,9 @@ use super::common::{default_threads, resolve_model};
 use super::exit;
 use crate::model::LoadOptions;
 use crate::model::sidecar;
-use crate::prepare::{PrepareError, PrepareOptions, TrainConfig, prepare};
 use crate::progress::Progress;
 use crate::settings::Settings;
+use crate::tools::prepare::{PrepareError, PrepareOptions, TrainConfig, prepare};
 
 #[derive(Args, Debug)]
 pub struct PrepareArgs {

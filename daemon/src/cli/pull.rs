@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::exit;
-use crate::models::{self, catalog, download};
+use crate::store::{self, catalog, download};
 
 #[derive(Args, Debug)]
 pub struct PullArgs {
@@ -28,10 +28,10 @@ pub fn run(a: &PullArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write)
     let dir = a
         .models_dir
         .clone()
-        .unwrap_or_else(models::default_models_dir);
+        .unwrap_or_else(store::default_models_dir);
     if let Some(entry) = catalog::lookup(&a.source) {
         let dest = dir.join(entry.file_name());
-        if let Err(e) = models::fetch(entry, &dest, &s.python) {
+        if let Err(e) = store::fetch(entry, &dest, &s.python) {
             let _ = writeln!(err, "error: {e}");
             return exit::FAILURE;
         }
@@ -39,7 +39,7 @@ pub fn run(a: &PullArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write)
         return exit::OK;
     }
     if !a.source.contains("://") {
-        let aliases: Vec<_> = models::CATALOG.iter().map(|e| e.alias).collect();
+        let aliases: Vec<_> = store::CATALOG.iter().map(|e| e.alias).collect();
         let _ = writeln!(
             err,
             "error: {:?} is neither a catalog alias ({}) nor a URL",

@@ -11,7 +11,7 @@ use super::common::{
     DeviceArgs, SamplingArgs, SparsityArg, default_threads, load_model, place_loaded,
 };
 use super::exit;
-use crate::generate::{FinishReason, GenParams, GenerateError, Session, SessionOptions};
+use crate::generation::{FinishReason, GenParams, GenerateError, Session, SessionOptions};
 use crate::model::LoadOptions;
 use crate::settings::Settings;
 use crate::tokenizer::{ChatMessage, TokenizerError};

@@ -41,7 +41,7 @@ use self::cold::ColdHandle;
 use self::hot::HotHandle;
 use self::scheduler::{SchedConfig, SchedHandle, SeqRequest, StatsBoard};
 use self::text::TextHandle;
-use crate::generate::LoadedModel;
+use crate::generation::LoadedModel;
 use crate::ids::TokenId;
 use crate::model::placement::DeviceSizing;
 use crate::model::{LoadOptions, Model};

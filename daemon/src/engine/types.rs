@@ -6,9 +6,9 @@ use std::time::Duration;
 use powerinfer_ops::quant::Numerics;
 
 use crate::device::DeviceOpenError;
+use crate::generation::sampler::SamplerConfig;
 use crate::ids::TokenId;
 use crate::model::{KvType, LoadError, Tuning};
-use crate::sampler::SamplerConfig;
 use crate::tokenizer::ChatMessage;
 
 pub use crate::generation::{FinishReason, TokenEvent};

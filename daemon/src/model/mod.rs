@@ -1,5 +1,8 @@
-//! Models: hyper-parameters, weights and the forward pass of the llama family (LLaMA,
-//! Mistral, SmolLM2, ReluLLaMA/ProSparse, Bamboo/TurboSparse).
+//! A model in memory, of the llama family (LLaMA, Mistral, SmolLM2, ReluLLaMA/ProSparse,
+//! Bamboo/TurboSparse): [`Model`] is defined here with what it is made of; its files
+//! loaded by [`open`] ([`load`]), its forward pass on the host ([`forward`]), the
+//! neuron-major form and renumbering ([`neurons`]), where its parts run
+//! ([`partition`], [`placement`]) and its hybrid step with a device ([`hybrid`]).
 
 pub mod config;
 mod forward;
@@ -15,7 +18,7 @@ mod weights;
 
 pub use config::{Arch, FfnKind, ModelConfig};
 pub(crate) use forward::NeuronSide;
-pub use forward::{BatchToken, Capture, MASKED_MIN_ENV, MASKED_MIN_FRACTION, Model, Scratch};
+pub use forward::{BatchToken, Capture, MASKED_MIN_ENV, MASKED_MIN_FRACTION, Scratch};
 pub use load::{LoadOptions, LoadedModel, PlacedDevice, Tuning, open, open_on, weight_memory};
 pub use partition::{LayerPartition, Partition, Side};
 pub use powerinfer_ops::kv::{KvAllocError, KvCache, KvShape, KvType};
@@ -23,8 +26,10 @@ pub use powerinfer_ops::profile::{Profile, Stage};
 pub use sparsity::{Predictor, SparsityData, SparsityMode};
 pub use weights::{LayerWeights, Weights};
 
-use powerinfer_ops::gguf::GgufError;
+use powerinfer_ops::gguf::{GgufError, GgufFile};
+use powerinfer_ops::nn::Rope;
 use powerinfer_ops::tensor::TensorError;
+use powerinfer_ops::transformer::{AttentionBlock, AttentionShape, Head};
 
 use crate::ids::TokenId;
 
@@ -78,4 +83,133 @@ pub enum ForwardError {
     NotOnHost { layer: usize },
     #[error("{0}")]
     Device(powerinfer_ops::device::DeviceError),
+}
+
+/// A loaded model: configuration, weights (mapped from the file), RoPE tables, and where
+/// its parts are computed.
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub sparsity: SparsityData,
+    /// Where each part runs and each layer's hot side (set by
+    /// [`Model::apply_placement`]; everything on the host before).
+    pub partition: Partition,
+    /// The neuron table after [`Model::apply_placement`]: per layer, the file's index of
+    /// each neuron as now numbered (hot ones first). `None`: the file's order.
+    pub neuron_order: Option<Vec<Vec<u32>>>,
+    /// The active share from which a sparse token's FFN reads every gate, up and down
+    /// row of the row-major matrices and zeroes `h` outside its set, rather than the
+    /// scattered rows of its active neurons: the same values rounded in another order,
+    /// used where the file has `ffn_down` and the layer has no hot side. Default
+    /// [`MASKED_MIN_FRACTION`] (see `Tuning`); above 1, never.
+    pub masked_min_fraction: f64,
+    rope: Rope,
+}
+
+impl Model {
+    pub fn load(file: &GgufFile) -> Result<Self, LoadError> {
+        let config = ModelConfig::from_metadata(file.metadata(), file.header().magic)?;
+        let weights = Weights::load(file, &config)?;
+        let sparsity = load_file_sparsity(file, &config)?;
+        let rope = Rope::new(
+            config.n_rot,
+            config.rope_base,
+            config.rope_freq_scale,
+            config.rope_style,
+            weights.rope_freqs.as_deref(),
+        );
+        Ok(Self {
+            partition: Partition::host(config.n_layer),
+            neuron_order: None,
+            masked_min_fraction: MASKED_MIN_FRACTION,
+            config,
+            weights,
+            sparsity,
+            rope,
+        })
+    }
+
+    /// Why `mode` cannot run on this model as loaded, if it cannot.
+    pub fn sparsity_unavailable(&self, mode: SparsityMode) -> Option<String> {
+        if mode != SparsityMode::Dense && !self.has_neuron_form() {
+            return Some(format!(
+                "sparsity mode {mode} was not prepared at load (load the model with it)"
+            ));
+        }
+        self.sparsity.unavailable(mode, self.config.ffn.is_relu())
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    pub fn attention_shape(&self) -> AttentionShape {
+        let c = &self.config;
+        AttentionShape {
+            n_embd: c.n_embd,
+            n_head: c.n_head,
+            n_head_kv: c.n_head_kv,
+            head_dim: c.head_dim,
+            rms_eps: c.rms_eps,
+        }
+    }
+
+    /// Layer `layer`'s attention block as the host holds it.
+    pub fn attention_block(&self, layer: usize) -> AttentionBlock<'_> {
+        let w = &self.weights.layers[layer];
+        AttentionBlock {
+            shape: self.attention_shape(),
+            rope: &self.rope,
+            attn_norm: &w.attn_norm,
+            wq: &w.wq,
+            wk: &w.wk,
+            wv: &w.wv,
+            wo: &w.wo,
+            ffn_norm: &w.ffn_norm,
+        }
+    }
+
+    /// The output head as the host holds it.
+    pub fn head_block(&self) -> Head<'_> {
+        Head {
+            output_norm: &self.weights.output_norm,
+            output: &self.weights.output,
+            rms_eps: self.config.rms_eps,
+        }
+    }
+}
+
+/// The sparsity data a model file carries itself: PowerInfer's predictors and threshold.
+fn load_file_sparsity(file: &GgufFile, c: &ModelConfig) -> Result<SparsityData, LoadError> {
+    let mut predictors = Vec::new();
+    for l in 0..c.n_layer {
+        match weights::predictor(file, c, crate::ids::LayerId(l))? {
+            Some(p) => predictors.push(p),
+            None if predictors.is_empty() => break,
+            None => {
+                return Err(LoadError::MissingTensor {
+                    name: names::Blk::Fc1.name(crate::ids::LayerId(l)),
+                });
+            }
+        }
+    }
+    let threshold = match file.metadata().get(names::key::SPARSE_THRESHOLD) {
+        None => 0.0,
+        Some(v) => v.as_f32().ok_or_else(|| LoadError::BadKey {
+            key: names::key::SPARSE_THRESHOLD.into(),
+            value: format!("{v:?}"),
+            expected: "a float".into(),
+        })?,
+    };
+    let has = !predictors.is_empty();
+    Ok(SparsityData {
+        predictors: has.then_some(predictors),
+        predictor_threshold: threshold,
+        sources: if has {
+            vec!["model file".into()]
+        } else {
+            Vec::new()
+        },
+        ..SparsityData::default()
+    })
 }

@@ -6,7 +6,7 @@ use powerinfer_ops::sparse::NEURON_RANGE;
 use powerinfer_ops::tensor::Matrix;
 
 use super::LoadError;
-use super::forward::Model;
+use super::Model;
 
 /// The weight type of the neuron-major down projection made from a row-major one of type
 /// `wtype` with `n_embd` outputs (the length of the new rows).

@@ -28,7 +28,7 @@ use powerinfer_ops::pod::as_bytes;
 use powerinfer_ops::quant::WeightType;
 use powerinfer_ops::tensor::Matrix;
 
-use super::forward::Model;
+use super::Model;
 use super::weights;
 use super::{LoadError, ModelConfig};
 use crate::ids::LayerId;

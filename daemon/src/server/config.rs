@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use crate::engine::{EngineOptions, SparsityMode};
 use crate::model::KvType;
-use crate::models;
 use crate::settings::Settings;
+use crate::store;
 
 /// The system-wide configuration file, read when it exists and `--config` is not given.
 pub const SYSTEM_CONFIG: &str = "/etc/powerinfer/powerinferd.toml";
@@ -165,7 +165,7 @@ impl ServeConfig {
             .clone()
             .or_else(|| env("POWERINFER_MODELS_DIR").map(PathBuf::from))
             .or(file.models_dir)
-            .unwrap_or_else(models::default_models_dir);
+            .unwrap_or_else(store::default_models_dir);
         let allow_paths = flags.allow_paths
             || env("POWERINFER_ALLOW_PATHS")
                 .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))

@@ -12,8 +12,8 @@ use super::status::ServerError;
 use crate::engine::{
     EngineInfo, FinalEvent, FinishReason, GenerateSpec, Input, SparsityMode, StreamItem, TokenEvent,
 };
+use crate::generation::sampler::{SamplerConfig, random_seed};
 use crate::ids::TokenId;
-use crate::sampler::{SamplerConfig, random_seed};
 use crate::tokenizer::ChatMessage;
 
 fn invalid(msg: impl Into<String>) -> ServerError {

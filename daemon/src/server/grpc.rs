@@ -20,7 +20,7 @@ use super::manager::{ModelManager, model_name, snapshot};
 use super::status::ServerError;
 use crate::engine::{Input, StreamItem};
 use crate::ids::TokenId;
-use crate::models;
+use crate::store;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -270,7 +270,7 @@ fn available_models(dir: &std::path::Path) -> Vec<v1::AvailableModel> {
             {
                 let name = stem.to_string_lossy().into_owned();
                 out.push(v1::AvailableModel {
-                    in_catalog: models::catalog::lookup(&name).is_some(),
+                    in_catalog: store::catalog::lookup(&name).is_some(),
                     downloaded: true,
                     size_bytes: e.metadata().map_or(0, |m| m.len()),
                     path: path.display().to_string(),
@@ -279,7 +279,7 @@ fn available_models(dir: &std::path::Path) -> Vec<v1::AvailableModel> {
             }
         }
     }
-    for entry in models::CATALOG {
+    for entry in store::CATALOG {
         if !out.iter().any(|m| m.name == entry.alias) {
             out.push(v1::AvailableModel {
                 name: entry.alias.to_owned(),

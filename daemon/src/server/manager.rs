@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use super::status::ServerError;
 use crate::engine::{Engine, EngineInfo, EngineOptions, SparsityMode};
-use crate::models::{self, PathPolicy};
+use crate::store::{self, PathPolicy};
 
 /// Events a slow WatchModels client may fall behind by before it misses some.
 const EVENT_BACKLOG: usize = 64;
@@ -310,7 +310,7 @@ impl ModelManager {
     ) -> Result<Engine, ServerError> {
         let (dir, paths, r) = (self.models_dir.clone(), self.paths, reference.to_owned());
         let python = self.python.clone();
-        let path = tokio::task::spawn_blocking(move || models::resolve(&r, &dir, paths, &python))
+        let path = tokio::task::spawn_blocking(move || store::resolve(&r, &dir, paths, &python))
             .await
             .map_err(|e| ServerError::Internal(format!("resolving the model: {e}")))??;
         self.emit(ModelEvent::Loading {

@@ -6,7 +6,7 @@ use tonic::{Code, Status};
 use crate::device::DeviceOpenError;
 use crate::engine::EngineError;
 use crate::model::LoadError;
-use crate::models::ResolveError;
+use crate::store::ResolveError;
 
 /// Why a request to the daemon failed.
 #[derive(Debug, thiserror::Error)]

@@ -29,10 +29,10 @@ use super::activity::Activity;
 use super::types::{
     EngineError, FinalEvent, FinishReason, SparsityMode, SparsityStats, StreamItem, Timings,
 };
+use crate::generation::sampler::SamplerConfig;
 use crate::generation::{Generation, GenerationLimits};
 use crate::ids::{SeqSlot, TokenId};
 use crate::model::BatchToken;
-use crate::sampler::SamplerConfig;
 use crate::tokenizer::Tokenizer;
 
 /// A traced sequence gets a `step` span (with its stages) for its prompt steps and for one

@@ -15,8 +15,9 @@ use powerinfer_ops::sparse::{ActiveSet, SparseFfn, SparseScratch};
 use powerinfer_ops::tensor::{Activations, Matrix};
 use powerinfer_ops::transformer::{self, FfnScratch, NeuronFfn, PredictorScratch};
 
-use super::{BatchToken, Model, Scratch, sized};
+use super::{BatchToken, Scratch, sized};
 use crate::model::ForwardError;
+use crate::model::Model;
 use crate::model::config::FfnKind;
 use crate::model::sparsity::SparsityMode;
 use crate::model::weights::LayerWeights;

@@ -18,8 +18,8 @@ use powerinfer_proto::v1::inference_service_client::InferenceServiceClient;
 use tokio_stream::StreamExt;
 
 use crate::engine::{Engine, EngineOptions, GenerateSpec, Input, StreamItem};
-use crate::generate::{GenParams, LoadedModel, Session, SessionOptions};
-use crate::sampler::SamplerConfig;
+use crate::generation::sampler::SamplerConfig;
+use crate::generation::{GenParams, LoadedModel, Session, SessionOptions};
 use crate::server::{ServeConfig, serve};
 
 /// The prompt of the pipeline benchmark (greedy; SmolLM2 writes on for hundreds of tokens).

@@ -23,7 +23,7 @@ pub mod train;
 
 use std::time::{Duration, Instant};
 
-use crate::generate::{GenerateError, LoadedModel, PREFILL_BATCH, Session, SessionOptions};
+use crate::generation::{GenerateError, LoadedModel, PREFILL_BATCH, Session, SessionOptions};
 use crate::ids::TokenId;
 use crate::model::Capture;
 use crate::model::sidecar::{PredictorData, SidecarData};

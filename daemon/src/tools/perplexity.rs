@@ -2,9 +2,9 @@
 //! `n_ctx` tokens, each evaluated from an empty cache, and the second half of each chunk
 //! is scored (every token predicted with at least `n_ctx / 2` tokens of context).
 
-use crate::generate::{GenerateError, PREFILL_BATCH, Session};
+use crate::generation::sampler::log_sum_exp;
+use crate::generation::{GenerateError, PREFILL_BATCH, Session};
 use crate::ids::TokenId;
-use crate::sampler::log_sum_exp;
 
 /// Running result after some chunks.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -8,16 +8,16 @@ use std::time::{Duration, Instant};
 use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::quant::Numerics;
 
+use crate::generation::sampler::SamplerConfig;
 use crate::ids::{SeqSlot, TokenId};
 use crate::model::{
     BatchToken, ForwardError, KvCache, KvType, LoadError, Model, PlacedDevice, Scratch, Side,
     SparsityMode,
 };
-use crate::sampler::SamplerConfig;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-pub use crate::generation::{FinishReason, TokenEvent};
-use crate::generation::{Generation, GenerationLimits};
+pub use super::{FinishReason, TokenEvent};
+use super::{Generation, GenerationLimits};
 
 /// Tokens per forward call while reading a prompt.
 pub const PREFILL_BATCH: usize = 512;
@@ -47,7 +47,7 @@ pub enum GenerateError {
     },
 }
 
-pub use crate::model::{LoadedModel, weight_memory};
+pub use crate::model::LoadedModel;
 
 /// What to generate.
 #[derive(Clone, Debug)]

@@ -3,8 +3,15 @@
 //! ended. The direct path (`Session::generate`) and every sequence of the engine's
 //! scheduler run this same state machine, so they end alike and stream the same text.
 
+pub mod sampler;
+mod session;
+
+pub use sampler::{Sampled, Sampler, SamplerConfig};
+pub use session::{GenParams, GenerateError, PREFILL_BATCH, Session, SessionOptions, Summary};
+
+pub use crate::model::{LoadedModel, weight_memory};
+
 use crate::ids::TokenId;
-use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{TextStream, Tokenizer};
 
 /// Why a sequence ended.

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use powerinfer_ops::rng::Rng;
 
-use crate::generate::{GenerateError, LoadedModel, PREFILL_BATCH, Session, SessionOptions};
+use crate::generation::{GenerateError, LoadedModel, PREFILL_BATCH, Session, SessionOptions};
 use crate::ids::TokenId;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
