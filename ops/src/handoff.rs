@@ -11,6 +11,14 @@ use crossbeam_channel::{Receiver, RecvError, TryRecvError};
 /// is far off (the other side computing a whole layer).
 pub const HANDOFF_SPIN: Duration = Duration::from_micros(50);
 
+/// How long a receiver spins that waits for another executor's computation (a layer's
+/// cold half, the device's attention seen from the cold side): such a wait is long, and
+/// on a machine with as many compute threads as cores a spinning waiter takes a core
+/// from the thread it waits for (measured with `powerinferd bench --pipeline --device
+/// sim` on two cores: the engine's per-token cost over the direct loop fell when these
+/// waits stopped spinning). Just long enough for a message already on its way.
+pub const PEER_SPIN: Duration = Duration::from_micros(2);
+
 /// Receives from `rx`, spinning for up to `spin` before blocking.
 pub fn recv_spinning<T>(rx: &Receiver<T>, spin: Duration) -> Result<T, RecvError> {
     let start = Instant::now();

@@ -78,7 +78,13 @@ pub fn run(a: &BenchArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write
         .copied()
         .max()
         .unwrap_or(0);
-    let mut sizing = SessionOptions::new(longest + 1, 1);
+    // (The pipeline benchmark's prompt is a sentence, then -n tokens.)
+    let n_ctx = if a.pipeline {
+        (pipeline_gen(a) + 65).next_multiple_of(256)
+    } else {
+        longest + 1
+    };
+    let mut sizing = SessionOptions::new(n_ctx, 1);
     sizing.numerics = a.numerics.into();
     let opts = a
         .device
@@ -93,11 +99,16 @@ pub fn run(a: &BenchArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write
         a.threads.clone()
     };
     if a.pipeline || a.server {
-        let n_gen = a.n_gen.first().copied().filter(|&n| n > 1).unwrap_or(128);
+        let n_gen = pipeline_gen(a);
         return if a.pipeline {
+            let device = (
+                a.device.device.as_deref().unwrap_or("cpu"),
+                a.device.vram_budget,
+            );
             serving::pipeline(
                 &path,
                 &loaded,
+                device,
                 &threads,
                 n_gen,
                 a.repetitions,
@@ -126,6 +137,10 @@ pub fn run(a: &BenchArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write
     let n_params = count_params(&loaded);
     let name = model_label(&path, &loaded);
 
+    let backend = match (&loaded.device, &a.device.device) {
+        (Some(_), Some(spec)) => format!("CPU+{spec}"),
+        _ => "CPU".to_owned(),
+    };
     let mut records = Vec::new();
     if !a.json {
         let _ = writeln!(
@@ -153,7 +168,7 @@ pub fn run(a: &BenchArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write
             if !a.json {
                 let _ = writeln!(
                     out,
-                    "| {name} | {:.2} MiB | {:.2} M | CPU | {} | {} | {} | {:.2} ± {:.2} |",
+                    "| {name} | {:.2} MiB | {:.2} M | {backend} | {} | {} | {} | {:.2} ± {:.2} |",
                     size as f64 / (1 << 20) as f64,
                     n_params as f64 / 1e6,
                     r.n_threads,
@@ -196,6 +211,11 @@ pub fn run(a: &BenchArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write
         );
     }
     exit::OK
+}
+
+/// Tokens each round of `--pipeline` and `--server` generates.
+fn pipeline_gen(a: &BenchArgs) -> usize {
+    a.n_gen.first().copied().filter(|&n| n > 1).unwrap_or(128)
 }
 
 fn count_params(loaded: &crate::generation::LoadedModel) -> u64 {

@@ -14,6 +14,7 @@ use crate::tools::bench_serving::{self, median};
 pub fn pipeline(
     path: &Path,
     loaded: &LoadedModel,
+    device: (&str, u64),
     threads: &[usize],
     n_gen: usize,
     repetitions: usize,
@@ -30,7 +31,7 @@ pub fn pipeline(
         let _ = writeln!(out, "| ---: | --- | ---: | ---: | ---: | ---: |");
     }
     for &t in threads {
-        let r = match bench_serving::pipeline(path, loaded, t.max(1), n_gen, repetitions) {
+        let r = match bench_serving::pipeline(path, loaded, device, t.max(1), n_gen, repetitions) {
             Ok(r) => r,
             Err(e) => {
                 let _ = writeln!(err, "error: {e}");

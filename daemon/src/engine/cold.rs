@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use powerinfer_ops::device::DeviceError;
-use powerinfer_ops::handoff::{HANDOFF_SPIN, recv_spinning};
+use powerinfer_ops::handoff::{HANDOFF_SPIN, PEER_SPIN, recv_spinning};
 use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::profile::Stage;
 use powerinfer_ops::transformer::StepToken;
@@ -277,8 +277,7 @@ impl ColdExecutor {
     }
 
     fn recv_hot(&self) -> Result<FromHot, ForwardError> {
-        recv_spinning(&self.links().from_hot, HANDOFF_SPIN)
-            .map_err(|_| self.stopped("hot executor"))
+        recv_spinning(&self.links().from_hot, PEER_SPIN).map_err(|_| self.stopped("hot executor"))
     }
 
     fn recv_prediction(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use powerinfer_ops::device::{Device, DeviceError, DeviceInfo, FfnInput, Op};
-use powerinfer_ops::handoff::{HANDOFF_SPIN, recv_spinning};
+use powerinfer_ops::handoff::{HANDOFF_SPIN, PEER_SPIN, recv_spinning};
 use powerinfer_ops::transformer::StepToken;
 
 use super::step::{
@@ -140,7 +140,7 @@ impl HotExecutor {
                 submit_hot_prediction(self.device.as_mut(), layer, &p)?;
                 self.spare_masks.push(p);
             }
-            match recv_spinning(&self.links.from_cold, HANDOFF_SPIN) {
+            match recv_spinning(&self.links.from_cold, PEER_SPIN) {
                 Ok(ToHot::Partial {
                     layer: l,
                     input,

@@ -167,22 +167,36 @@ async fn grpc_stream(
 }
 
 /// Runs the pipeline benchmark: `repetitions` measured rounds (after one warm-up) of
-/// `n_gen` greedy tokens on each path.
+/// `n_gen` greedy tokens on each path. With a model placed on a device (`loaded.device`,
+/// opened from `device` = `(spec, budget)`), the engine and the server place theirs on a
+/// device of the same spec, and the direct loop drives the loaded one.
 pub fn pipeline(
     path: &Path,
     loaded: &LoadedModel,
+    device: (&str, u64),
     threads: usize,
     n_gen: usize,
     repetitions: usize,
 ) -> Result<PipelineReport, BenchError> {
     let prompt = loaded.tokenizer.encode(PIPELINE_PROMPT, true, true);
-    let n_ctx = (prompt.len() + n_gen + 1).next_multiple_of(256);
+    let n_ctx = match &loaded.device {
+        Some(d) => d.sizing.n_ctx,
+        None => (prompt.len() + n_gen + 1).next_multiple_of(256),
+    };
+    if prompt.len() + n_gen >= n_ctx {
+        return Err(BenchError(format!(
+            "{} prompt and {n_gen} generated tokens do not fit a context of {n_ctx}",
+            prompt.len()
+        )));
+    }
     let greedy = SamplerConfig::greedy();
     let opts = EngineOptions {
         n_ctx,
         max_sequences: 1,
         max_prompt_tokens: n_ctx - 1,
         threads,
+        device: device.0.to_owned(),
+        vram_budget: device.1,
         ..EngineOptions::default()
     };
     let rt = runtime()?;

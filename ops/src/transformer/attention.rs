@@ -84,9 +84,9 @@ impl AttentionScratch {
     }
 }
 
-/// `v` resized to `n` zeros.
+/// `v` at length `n`, its old values kept (the callers' outputs overwrite every element:
+/// zeroing megabytes per layer of a prompt's batch would cost more than some products).
 pub(crate) fn sized(v: &mut Vec<f32>, n: usize) {
-    v.clear();
     v.resize(n, 0.0);
 }
 

@@ -327,7 +327,7 @@ impl Model {
         // operator would compute row by row, so they are reused there).
         let want_gate = batch.iter().any(|b| b.sparsity == SparsityMode::Gate);
         if want_gate {
-            sized(&mut b.gate, n * n_ff);
+            fit(&mut b.gate, n * n_ff);
             w.gate.matmul(pool, &mut b.acts, &mut b.gate);
         }
         if self.wants_predictor(&s.tokens) {
@@ -422,6 +422,11 @@ impl Model {
     }
 }
 
+/// `v` at length `n`, old values kept: for outputs a product overwrites in full.
+fn fit(v: &mut Vec<f32>, n: usize) {
+    v.resize(n, 0.0);
+}
+
 /// Which tokens of a batch [`gather`] collects.
 #[derive(Clone, Copy)]
 enum Gathered {
@@ -480,7 +485,7 @@ impl RowMajorFfn<'_> {
         profile: &mut Profile,
     ) {
         let n = acts.n_tok();
-        sized(gate, n * self.w.gate.n_rows());
+        fit(gate, n * self.w.gate.n_rows());
         self.w.gate.matmul(pool, acts, gate); // [n][n_ff]
         self.finish(pool, acts, [gate, up, out], None, profile);
     }
@@ -516,7 +521,7 @@ impl RowMajorFfn<'_> {
         profile: &mut Profile,
     ) {
         let n = acts.n_tok();
-        sized(up, n * self.w.up.n_rows());
+        fit(up, n * self.w.up.n_rows());
         self.w.up.matmul(pool, acts, up); // [n][n_ff]
         profile.mark(Stage::GateUp);
         gate_activation(self.kind, gate, up); // h = act(gate) ∘ up
