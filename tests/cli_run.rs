@@ -191,3 +191,60 @@ fn bad_input_exits_2_with_a_reason() {
     assert_eq!(out.status, 2);
     assert!(out.stderr.contains("context"), "{}", out.stderr);
 }
+
+/// `run` and `perplexity` place the default model on a device when asked: the simulated
+/// device here; the hybrid run gives llama.cpp's greedy continuation as the CPU does.
+#[test]
+fn run_and_perplexity_place_the_model_on_a_device() {
+    let out = powerinferd(&[
+        "run",
+        model(),
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "-n",
+        "6",
+        "--device",
+        "sim",
+        "--vram-budget",
+        "80MiB",
+    ]);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stdout.starts_with(" Paris."), "{:?}", out.stdout);
+    assert!(
+        out.stderr.contains("sim: 31 of 31 fixed parts") && out.stderr.contains("MiB used"),
+        "{}",
+        out.stderr
+    );
+
+    let dir = powerinfer_tests::TempDir::new("cli-ppl-device");
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
+    let ppl = |device: &[&str]| {
+        let mut args = vec!["perplexity", model(), text.to_str().unwrap(), "-c", "128"];
+        args.extend_from_slice(device);
+        let out = powerinferd(&args);
+        assert_eq!(out.status, 0, "{}", out.stderr);
+        let v: f64 = out
+            .stdout
+            .rsplit("PPL = ")
+            .next()
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("{}", out.stdout));
+        v
+    };
+    let cpu = ppl(&[]);
+    let hybrid = ppl(&["--device", "sim", "--vram-budget", "80MiB"]);
+    // The placed model renumbers its neurons and sums them in another order.
+    assert!((cpu - hybrid).abs() < 1e-2 * cpu, "{cpu} vs {hybrid}");
+
+    // A backend this build lacks is refused with the reason.
+    let out = powerinferd(&["run", model(), "x", "--device", "cuda:0", "-n", "1"]);
+    assert_eq!(out.status, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("no CUDA backend"), "{}", out.stderr);
+}

@@ -99,7 +99,22 @@ fn a_failing_device_or_a_panicking_executor_stops_its_model_and_no_other() {
             assert_eq!(s, proto::ModelState::Failed);
             assert!(!why.is_empty());
         }
-
+    });
+    // pictl shows which model failed and why.
+    let st = server.pictl(&["status"]);
+    assert_eq!(st.status, 0, "{}", st.stderr);
+    assert!(
+        st.stdout.contains("STATE") && st.stdout.contains("serving"),
+        "{}",
+        st.stdout
+    );
+    assert!(
+        st.stdout
+            .contains("failing failed: device: device failure: injected fault"),
+        "{}",
+        st.stdout
+    );
+    server.block_on(async {
         // The other model serves on, and the failed ones come back by loading again.
         let out = client.generate_all(request("healthy")).await.unwrap();
         assert_eq!(out.tokens.len(), 24);

@@ -32,6 +32,14 @@ fn sparsity_name(v: i32) -> &'static str {
     }
 }
 
+fn state_name(v: i32) -> &'static str {
+    match proto::ModelState::try_from(v) {
+        Ok(proto::ModelState::Serving) => "serving",
+        Ok(proto::ModelState::Failed) => "failed",
+        _ => "unspecified",
+    }
+}
+
 pub(crate) fn model_json(m: &proto::ModelInfo) -> Value {
     json!({
         "name": m.name,
@@ -52,6 +60,8 @@ pub(crate) fn model_json(m: &proto::ModelInfo) -> Value {
         "max_sequences": m.max_sequences,
         "tokens_per_second": m.tokens_per_second,
         "loaded_at_unix_ms": m.loaded_at_unix_ms,
+        "state": state_name(m.state),
+        "failure": m.failure,
     })
 }
 
@@ -120,6 +130,7 @@ pub async fn status(client: &Client, a: &StatusArgs, out: &mut dyn Write) -> Cmd
                 },
                 format!("{:.1}", m.tokens_per_second),
                 sparsity_name(m.sparsity).to_owned(),
+                state_name(m.state).to_owned(),
             ]
         })
         .collect();
@@ -135,11 +146,15 @@ pub async fn status(client: &Client, a: &StatusArgs, out: &mut dyn Write) -> Cmd
                 "CONTEXT",
                 "REQUESTS",
                 "TOKENS/S",
-                "SPARSITY"
+                "SPARSITY",
+                "STATE"
             ],
             &rows
         )
     )?;
+    for m in s.models.iter().filter(|m| !m.failure.is_empty()) {
+        writeln!(out, "\n{} failed: {}", m.name, m.failure)?;
+    }
     Ok(())
 }
 

@@ -1,20 +1,25 @@
 //! The engine of one loaded model: the per-token dataflow of DESIGN.md §3 as actors.
 //!
 //! ```text
-//! request ─▶ tokenizer ─▶ scheduler ──batch──▶ cold executor (pi-cold: layers wholly on
-//!            (pi-text)    (pi-sched) ◀─logits─ the CPU in one message per step, predictor
-//!                         samples and          inline; the hot executor holds the
-//!                         detokenizes          device's part)
+//! request ─▶ tokenizer ─▶ scheduler ──batch──▶ cold executor ──run of device layers──▶ hot executor ─▶ device
+//!            (pi-text)    (pi-sched) ◀─logits─ (pi-cold: host     ◀─FFN input / partial─ (pi-hot)
+//!                         samples and          layers, cold           per split layer      │
+//!                         detokenizes          halves)  ◀── cold prediction ── predictor ◀─┘ residual
+//!                                                                              (pi-pred)      stream
 //! ```
 //!
-//! The tokenizer, the scheduler and the executors run on named threads with bounded
-//! mailboxes, replies travelling on channels carried in the messages. Each
+//! The tokenizer, the scheduler, the executors and the predictor run on named threads
+//! with bounded mailboxes, replies travelling on channels carried in the messages. Each
 //! sequence's sampler and text stream live in the scheduler, which samples and
 //! detokenizes inline after every step and streams straight to the request's channel (no
-//! hand-off to a sampler thread and back, nor to a stream task). Buffers (batch, logits)
-//! move between stages instead of being copied. The scheduler publishes its statistics
-//! after every step, so status reads never wait for a step. Dropping the `Engine` drops
-//! the handles, and each actor stops after its current step.
+//! hand-off to a sampler thread and back, nor to a stream task). Without a device the
+//! cold executor runs every layer inside one message per step; with one, the per-layer
+//! messages of `step` pass between the executors only for layers split between the two
+//! sides. Buffers (batch, logits, FFN inputs, partial sums, masks) move between stages
+//! instead of being copied. The scheduler publishes its statistics after every step, so
+//! status reads never wait for a step. An actor that panics, or a device that fails,
+//! marks the engine's [`Health`]: the model serves nothing more until it is loaded again.
+//! Dropping the `Engine` drops the handles, and each actor stops after its current step.
 
 mod activity;
 mod cold;
