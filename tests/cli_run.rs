@@ -6,9 +6,10 @@ fn model() -> &'static str {
     default_model().to_str().unwrap()
 }
 
-#[test]
-fn greedy_run_streams_the_reference_continuation() {
-    let out = powerinferd(&[
+/// `run` greedy for six tokens on the default model (with `extra` flags), checked against
+/// llama.cpp's greedy continuation, which starts " Paris.\n\nThe United".
+fn greedy_paris(extra: &[&str]) -> powerinfer_tests::CliOutput {
+    let mut args = vec![
         "run",
         model(),
         "The capital of France is",
@@ -16,10 +17,17 @@ fn greedy_run_streams_the_reference_continuation() {
         "0",
         "-n",
         "6",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = powerinferd(&args);
     assert_eq!(out.status, 0, "{}", out.stderr);
-    // llama.cpp's greedy continuation starts " Paris.\n\nThe United".
     assert!(out.stdout.starts_with(" Paris."), "{:?}", out.stdout);
+    out
+}
+
+#[test]
+fn greedy_run_streams_the_reference_continuation() {
+    let out = greedy_paris(&[]);
     assert!(
         out.stderr.contains("tokens/s") && out.stderr.contains("stop: max_tokens"),
         "{}",
@@ -196,21 +204,7 @@ fn bad_input_exits_2_with_a_reason() {
 /// device here; the hybrid run gives llama.cpp's greedy continuation as the CPU does.
 #[test]
 fn run_and_perplexity_place_the_model_on_a_device() {
-    let out = powerinferd(&[
-        "run",
-        model(),
-        "The capital of France is",
-        "--temperature",
-        "0",
-        "-n",
-        "6",
-        "--device",
-        "sim",
-        "--vram-budget",
-        "80MiB",
-    ]);
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(out.stdout.starts_with(" Paris."), "{:?}", out.stdout);
+    let out = greedy_paris(&["--device", "sim", "--vram-budget", "80MiB"]);
     assert!(
         out.stderr.contains("sim: 31 of 31 fixed parts") && out.stderr.contains("MiB used"),
         "{}",
