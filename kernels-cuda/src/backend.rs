@@ -47,6 +47,9 @@ pub trait Backend: Send {
     /// The device's name, for [`powerinfer_ops::device::DeviceInfo`].
     fn name(&self) -> String;
 
+    /// Threads per warp the kernels were built for (32 on NVIDIA; 32 or 64 on AMD).
+    fn warp(&self) -> u32;
+
     /// `(free, total)` bytes of device memory.
     fn memory(&self) -> Result<(u64, u64), DeviceError>;
 

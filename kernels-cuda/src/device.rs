@@ -309,7 +309,7 @@ impl<B: Backend> KernelDevice<B> {
         y: DevPtr,
         accumulate: bool,
     ) -> Result<(), DeviceError> {
-        let rows_per_block = (ROW_BLOCK / 32) as usize;
+        let rows_per_block = (ROW_BLOCK / self.backend.warp()) as usize;
         let dims = Dims {
             grid: [
                 m.n_rows.div_ceil(rows_per_block) as u32,
@@ -655,7 +655,7 @@ impl<B: Backend> KernelDevice<B> {
             self.ensure(|b| &mut b.hot_mask, 1)?
         };
         let (xn, modes, counts) = (self.bufs.xn.ptr, self.bufs.modes.ptr, self.bufs.counts.ptr);
-        let rows_per_block = (ROW_BLOCK / 32) as usize;
+        let rows_per_block = (ROW_BLOCK / self.backend.warp()) as usize;
         self.backend.launch(
             "pi_ffn_gate_up",
             Dims {

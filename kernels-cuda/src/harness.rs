@@ -117,6 +117,10 @@ impl Backend for HarnessBackend {
         format!("CPU kernel harness (warp {})", self.warp)
     }
 
+    fn warp(&self) -> u32 {
+        self.warp
+    }
+
     fn memory(&self) -> Result<(u64, u64), DeviceError> {
         Ok((self.capacity - self.used, self.capacity))
     }
