@@ -109,7 +109,7 @@ fn weights(c: &Case, rng: &mut Rng) -> Weights {
     let (q, kv) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
     let norm = |rng: &mut Rng| (0..n).map(|_| rng.uniform(0.8, 1.2)).collect();
     let t = c.types;
-    let mut layer = |rng: &mut Rng| LayerWeights {
+    let layer = |rng: &mut Rng| LayerWeights {
         attn_norm: norm(rng),
         attn: [
             random(rng, t[0], q, n),
