@@ -10,6 +10,8 @@
 //!   kernels and the device logic are tested on machines without a GPU.
 
 pub mod backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod device;
 pub mod harness;
 mod source;

@@ -9,8 +9,8 @@
 //! are typed errors that leave the device usable.
 #![allow(clippy::unwrap_used)]
 
-use powerinfer_kernels_cuda::KernelDevice;
 use powerinfer_kernels_cuda::harness::HarnessBackend;
+use powerinfer_kernels_cuda::{Backend, KernelDevice};
 use powerinfer_ops::device::{
     AttentionUpload, Device, DeviceError, DeviceKind, FfnInput, HeadUpload, HotUpload, ModelSpec,
     Op, PredictorUpload, Readback, RopeSpec, SimulatedDevice,
@@ -350,15 +350,14 @@ fn inputs(c: &Case, rng: &mut Rng) -> Vec<StepIn> {
 }
 
 fn check(c: &Case, seed: u64) {
+    check_on(c, seed, HarnessBackend::new(c.warp, 1 << 28));
+}
+
+fn check_on<B: Backend>(c: &Case, seed: u64, backend: B) {
     let mut rng = Rng::new(seed);
     let w = weights(c, &mut rng);
     let steps = inputs(c, &mut rng);
-    let mut dev = KernelDevice::new(
-        HarnessBackend::new(c.warp, 1 << 28),
-        DeviceKind::Cuda,
-        "harness".into(),
-        1 << 26,
-    );
+    let mut dev = KernelDevice::new(backend, DeviceKind::Cuda, "device".into(), 1 << 26);
     place(&mut dev, c, &w).unwrap();
     let mut sim = SimulatedDevice::new(1 << 26).unwrap();
     place(&mut sim, c, &w).unwrap();
@@ -405,10 +404,9 @@ fn check(c: &Case, seed: u64) {
     );
 }
 
-#[test]
-fn q4_1_gqa_relu_at_warp_32() {
-    check(
-        &Case {
+fn q4_1_case() -> (Case, u64) {
+    (
+        Case {
             name: "q4_1",
             warp: 32,
             n_embd: 64,
@@ -430,13 +428,18 @@ fn q4_1_gqa_relu_at_warp_32() {
             style: RopeStyle::Normal,
         },
         101,
-    );
+    )
 }
 
 #[test]
-fn k_quants_mqa_silu_neox_f32_cache_at_warp_64() {
-    check(
-        &Case {
+fn q4_1_gqa_relu_at_warp_32() {
+    let (c, seed) = q4_1_case();
+    check(&c, seed);
+}
+
+fn k_quant_case() -> (Case, u64) {
+    (
+        Case {
             name: "k-quants",
             warp: 64,
             n_embd: 256,
@@ -458,13 +461,18 @@ fn k_quants_mqa_silu_neox_f32_cache_at_warp_64() {
             style: RopeStyle::Neox,
         },
         102,
-    );
+    )
 }
 
 #[test]
-fn float_weights_gelu_at_warp_32() {
-    check(
-        &Case {
+fn k_quants_mqa_silu_neox_f32_cache_at_warp_64() {
+    let (c, seed) = k_quant_case();
+    check(&c, seed);
+}
+
+fn float_case() -> (Case, u64) {
+    (
+        Case {
             name: "f32",
             warp: 32,
             n_embd: 64,
@@ -486,7 +494,13 @@ fn float_weights_gelu_at_warp_32() {
             style: RopeStyle::Normal,
         },
         103,
-    );
+    )
+}
+
+#[test]
+fn float_weights_gelu_at_warp_32() {
+    let (c, seed) = float_case();
+    check(&c, seed);
 }
 
 fn q4_case() -> Case {
@@ -602,4 +616,24 @@ fn budgets_and_bad_calls_are_typed_errors_that_leave_the_device_usable() {
     place(&mut sim, &c, &w.exact()).unwrap();
     let (got, want) = (step(&mut dev2, &steps[0]), step(&mut sim, &steps[0]));
     assert_close("after errors", &got.logits, &want.logits, LOGIT_TOL);
+}
+
+/// The same op sequences on a CUDA device, when the machine has one (warp 32 there).
+#[cfg(feature = "cuda")]
+#[test]
+fn every_case_on_a_cuda_device() {
+    use powerinfer_kernels_cuda::cuda::{CudaBackend, CudaError};
+    let open = || match CudaBackend::open(0, None) {
+        Ok(b) => Some(b),
+        Err(e @ (CudaError::NoDriver | CudaError::NoDevice)) => {
+            eprintln!("SKIPPED: {e}: the CUDA device test needs an NVIDIA GPU");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    };
+    for (c, seed) in [q4_1_case(), k_quant_case(), float_case()] {
+        let Some(b) = open() else { return };
+        eprintln!("{}: {}", c.name, b.name());
+        check_on(&c, seed, b);
+    }
 }
