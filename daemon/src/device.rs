@@ -5,8 +5,11 @@
 //! (or a driver that panics) after N operations: what health checks, load balancers and
 //! clients see then, without a GPU.
 //!
-//! The CUDA and HIP backends (the `kernels-cuda` / `kernels-hip` crates behind cargo
-//! features) are not part of this build yet: asking for them is an error that says so.
+//! `cuda:N` is the N-th NVIDIA GPU (the `kernels-cuda` crate, cargo feature `cuda`); a
+//! build without the feature, a machine without the driver, NVRTC or the device, each
+//! gets an error that says which. Without `--vram-budget` a CUDA device offers its free
+//! memory less a reserve for the step buffers and the driver. The HIP backend is not
+//! part of this build yet: asking for it is an error that says so.
 
 use powerinfer_ops::device::{Device, FaultKind, SimFault, SimulatedDevice};
 
@@ -56,14 +59,85 @@ pub fn open(spec: &str, budget: u64) -> Result<Option<Box<dyn Device>>, DeviceOp
             }
             Ok(Some(Box::new(dev)))
         }
-        "cuda" | "hip" if options.is_none() && arg.is_some_and(|a| a.parse::<u32>().is_ok()) => {
+        "cuda" if options.is_none() && arg.is_some_and(|a| a.parse::<u32>().is_ok()) => {
+            let ordinal = arg.and_then(|a| a.parse().ok()).unwrap_or(0);
+            open_cuda(spec, ordinal, budget).map(Some)
+        }
+        "hip" if options.is_none() && arg.is_some_and(|a| a.parse::<u32>().is_ok()) => {
             Err(DeviceOpenError::NotCompiled {
                 device: spec.to_owned(),
-                backend: if kind == "cuda" { "CUDA" } else { "HIP" },
+                backend: "HIP",
             })
         }
         _ => Err(unknown()),
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(
+    spec: &str,
+    _ordinal: usize,
+    _budget: u64,
+) -> Result<Box<dyn Device>, DeviceOpenError> {
+    Err(DeviceOpenError::NotCompiled {
+        device: spec.to_owned(),
+        backend: "CUDA",
+    })
+}
+
+/// Device memory a CUDA device keeps back from a default budget: the step buffers, the
+/// kernels' module, the driver's own.
+#[cfg(feature = "cuda")]
+const CUDA_RESERVE: u64 = 512 << 20;
+
+#[cfg(feature = "cuda")]
+fn open_cuda(spec: &str, ordinal: usize, budget: u64) -> Result<Box<dyn Device>, DeviceOpenError> {
+    use powerinfer_kernels_cuda::cuda::CudaBackend;
+    use powerinfer_kernels_cuda::{Backend, KernelDevice};
+    use powerinfer_ops::device::DeviceKind;
+    let failed = |reason: String| DeviceOpenError::Failed {
+        device: spec.to_owned(),
+        reason,
+    };
+    let cache = kernel_cache_dir();
+    let backend = CudaBackend::open(ordinal, Some(&cache)).map_err(|e| failed(e.to_string()))?;
+    let (free, total) = backend.memory().map_err(|e| failed(e.to_string()))?;
+    let budget = match budget {
+        0 => free.saturating_sub(CUDA_RESERVE.max(free / 20)),
+        b if b > total => {
+            return Err(failed(format!(
+                "a budget of {b} bytes is more than the device's {total}"
+            )));
+        }
+        b => b,
+    };
+    let name = backend.name();
+    Ok(Box::new(KernelDevice::new(
+        backend,
+        DeviceKind::Cuda,
+        name,
+        budget,
+    )))
+}
+
+/// Where compiled kernels are cached: `$POWERINFER_HOME/cache/kernels`, else
+/// `$XDG_CACHE_HOME/powerinfer/kernels`, else `~/.cache/powerinfer/kernels`.
+#[cfg(feature = "cuda")]
+fn kernel_cache_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(home) = env("POWERINFER_HOME") {
+        return home.join("cache").join("kernels");
+    }
+    env("XDG_CACHE_HOME")
+        .or_else(|| env("HOME").map(|h| h.join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("powerinfer")
+        .join("kernels")
 }
 
 /// `fail_after=N` or `panic_after=N`.
@@ -94,12 +168,17 @@ mod tests {
         assert_eq!(open("sim", 77).unwrap().unwrap().info().memory_total, 77);
         assert!(open("sim:1000,fail_after=5", 0).unwrap().is_some());
         assert!(open("sim,panic_after=0", 10).unwrap().is_some());
+        #[cfg(not(feature = "cuda"))]
         assert!(matches!(
             open("cuda:0", 0),
             Err(DeviceOpenError::NotCompiled {
                 backend: "CUDA",
                 ..
             })
+        ));
+        assert!(matches!(
+            open("hip:0", 0),
+            Err(DeviceOpenError::NotCompiled { backend: "HIP", .. })
         ));
         for bad in [
             "tpu:0",
@@ -108,11 +187,50 @@ mod tests {
             "sim:10,explode=3",
             "cpu,fail_after=1",
             "cuda:0,fail_after=1",
+            "cuda:x",
+            "cuda",
         ] {
             assert!(
                 matches!(open(bad, 0), Err(DeviceOpenError::Unknown(_))),
                 "{bad}"
             );
+        }
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use super::*;
+
+    /// Without a GPU (or its driver) `cuda:N` is a failure that says what is missing;
+    /// with one it opens, its budget the free memory less the reserve.
+    #[test]
+    fn cuda_devices_open_or_say_why_not() {
+        match open("cuda:0", 0) {
+            Ok(Some(dev)) => {
+                let info = dev.info();
+                assert!(info.memory_total > 0 && info.memory_used == 0, "{info:?}");
+            }
+            Ok(None) => panic!("cuda:0 is a device"),
+            Err(DeviceOpenError::Failed { device, reason }) => {
+                assert_eq!(device, "cuda:0");
+                assert!(
+                    reason.contains("no CUDA driver")
+                        || reason.contains("no CUDA device")
+                        || reason.contains("no NVRTC"),
+                    "{reason}"
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+        match open("cuda:4096", 0) {
+            Err(DeviceOpenError::Failed { reason, .. }) => assert!(
+                reason.contains("does not exist")
+                    || reason.contains("no CUDA driver")
+                    || reason.contains("no CUDA device"),
+                "{reason}"
+            ),
+            other => panic!("{:?}", other.map(|d| d.map(|d| d.info()))),
         }
     }
 }
