@@ -16,7 +16,7 @@ fn main() {
             .cpp(true)
             .file("harness/harness.cpp")
             .std("c++17")
-            .opt_level(2)
+            .opt_level(3)
             .define("PI_WARP", warp.to_string().as_str())
             .define("PI_ENTRY", format!("pi_harness_launch_w{warp}").as_str())
             // The fibers' context switches return like setjmp; the scheduler's locals

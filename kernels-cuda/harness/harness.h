@@ -21,6 +21,7 @@
 #include <ucontext.h>
 #endif
 #include <vector>
+#include <memory>
 
 #ifndef PI_WARP
 #define PI_WARP 32
@@ -43,8 +44,9 @@ struct Group {
 };
 
 // A fiber's saved context. On x86-64 a context switch saves the callee-saved registers
-// and the FP control words on the stack being left (no signal-mask system call, unlike
-// swapcontext); elsewhere it is a ucontext.
+// on the stack being left (no signal-mask system call, unlike swapcontext); the FP
+// control words are the host thread's for every fiber (kernels never change them), so
+// they are not switched. Elsewhere it is a ucontext.
 #if defined(__x86_64__)
 struct Ctx {
   void* sp = nullptr;
@@ -57,14 +59,8 @@ __attribute__((naked, noinline)) static void ctx_switch(void** /*save*/, void* /
                "pushq %r13\n\t"
                "pushq %r14\n\t"
                "pushq %r15\n\t"
-               "subq $8, %rsp\n\t"
-               "stmxcsr (%rsp)\n\t"
-               "fnstcw 4(%rsp)\n\t"
                "movq %rsp, (%rdi)\n\t"
                "movq %rsi, %rsp\n\t"
-               "ldmxcsr (%rsp)\n\t"
-               "fldcw 4(%rsp)\n\t"
-               "addq $8, %rsp\n\t"
                "popq %r15\n\t"
                "popq %r14\n\t"
                "popq %r13\n\t"
@@ -79,15 +75,11 @@ inline void swap(Ctx& from, Ctx& to) { ctx_switch(&from.sp, to.sp); }
 // A context that starts `entry` on the stack [base, base + bytes).
 inline void make(Ctx& c, char* base, size_t bytes, void (*entry)()) {
   uintptr_t top = ((uintptr_t)(base + bytes)) & ~(uintptr_t)15;
-  // After the 8 words below are popped and `ret` takes the entry address, rsp must be
+  // After the 6 words below are popped and `ret` takes the entry address, rsp must be
   // 8 mod 16, as on entry to a called function.
-  uint64_t* sp = (uint64_t*)(top - 8 - 64);
-  uint32_t csr = 0x1f80;     // MXCSR: all exceptions masked, round to nearest
-  uint16_t fpcw = 0x037f;    // x87: the same
-  std::memcpy(sp, &csr, 4);
-  std::memcpy((char*)sp + 4, &fpcw, 2);
-  for (int i = 1; i <= 6; i++) sp[i] = 0; // r15 r14 r13 r12 rbx rbp
-  sp[7] = (uint64_t)(uintptr_t)entry;
+  uint64_t* sp = (uint64_t*)(top - 64);
+  for (int i = 0; i < 6; i++) sp[i] = 0; // r15 r14 r13 r12 rbx rbp
+  sp[6] = (uint64_t)(uintptr_t)entry;
   c.sp = sp;
 }
 #else
@@ -114,7 +106,6 @@ struct Fiber {
 struct Launch {
   dim3 grid, block, block_idx;
   std::vector<Fiber> fibers;
-  std::vector<std::vector<char>> stacks;
   Group block_group;
   std::vector<Group> warps;
   std::vector<double> exchange; // [warp][lane]
@@ -126,6 +117,14 @@ struct Launch {
 };
 
 inline thread_local Launch* cur = nullptr;
+
+// The fibers' stacks, kept per host thread from launch to launch: allocated once,
+// uninitialized (pages are touched only as deep as a kernel's frames go).
+inline char* fiber_stack(size_t i, size_t bytes) {
+  static thread_local std::vector<std::unique_ptr<char[]>> pool;
+  while (pool.size() <= i) pool.emplace_back(new char[bytes]);
+  return pool[i].get();
+}
 
 inline Fiber& me() { return cur->fibers[cur->current]; }
 
@@ -196,8 +195,6 @@ inline int run(dim3 grid, dim3 block, void (*body)(void*), void* arg) {
   size_t n = (size_t)block.x * block.y * block.z;
   size_t n_warps = (n + PI_WARP - 1) / PI_WARP;
   l.fibers.resize(n);
-  l.stacks.resize(n);
-  for (auto& s : l.stacks) s.resize(stack_bytes);
   l.warps.resize(n_warps);
   l.exchange.assign(n_warps * PI_WARP, 0.0);
   Launch* saved = cur;
@@ -219,7 +216,9 @@ inline int run(dim3 grid, dim3 block, void (*body)(void*), void* arg) {
                               (unsigned)(i / ((size_t)block.x * block.y))};
           f.warp = (int)(i / PI_WARP);
           f.lane = (int)(i % PI_WARP);
-          make(f.ctx, l.stacks[i].data(), stack_bytes, fiber_main);
+          // Stack tops staggered by a few cache lines: tops 256 KiB apart would all
+          // fall in the same cache sets.
+          make(f.ctx, fiber_stack(i, stack_bytes), stack_bytes - (i % 61) * 320, fiber_main);
         }
         size_t remaining = n;
         while (remaining > 0) {
