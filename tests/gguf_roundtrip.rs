@@ -290,3 +290,59 @@ fn writer_refuses_what_the_reader_would() {
     ));
     parse_header(&w.to_bytes()).unwrap();
 }
+
+#[test]
+fn tensors_filled_at_write_time_equal_tensors_given_up_front() {
+    let dir = TempDir::new("roundtrip-later");
+    let mut rng = Rng::new(13);
+    let tensors = random_tensors(&mut rng);
+    let mut eager = GgufWriter::new();
+    let mut later = GgufWriter::new();
+    for (name, t, dims, data) in &tensors {
+        eager.add_tensor(name, *t, dims, data.as_slice()).unwrap();
+        later.add_tensor_later(name, *t, dims).unwrap();
+    }
+    // The fill is asked once per tensor, in order, by index and name.
+    let mut asked = Vec::new();
+    let path = dir.join("later.gguf");
+    later
+        .write_file_with(&path, &mut |i, name| {
+            asked.push((i, name.to_owned()));
+            Ok(tensors[i].3.clone())
+        })
+        .unwrap();
+    let names: Vec<_> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (i, t.0.clone()))
+        .collect();
+    assert_eq!(asked, names);
+    assert_eq!(std::fs::read(&path).unwrap(), eager.to_bytes());
+
+    // A fill that gives the wrong length, a fill that fails, and no fill at all are
+    // errors, and nothing is left behind: not the file, not its temporary.
+    let (i_long, _) = tensors
+        .iter()
+        .enumerate()
+        .find(|(_, t)| !t.3.is_empty())
+        .unwrap();
+    let bad = dir.join("bad.gguf");
+    let short = later.write_file_with(&bad, &mut |i, _| {
+        let mut d = tensors[i].3.clone();
+        if i == i_long {
+            d.pop();
+        }
+        Ok(d)
+    });
+    assert!(matches!(short, Err(WriteError::Io { .. })), "{short:?}");
+    let failing = later.write_file_with(&bad, &mut |_, name| {
+        Err(std::io::Error::other(format!("cannot make {name}")))
+    });
+    assert!(failing.unwrap_err().to_string().contains("cannot make"));
+    assert!(matches!(later.write_file(&bad), Err(WriteError::Io { .. })));
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [std::ffi::OsString::from("later.gguf")]);
+}

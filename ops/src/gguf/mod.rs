@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub use error::{GgufError, ViewError, WriteError};
 pub use reader::{DEFAULT_ALIGNMENT, parse_header};
 pub use value::{Array, Metadata, Value, ValueType};
-pub use writer::{GgufWriter, write_array, write_string, write_value};
+pub use writer::{GgufWriter, TensorFill, write_array, write_string, write_value};
 
 use crate::dtype::GgmlType;
 use crate::pod::{TensorElement, cast_slice};

@@ -14,12 +14,23 @@ use super::value::{Array, Metadata, Value};
 use super::{KEY_ALIGNMENT, MAX_DIMS, Magic};
 use crate::dtype::GgmlType;
 
+/// Makes the bytes of tensors added with [`GgufWriter::add_tensor_later`] when the
+/// writer reaches them: called with the tensor's index (in the order added) and name.
+pub type TensorFill<'f> = dyn FnMut(usize, &str) -> io::Result<Vec<u8>> + 'f;
+
+/// A tensor's bytes: held, or made when written (files larger than memory stream).
+enum TensorData<'a> {
+    Bytes(Cow<'a, [u8]>),
+    Later,
+}
+
 /// A tensor waiting to be written.
 struct PendingTensor<'a> {
     name: String,
     dtype: GgmlType,
     dims: Vec<u64>,
-    data: Cow<'a, [u8]>,
+    len: u64,
+    data: TensorData<'a>,
 }
 
 /// Builds a GGUF file in memory order: metadata, tensor infos, aligned tensor data.
@@ -87,6 +98,35 @@ impl<'a> GgufWriter<'a> {
         data: impl Into<Cow<'a, [u8]>>,
     ) -> Result<(), WriteError> {
         let data = data.into();
+        let len = data.len() as u64;
+        self.push_tensor(name, dtype, dims, len, TensorData::Bytes(data))
+    }
+
+    /// Adds a tensor whose bytes the `fill` of [`Self::write_to_with`] makes when the
+    /// writer reaches it; they must be exactly the bytes the type and shape need, or the
+    /// write fails. Files larger than memory are written this way, a tensor at a time.
+    pub fn add_tensor_later(
+        &mut self,
+        name: &str,
+        dtype: GgmlType,
+        dims: &[u64],
+    ) -> Result<(), WriteError> {
+        let len = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .and_then(|n| dtype.bytes_for(n))
+            .unwrap_or(u64::MAX);
+        self.push_tensor(name, dtype, dims, len, TensorData::Later)
+    }
+
+    fn push_tensor(
+        &mut self,
+        name: &str,
+        dtype: GgmlType,
+        dims: &[u64],
+        len: u64,
+        data: TensorData<'a>,
+    ) -> Result<(), WriteError> {
         if dims.is_empty() || dims.len() > MAX_DIMS {
             return Err(WriteError::BadDimCount {
                 name: name.to_owned(),
@@ -98,13 +138,13 @@ impl<'a> GgufWriter<'a> {
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .filter(|_| dims[0].is_multiple_of(dtype.block_len() as u64))
             .and_then(|n| dtype.bytes_for(n));
-        if expected != Some(data.len() as u64) {
+        if expected != Some(len) {
             return Err(WriteError::TensorSize {
                 name: name.to_owned(),
                 dtype,
                 dims: dims.to_vec(),
                 expected,
-                actual: data.len(),
+                actual: len as usize,
             });
         }
         if !self.names.insert(name.to_owned()) {
@@ -116,6 +156,7 @@ impl<'a> GgufWriter<'a> {
             name: name.to_owned(),
             dtype,
             dims: dims.to_vec(),
+            len,
             data,
         });
         Ok(())
@@ -128,8 +169,14 @@ impl<'a> GgufWriter<'a> {
         }
     }
 
-    /// Writes the whole file to `w`.
+    /// Writes the whole file to `w` (every tensor's bytes given when it was added).
     pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        self.write_to_with(w, &mut no_fill)
+    }
+
+    /// Writes the whole file to `w`, asking `fill` for the bytes of the tensors added
+    /// with [`Self::add_tensor_later`].
+    pub fn write_to_with(&self, w: &mut impl Write, fill: &mut TensorFill<'_>) -> io::Result<()> {
         let alignment = self.alignment();
         let mut pos = 0u64;
         let mut out = CountingWriter {
@@ -158,7 +205,7 @@ impl<'a> GgufWriter<'a> {
             out.write_all(&t.dtype.id().to_le_bytes())?;
             out.write_all(&offset.to_le_bytes())?;
             offsets.push(offset);
-            offset = (offset + t.data.len() as u64).next_multiple_of(alignment);
+            offset = (offset + t.len).next_multiple_of(alignment);
         }
 
         let header_len = *out.pos;
@@ -167,10 +214,24 @@ impl<'a> GgufWriter<'a> {
             header_len.next_multiple_of(alignment) - header_len,
         )?;
         let data_start = *out.pos;
-        for (t, &off) in self.tensors.iter().zip(&offsets) {
+        for (i, (t, &off)) in self.tensors.iter().zip(&offsets).enumerate() {
             let here = *out.pos - data_start;
             pad(&mut out, off - here)?;
-            out.write_all(&t.data)?;
+            match &t.data {
+                TensorData::Bytes(b) => out.write_all(b)?,
+                TensorData::Later => {
+                    let b = fill(i, &t.name)?;
+                    if b.len() as u64 != t.len {
+                        return Err(io::Error::other(format!(
+                            "tensor {:?}: {} bytes were made for it, its shape needs {}",
+                            t.name,
+                            b.len(),
+                            t.len
+                        )));
+                    }
+                    out.write_all(&b)?;
+                }
+            }
         }
         // Pad the last tensor too, as llama.cpp does, so files concatenate cleanly.
         let here = *out.pos - data_start;
@@ -182,6 +243,16 @@ impl<'a> GgufWriter<'a> {
 
     /// Writes the file to `path` atomically: a temporary file beside it, then a rename.
     pub fn write_file(&self, path: &Path) -> Result<(), WriteError> {
+        self.write_file_with(path, &mut no_fill)
+    }
+
+    /// [`Self::write_file`], asking `fill` for the tensors added with
+    /// [`Self::add_tensor_later`] (see [`Self::write_to_with`]).
+    pub fn write_file_with(
+        &self,
+        path: &Path,
+        fill: &mut TensorFill<'_>,
+    ) -> Result<(), WriteError> {
         let io_err = |source| WriteError::Io {
             path: path.to_owned(),
             source,
@@ -192,7 +263,7 @@ impl<'a> GgufWriter<'a> {
         let result = (|| {
             let file = std::fs::File::create(&tmp)?;
             let mut w = io::BufWriter::new(file);
-            self.write_to(&mut w)?;
+            self.write_to_with(&mut w, fill)?;
             w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             std::fs::rename(&tmp, path)
         })();
@@ -208,6 +279,13 @@ impl<'a> GgufWriter<'a> {
         self.write_to(&mut v).expect("writing to a Vec cannot fail");
         v
     }
+}
+
+/// The fill of the writes that take none: a tensor without bytes is an error.
+fn no_fill(_: usize, name: &str) -> io::Result<Vec<u8>> {
+    Err(io::Error::other(format!(
+        "tensor {name:?} was added without its bytes (write it with write_to_with)"
+    )))
 }
 
 fn check_alignment(value: &Value) -> Result<(), WriteError> {
