@@ -12,6 +12,7 @@ mod hybrid;
 mod parity_model;
 mod parity_tokenize;
 mod placement;
+mod planted_sparsity;
 mod pretokenize;
 mod quant_reference;
 mod real_model;

@@ -12,6 +12,7 @@ mod prepare;
 mod pull;
 mod run;
 mod serve;
+mod synth;
 mod tokenize;
 
 use std::ffi::OsString;
@@ -71,6 +72,9 @@ enum Command {
     Pull(pull::PullArgs),
     /// The daemon: serve the gRPC API until SIGINT or SIGTERM.
     Serve(serve::ServeArgs),
+    /// Write a llama-shaped model of a real size (7B, 13B, ...) with random weights,
+    /// planted activation sparsity and matching predictors, for measuring hybrid runs.
+    Synth(synth::SynthArgs),
 }
 
 /// Runs the command line `args` (program name first), writing to `out` and `err`, and
@@ -111,5 +115,6 @@ where
         Command::Bench(a) => bench::run(&a, &s, out, err),
         Command::Pull(a) => pull::run(&a, &s, out, err),
         Command::Serve(a) => serve::run(&a, err),
+        Command::Synth(a) => synth::run(&a, out, err),
     }
 }

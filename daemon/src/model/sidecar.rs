@@ -120,6 +120,18 @@ fn bad(key: &str, value: impl std::fmt::Debug, expected: &str) -> LoadError {
 /// Writes `data` for a model of configuration `c` to `path` (atomically: a temporary file
 /// renamed into place).
 pub fn write(path: &Path, c: &ModelConfig, data: &SidecarData) -> Result<(), LoadError> {
+    // The writer borrows tensor bytes until it writes, so the quantized forms live here.
+    let stored: Vec<(Matrix, Matrix)> = data
+        .predictors
+        .iter()
+        .flatten()
+        .map(|p| {
+            (
+                Matrix::quantize(predictor_wtype(c.n_embd), &p.fc1, p.rank, c.n_embd),
+                Matrix::quantize(predictor_wtype(p.rank), &p.fc2, c.n_ff, p.rank),
+            )
+        })
+        .collect();
     let mut w = GgufWriter::new();
     let err = |e: powerinfer_ops::gguf::WriteError| LoadError::Other(e.to_string());
     let mut meta = vec![
@@ -151,18 +163,6 @@ pub fn write(path: &Path, c: &ModelConfig, data: &SidecarData) -> Result<(), Loa
                 .map_err(err)?;
         }
     }
-    // The writer borrows tensor bytes until it writes, so the quantized forms live here.
-    let stored: Vec<(Matrix, Matrix)> = data
-        .predictors
-        .iter()
-        .flatten()
-        .map(|p| {
-            (
-                Matrix::quantize(predictor_wtype(c.n_embd), &p.fc1, p.rank, c.n_embd),
-                Matrix::quantize(predictor_wtype(p.rank), &p.fc2, c.n_ff, p.rank),
-            )
-        })
-        .collect();
     for (l, (p, (m1, m2))) in data.predictors.iter().flatten().zip(&stored).enumerate() {
         let r = p.rank as u64;
         let (n1, n2) = (

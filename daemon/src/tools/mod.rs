@@ -6,3 +6,4 @@ pub mod bench_serving;
 pub mod inspect;
 pub mod perplexity;
 pub mod prepare;
+pub mod synth;
