@@ -494,34 +494,57 @@ fn gap(got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-#[test]
-fn the_kernel_device_on_the_cpu_harness_is_within_rounding_of_the_all_cpu_run() {
+/// The CUDA backend's kernel device on the machine's first GPU, or `None` (saying why)
+/// where the machine has no driver or GPU.
+#[cfg(feature = "cuda")]
+fn gpu_device() -> Option<Box<dyn Device>> {
+    use powerinfer_kernels_cuda::Backend;
+    use powerinfer_kernels_cuda::cuda::{CudaBackend, CudaError};
+    match CudaBackend::open(0, None) {
+        Ok(b) => {
+            let name = b.name();
+            Some(Box::new(KernelDevice::new(
+                b,
+                DeviceKind::Cuda,
+                name,
+                1 << 30,
+            )))
+        }
+        Err(e @ (CudaError::NoDriver | CudaError::NoDevice)) => {
+            eprintln!("SKIPPED: {e}: this test needs an NVIDIA GPU");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Two layouts (attention, predictors and head on the device with half the neurons hot;
+/// part of the attention and every neuron hot) on each synthetic model, every mode,
+/// against the all-CPU run; `device(i)` opens the device for layout `i`.
+fn kernel_device_against_the_cpu(device: &mut dyn FnMut(usize) -> Option<Box<dyn Device>>) {
     let dir = TempDir::new("hybrid-kernels");
+    let layouts = [
+        Layout {
+            attention: 3,
+            predictors: true,
+            head: true,
+            hot: 0.5,
+        },
+        Layout {
+            attention: 2,
+            predictors: false,
+            head: false,
+            hot: 1.0,
+        },
+    ];
     for (name, path) in models(&dir) {
-        for (warp, layout) in [
-            (
-                32,
-                Layout {
-                    attention: 3,
-                    predictors: true,
-                    head: true,
-                    hot: 0.5,
-                },
-            ),
-            (
-                64,
-                Layout {
-                    attention: 2,
-                    predictors: false,
-                    head: false,
-                    hot: 1.0,
-                },
-            ),
-        ] {
-            let dev = hybrid_on(&path, layout, kernel_device(warp));
+        for (i, layout) in layouts.into_iter().enumerate() {
+            let Some(d) = device(i) else { return };
+            let label = d.info().name;
+            let dev = hybrid_on(&path, layout, d);
             let cpu = reference(&path, layout);
             for mode in MODES {
-                let what = format!("{name} warp {warp} {layout:?} {mode}");
+                let what = format!("{name} on {label} {layout:?} {mode}");
                 let (got, want) = (run(&dev, mode), run(&cpu, mode));
                 let tol = if mode == SparsityMode::Dense || dev.model.config.ffn.is_relu() {
                     KERNEL_TOLERANCE
@@ -535,11 +558,23 @@ fn the_kernel_device_on_the_cpu_harness_is_within_rounding_of_the_all_cpu_run() 
     }
 }
 
-/// The default model with every part on the kernel device (the CUDA kernels on the CPU
-/// harness): the first-step logits of llama.cpp's reference prompts, within the parity
-/// test's tolerance of llama.cpp and within rounding of the same model on the host.
 #[test]
-fn the_default_model_on_the_kernel_device_matches_llama_cpp() {
+fn the_kernel_device_on_the_cpu_harness_is_within_rounding_of_the_all_cpu_run() {
+    kernel_device_against_the_cpu(&mut |i| Some(kernel_device([32, 64][i])));
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn the_kernel_device_on_a_gpu_is_within_rounding_of_the_all_cpu_run() {
+    kernel_device_against_the_cpu(&mut |_| gpu_device());
+}
+
+/// The default model with every part on the kernel device `device()` opens: the
+/// first-step logits of llama.cpp's reference prompts, within the parity test's tolerance
+/// of llama.cpp and within rounding of the same model on the host.
+fn the_default_model_on_a_kernel_device_matches_llama_cpp(
+    device: impl FnOnce() -> Option<Box<dyn Device>>,
+) {
     let dir = TempDir::new("hybrid-kernels-default");
     let path = dir.join("smollm2.gguf");
     std::os::unix::fs::symlink(powerinfer_tests::default_model(), &path).unwrap();
@@ -550,7 +585,9 @@ fn the_default_model_on_the_kernel_device_matches_llama_cpp() {
         head: true,
         hot: 1.0,
     };
-    let dev = hybrid_on(&path, layout, kernel_device(32));
+    let Some(device) = device() else { return };
+    let label = device.info().name;
+    let dev = hybrid_on(&path, layout, device);
     let cpu = reference(&path, layout);
     let reference = powerinfer_tests::fixture_json("reference/smollm2_next_token_logits.json");
     let (mut worst_cpp, mut worst_cpu) = (0f32, 0f32);
@@ -595,7 +632,20 @@ fn the_default_model_on_the_kernel_device_matches_llama_cpp() {
     }
     assert_eq!(n_prompts, 4);
     eprintln!(
-        "kernel device: max |logit - llama.cpp| over the top 10 = {worst_cpp:.3}, \
+        "{label}: max |logit - llama.cpp| over the top 10 = {worst_cpp:.3}, \
          max |logit - host| = {worst_cpu:.4}"
     );
+}
+
+/// [`the_default_model_on_a_kernel_device_matches_llama_cpp`] with the CUDA kernels on
+/// the CPU harness.
+#[test]
+fn the_default_model_on_the_kernel_device_matches_llama_cpp() {
+    the_default_model_on_a_kernel_device_matches_llama_cpp(|| Some(kernel_device(32)));
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn the_default_model_on_a_gpu_matches_llama_cpp() {
+    the_default_model_on_a_kernel_device_matches_llama_cpp(gpu_device);
 }

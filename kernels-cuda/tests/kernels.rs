@@ -1,7 +1,8 @@
 //! Every kernel, run on the CPU execution harness (the kernel sources compiled for the
 //! host), against its reference twin in `powerinfer-ops` on random inputs, at both warp
-//! widths (32: NVIDIA, RDNA; 64: CDNA). Tolerances are named and relative to the size of
-//! the terms summed, so they bound rounding, not bugs.
+//! widths (32: NVIDIA, RDNA; 64: CDNA), and on a GPU too when the `cuda` feature finds
+//! one. Tolerances are named and relative to the size of the terms summed, so they bound
+//! rounding, not bugs.
 #![allow(clippy::unwrap_used)]
 
 use half::f16;
@@ -21,17 +22,48 @@ const WARPS: [u32; 2] = [32, 64];
 const SPARSITY: [f64; 5] = [0.0, 0.01, 0.1, 0.5, 1.0];
 
 struct Dev {
-    b: HarnessBackend,
+    b: Box<dyn Backend>,
     warp: u32,
 }
 
-impl Dev {
-    fn new(warp: u32) -> Self {
-        Self {
-            b: HarnessBackend::new(warp, 1 << 30),
+/// The harness at both warp widths, and with the `cuda` feature the machine's first
+/// GPU when it has one (every comparison then also runs on real hardware).
+fn devices() -> Vec<Dev> {
+    WARPS
+        .iter()
+        .map(|&warp| Dev {
+            b: Box::new(HarnessBackend::new(warp, 1 << 30)),
             warp,
+        })
+        .chain(gpu())
+        .collect()
+}
+
+#[cfg(feature = "cuda")]
+fn gpu() -> Option<Dev> {
+    use powerinfer_kernels_cuda::cuda::{CudaBackend, CudaError};
+    match CudaBackend::open(0, None) {
+        Ok(b) => {
+            eprintln!("also on {}", b.name());
+            Some(Dev {
+                warp: b.warp(),
+                b: Box::new(b),
+            })
         }
+        Err(e @ (CudaError::NoDriver | CudaError::NoDevice)) => {
+            eprintln!("harness only: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu() -> Option<Dev> {
+    None
+}
+
+impl Dev {
     fn bytes(&mut self, v: &[u8]) -> DevPtr {
         let p = self.b.alloc(v.len().max(1)).unwrap();
         self.b.upload(p, v).unwrap();
@@ -50,6 +82,8 @@ impl Dev {
     }
     fn read(&mut self, p: DevPtr, bytes: usize) -> Vec<u8> {
         let s = self.b.download(p, bytes).unwrap();
+        let done = self.b.record().unwrap();
+        self.b.wait(done).unwrap();
         let v = self.b.staged(&s).to_vec();
         self.b.release(s);
         v
@@ -111,8 +145,8 @@ fn upload_matrix(d: &mut Dev, m: &Matrix) -> (DevPtr, i32, i64) {
 #[test]
 fn matmul_every_dtype_matches_the_dequantized_reference() {
     let mut rng = Rng::new(1);
-    for warp in WARPS {
-        let mut d = Dev::new(warp);
+    for mut d in devices() {
+        let warp = d.warp;
         for (wtype, n_cols) in shapes() {
             for n_tok in [1, 6] {
                 let n_rows = 37;
@@ -207,8 +241,8 @@ fn glu_id(g: Glu) -> i32 {
 fn ffn_gate_up_and_the_sparse_axpy_match_the_reference_at_every_sparsity() {
     let mut rng = Rng::new(2);
     let (n_rows, n_cols, n_tok) = (300, 256, 3);
-    for warp in WARPS {
-        let mut d = Dev::new(warp);
+    for mut d in devices() {
+        let warp = d.warp;
         for (wtype, glu) in [
             (WeightType::Q4_0, Glu::Relu),
             (WeightType::Q4_1, Glu::DualRelu),
@@ -419,8 +453,7 @@ fn ffn_gate_up_and_the_sparse_axpy_match_the_reference_at_every_sparsity() {
 #[test]
 fn rms_norm_rope_and_elementwise_kernels_match_ops() {
     let mut rng = Rng::new(3);
-    for warp in WARPS {
-        let mut d = Dev::new(warp);
+    for mut d in devices() {
         // RMSNorm over all rows and over a gathered subset.
         let (n_tok, n) = (5, 576);
         let x = random(&mut rng, n_tok * n, 2.0);
@@ -600,8 +633,7 @@ fn the_predictor_threshold_splits_hot_and_cold_masks_like_ops_select() {
         .map(|(i, &m)| StepToken::new(i, SeqSlot(0), m))
         .collect();
     let n = tokens.len();
-    for warp in WARPS {
-        let mut d = Dev::new(warp);
+    for mut d in devices() {
         for thr in [-10.0f32, 0.0, 0.8, 10.0] {
             let logits = random(&mut rng, n * n_ff, 1.0);
             let ids: Vec<i32> = modes
@@ -651,8 +683,7 @@ fn the_predictor_threshold_splits_hot_and_cold_masks_like_ops_select() {
 fn kv_write_stores_f16_bits_like_the_host_and_attention_matches_ops() {
     let mut rng = Rng::new(5);
     let (n_head, n_head_kv, hd, n_ctx, n_slots) = (8, 2, 32, 40, 2);
-    for warp in WARPS {
-        let mut d = Dev::new(warp);
+    for mut d in devices() {
         for f16_cache in [true, false] {
             let elem = if f16_cache { 2 } else { 4 };
             let cache_bytes = n_slots * n_head_kv * n_ctx * hd * elem;
