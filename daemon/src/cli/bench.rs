@@ -141,6 +141,21 @@ pub fn run(a: &BenchArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write
         (Some(_), Some(spec)) => format!("CPU+{spec}"),
         _ => "CPU".to_owned(),
     };
+    // What the device holds, measured from the device (null without one).
+    let device = loaded.device.as_ref().map(|d| {
+        let info = d
+            .device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .info();
+        json!({
+            "name": info.name,
+            "memory_used": info.memory_used,
+            "memory_total": info.memory_total,
+            "fixed_parts": d.placement.parts.iter().filter(|p| p.on_device).count(),
+            "hot_neuron_share": loaded.model.hot_share(),
+        })
+    });
     let mut records = Vec::new();
     if !a.json {
         let _ = writeln!(
@@ -185,6 +200,8 @@ pub fn run(a: &BenchArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn Write
                 "model_type": name,
                 "model_size": size,
                 "model_n_params": n_params,
+                "backends": backend,
+                "device": device,
                 "n_batch": crate::generation::PREFILL_BATCH,
                 "n_threads": r.n_threads,
                 "type_k": "f16",

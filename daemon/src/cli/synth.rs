@@ -123,8 +123,11 @@ pub fn run(a: &SynthArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     }
     let _ = writeln!(
         err,
-        "writing a {:.2}B-parameter {} model ({} layers, {}×{}, {} heads / {} kv) to {}",
-        spec.n_params() as f64 / 1e9,
+        "writing a {}-parameter {} model ({} layers, {}×{}, {} heads / {} kv) to {}",
+        match spec.n_params() as f64 {
+            n if n >= 1e9 => format!("{:.2}B", n / 1e9),
+            n => format!("{:.1}M", n / 1e6),
+        },
         spec.wtype.ggml(),
         spec.n_layer,
         spec.n_embd,
