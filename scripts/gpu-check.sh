@@ -13,8 +13,10 @@
 # engine on the GPU against the all-CPU run; then it synthesizes a 1B and a 7B model with
 # planted sparsity (`powerinferd synth`), compares greedy decoding on the GPU with the CPU
 # at several VRAM budgets, and benchmarks prompt processing and decoding on the CPU and
-# on the GPU with budgets of 25/50/100/150% of the model file's size (alternated, CPU
-# first and last).
+# on the GPU with budgets of 25/50/75/100% of the model file's size and one that holds
+# everything (alternated with the CPU, CPU first and last). With the default model
+# present (PI_GPU_CHECK_DEFAULT_MODEL, or already in ~/.local/share/powerinfer/models) it
+# also runs against llama.cpp's reference logits and greedy against the CPU.
 # summary.md collects it; every log is kept beside it.
 #
 # Needs the NVIDIA driver and NVRTC 13 (libnvrtc.so.13: a CUDA 13 toolkit, or the
@@ -139,6 +141,19 @@ run_tests() {
   fi
 }
 
+# The default model, when it is here (it does not download on a machine without a network).
+default_model=""
+for m in "${PI_GPU_CHECK_DEFAULT_MODEL:-}" "$HOME/.local/share/powerinfer/models/smollm2-135m.gguf"; do
+  if [ -n "$m" ] && [ -f "$m" ]; then
+    mkdir -p "$POWERINFER_HOME/models"
+    ln -sf "$(realpath "$m")" "$POWERINFER_HOME/models/smollm2-135m.gguf"
+    default_model="$POWERINFER_HOME/models/smollm2-135m.gguf"
+    break
+  fi
+done
+# The tests' fixtures (llama.cpp's reference logits) from the checkout the script runs in.
+if [ -d tests/fixtures ]; then export POWERINFER_TEST_FIXTURES="$PWD/tests/fixtures"; fi
+
 note "## Tests ($(elapsed))"
 run_tests nvrtc test-kernels-cuda-cuda
 run_tests kernels test-kernels-cuda-kernels --nocapture
@@ -146,6 +161,12 @@ run_tests device-ops test-kernels-cuda-device --nocapture
 run_tests daemon-device test-daemon-powerinfer_daemon device::
 run_tests hybrid test-tests-e2e hybrid::the_kernel_device_on_a_gpu --nocapture
 grep -h "largest logit difference" "$res/test-hybrid.log" | sed 's/^/    /' >>"$summary" || true
+if [ -n "$default_model" ] && [ -n "${POWERINFER_TEST_FIXTURES:-}" ]; then
+  run_tests hybrid-default test-tests-e2e hybrid::the_default_model_on_a_gpu --nocapture
+  grep -h "max |logit" "$res/test-hybrid-default.log" | sed 's/^/    /' >>"$summary" || true
+else
+  note "- not run: the default model on the GPU against llama.cpp's logits (no default model or fixtures here)"
+fi
 note ""
 
 # Models with planted sparsity.
@@ -166,22 +187,9 @@ budget() { echo $(($(size_of "$1") * $2 / 100)); }
 
 # Greedy decoding on the device against the CPU: the same tokens until the CPU's own
 # top two are within 0.05 (a near tie rounding may flip); the chosen tokens' log-probs
-# within 0.05 up to there.
-note "## Greedy decoding, $device against the CPU ($(elapsed))"
-model="$work/$greedy_shape.gguf"
-prompt="The planted neurons fire on some tokens and not on others, so"
-if [ -e "$model" ]; then
-  common=(run "$model" -n 48 --temperature 0 --json --logprobs 2 --sparsity predictor --ctx 256)
-  pd "${common[@]}" --device cpu "$prompt" >"$res/greedy-cpu.jsonl" 2>"$res/greedy-cpu.log" || true
-  for pct in 25 50 100; do
-    out="$res/greedy-$pct.jsonl"
-    if ! pd "${common[@]}" --device "$device" --vram-budget "$(budget "$model" $pct)" "$prompt" \
-      >"$out" 2>"$res/greedy-$pct.log"; then
-      failures=$((failures + 1))
-      note "- FAIL at $pct%: $(tail -1 "$res/greedy-$pct.log")"
-      continue
-    fi
-    if verdict=$(python3 - "$res/greedy-cpu.jsonl" "$out" <<'EOF'
+# within 0.05 up to there. Budgets are shares of the model file's size ("all": room for
+# everything).
+cat >"$work/greedy.py" <<'EOF'
 import json, sys
 def steps(p):
     return [r for r in map(json.loads, open(p)) if "id" in r]
@@ -201,51 +209,105 @@ ok = worst < 0.05 and n == len(cpu) and n > 0
 print(f"{'ok' if ok else 'FAIL'}: all {n} tokens the same; largest log-prob gap {worst:.4f}")
 sys.exit(0 if ok else 1)
 EOF
-    ); then
-      note "- $pct% ($(head -1 "$res/greedy-$pct.log")): $verdict"
+pct_budget() {
+  if [ "$2" = all ]; then budget "$1" 300; else budget "$1" "$2"; fi
+}
+greedy() {
+  local label=$1 model=$2 sparsity=$3 prompt=$4 pct out verdict
+  local common=(run "$model" -n 48 --temperature 0 --json --logprobs 2 --sparsity "$sparsity" --ctx 256)
+  note "### $label ($sparsity), $device against the CPU ($(elapsed))"
+  if ! pd "${common[@]}" --device cpu "$prompt" >"$res/greedy-$label-cpu.jsonl" 2>"$res/greedy-$label-cpu.log"; then
+    failures=$((failures + 1))
+    note "- FAIL on the CPU: $(tail -1 "$res/greedy-$label-cpu.log")"
+    return
+  fi
+  for pct in 25 50 75 100 all; do
+    out="$res/greedy-$label-$pct.jsonl"
+    if ! pd "${common[@]}" --device "$device" --vram-budget "$(pct_budget "$model" $pct)" "$prompt" \
+      >"$out" 2>"$res/greedy-$label-$pct.log"; then
+      failures=$((failures + 1))
+      note "- FAIL at $pct: $(tail -1 "$res/greedy-$label-$pct.log")"
+      continue
+    fi
+    if verdict=$(python3 "$work/greedy.py" "$res/greedy-$label-cpu.jsonl" "$out"); then
+      note "- budget $pct ($(head -1 "$res/greedy-$label-$pct.log")): $verdict"
     else
       failures=$((failures + 1))
-      note "- $pct%: $verdict"
+      note "- budget $pct: $verdict"
     fi
   done
+}
+note "## Greedy decoding"
+model="$work/$greedy_shape.gguf"
+[ -e "$model" ] && greedy "$greedy_shape" "$model" predictor \
+  "The planted neurons fire on some tokens and not on others, so"
+if [ -n "$default_model" ]; then
+  greedy smollm2-135m "$default_model" dense "The capital of France is"
+else
+  note "- the default model is absent (PI_GPU_CHECK_DEFAULT_MODEL names it): synthetic models only"
 fi
 note ""
 
 # Speed: llama-bench's pp/tg on the bench model, predictor sparsity, CPU and device
 # alternated (CPU first and last), three repetitions each. A budget is a share of the
 # model file's size; the device also holds the predictors and the KV cache, so the
-# share of the neurons it takes is reported beside it.
+# share of the neurons it takes is reported beside it. With PI_GPU_CHECK_LLAMA_BENCH
+# naming a llama-bench built with CUDA, llama.cpp runs the same file dense with -ngl
+# set to the same share of its layers, between ours.
 note "## Speed, $bench_shape Q4_0 with planted sparsity ($(elapsed))"
 model="$work/$bench_shape.gguf"
+llama_bench=${PI_GPU_CHECK_LLAMA_BENCH:-}
 if [ -e "$model" ]; then
   bench=(bench "$model" -p 128 -n 64 -r 3 --sparsity predictor --json)
+  n_layer=$(pd inspect "$model" --json | python3 -c '
+import json, sys
+meta = json.load(sys.stdin)["metadata"]
+print(next(e["value"] for e in meta if e["key"].endswith(".block_count")))' 2>/dev/null || echo 0)
   i=0
-  for cfg in cpu 25 50 cpu 100 150 cpu; do
+  for cfg in cpu 25 50 cpu 75 100 all cpu; do
     i=$((i + 1))
     out="$res/bench-$i-$cfg.json"
     if [ "$cfg" = cpu ]; then
       args=(--device cpu)
     else
-      args=(--device "$device" --vram-budget "$(budget "$model" "$cfg")")
+      args=(--device "$device" --vram-budget "$(pct_budget "$model" "$cfg")")
     fi
     if ! pd "${bench[@]}" "${args[@]}" >"$out" 2>"$res/bench-$i-$cfg.log"; then
       failures=$((failures + 1))
       note "- FAIL bench $cfg: $(tail -1 "$res/bench-$i-$cfg.log")"
     fi
+    if [ -n "$llama_bench" ] && [ "$cfg" != cpu ]; then
+      if [ "$cfg" = all ]; then ngl=99; else ngl=$((n_layer * cfg / 100)); fi
+      if ! "$llama_bench" -m "$model" -p 128 -n 64 -r 3 -ngl "$ngl" -o json \
+        >"$res/llama-$i-$cfg-ngl$ngl.json" 2>"$res/llama-$i-$cfg.log"; then
+        failures=$((failures + 1))
+        note "- FAIL llama-bench -ngl $ngl: $(tail -1 "$res/llama-$i-$cfg.log")"
+      fi
+    fi
   done
+  [ -n "$llama_bench" ] || note "- llama.cpp not compared: PI_GPU_CHECK_LLAMA_BENCH names no llama-bench"
   python3 - "$res" <<'EOF' | tee -a "$summary"
 import glob, json, os, sys
 rows = []
-for p in sorted(glob.glob(os.path.join(sys.argv[1], "bench-*.json")),
-                key=lambda p: int(os.path.basename(p).split("-")[1])):
+def order(p):
+    return int(os.path.basename(p).split("-")[1]) * 2 + os.path.basename(p).startswith("llama")
+for p in sorted(glob.glob(os.path.join(sys.argv[1], "bench-*.json")) +
+                glob.glob(os.path.join(sys.argv[1], "llama-*.json")), key=order):
     try:
         recs = json.load(open(p))
     except ValueError:
         continue
-    cfg = os.path.basename(p).split("-")[2].removesuffix(".json")
+    parts = os.path.basename(p).removesuffix(".json").split("-")
+    cfg = parts[2]
+    pct = "" if cfg in ("cpu", "all") else "%"
     for r in recs:
+        if parts[0] == "llama":
+            test = f"pp{r['n_prompt']}" if r.get("n_prompt") else f"tg{r['n_gen']}"
+            rows.append(f"| llama.cpp {parts[3]} (budget {cfg}{pct}) | dense | - | "
+                        f"{r['n_threads']} | {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |")
+            continue
         d = r.get("device") or {}
-        where = "CPU" if cfg == "cpu" else f"{r['backends']} budget {cfg}%"
+        where = "CPU" if cfg == "cpu" else f"{r['backends']} budget {cfg}{pct}"
         hot = f"{100 * d['hot_neuron_share']:.1f}%" if d else "-"
         used = f"{d['memory_used'] / 2**20:.1f} MiB" if d else "-"
         rows.append(f"| {where} | {hot} | {used} | {r['n_threads']} | {r['test']} "

@@ -32,11 +32,14 @@ pub fn default_loaded() -> &'static LoadedModel {
     MODEL.get_or_init(|| LoadedModel::load(default_model()).expect("the default model loads"))
 }
 
-/// A JSON fixture from `tests/fixtures/`.
+/// A JSON fixture from `tests/fixtures/` (or `$POWERINFER_TEST_FIXTURES`, for a test
+/// binary run away from its checkout).
 pub fn fixture_json(name: &str) -> serde_json::Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name);
+    let dir = std::env::var_os("POWERINFER_TEST_FIXTURES").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+        PathBuf::from,
+    );
+    let p = dir.join(name);
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
