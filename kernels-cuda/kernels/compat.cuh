@@ -17,6 +17,10 @@
 #define PI_DEVICE static inline
 #define PI_GLOBAL static
 #elif defined(__HIPCC__) || defined(__HIPCC_RTC__)
+#if !defined(__HIPCC_RTC__)
+// hipcc offline (hiprtc has the runtime's declarations built in, as NVRTC has CUDA's).
+#include <hip/hip_runtime.h>
+#endif
 #define PI_DEVICE __device__ static inline
 #define PI_GLOBAL extern "C" __global__
 #define PI_SHFL_XOR(v, m) __shfl_xor((v), (m), PI_WARP)
