@@ -35,7 +35,7 @@ const HOT: usize = 128;
 const N_VOCAB: usize = 50;
 const N_CTX: usize = 8;
 
-struct Case {
+pub struct Case {
     name: &'static str,
     warp: u32,
     n_embd: usize,
@@ -353,7 +353,7 @@ fn check(c: &Case, seed: u64) {
     check_on(c, seed, HarnessBackend::new(c.warp, 1 << 28));
 }
 
-fn check_on<B: Backend>(c: &Case, seed: u64, backend: B) {
+pub fn check_on<B: Backend>(c: &Case, seed: u64, backend: B) {
     let mut rng = Rng::new(seed);
     let w = weights(c, &mut rng);
     let steps = inputs(c, &mut rng);
@@ -404,7 +404,7 @@ fn check_on<B: Backend>(c: &Case, seed: u64, backend: B) {
     );
 }
 
-fn q4_1_case() -> (Case, u64) {
+pub fn q4_1_case() -> (Case, u64) {
     (
         Case {
             name: "q4_1",
@@ -437,7 +437,7 @@ fn q4_1_gqa_relu_at_warp_32() {
     check(&c, seed);
 }
 
-fn k_quant_case() -> (Case, u64) {
+pub fn k_quant_case() -> (Case, u64) {
     (
         Case {
             name: "k-quants",
@@ -470,7 +470,7 @@ fn k_quants_mqa_silu_neox_f32_cache_at_warp_64() {
     check(&c, seed);
 }
 
-fn float_case() -> (Case, u64) {
+pub fn float_case() -> (Case, u64) {
     (
         Case {
             name: "f32",
