@@ -8,8 +8,9 @@
 //! `cuda:N` is the N-th NVIDIA GPU (the `kernels-cuda` crate, cargo feature `cuda`); a
 //! build without the feature, a machine without the driver, NVRTC or the device, each
 //! gets an error that says which. Without `--vram-budget` a CUDA device offers its free
-//! memory less a reserve for the step buffers and the driver. The HIP backend is not
-//! part of this build yet: asking for it is an error that says so.
+//! memory less a reserve for the step buffers and the driver. `hip:N` is the N-th AMD
+//! GPU (the `kernels-hip` crate, cargo feature `hip`), with the same kernels, device
+//! logic, errors and default budget.
 
 use powerinfer_ops::device::{Device, FaultKind, SimFault, SimulatedDevice};
 
@@ -64,10 +65,8 @@ pub fn open(spec: &str, budget: u64) -> Result<Option<Box<dyn Device>>, DeviceOp
             open_cuda(spec, ordinal, budget).map(Some)
         }
         "hip" if options.is_none() && arg.is_some_and(|a| a.parse::<u32>().is_ok()) => {
-            Err(DeviceOpenError::NotCompiled {
-                device: spec.to_owned(),
-                backend: "HIP",
-            })
+            let ordinal = arg.and_then(|a| a.parse().ok()).unwrap_or(0);
+            open_hip(spec, ordinal, budget).map(Some)
         }
         _ => Err(unknown()),
     }
@@ -85,10 +84,53 @@ fn open_cuda(
     })
 }
 
-/// Device memory a CUDA device keeps back from a default budget: the step buffers, the
-/// kernels' module, the driver's own.
-#[cfg(feature = "cuda")]
-const CUDA_RESERVE: u64 = 512 << 20;
+#[cfg(not(feature = "hip"))]
+fn open_hip(spec: &str, _ordinal: usize, _budget: u64) -> Result<Box<dyn Device>, DeviceOpenError> {
+    Err(DeviceOpenError::NotCompiled {
+        device: spec.to_owned(),
+        backend: "HIP",
+    })
+}
+
+/// Device memory a GPU keeps back from a default budget: the step buffers, the kernels'
+/// module, the driver's own.
+#[cfg(any(feature = "cuda", feature = "hip"))]
+const GPU_RESERVE: u64 = 512 << 20;
+
+/// The budget a GPU with `free` of `total` bytes offers: `budget`, or without one its
+/// free memory less the reserve.
+#[cfg(any(feature = "cuda", feature = "hip"))]
+fn gpu_budget(budget: u64, free: u64, total: u64) -> Result<u64, String> {
+    match budget {
+        0 => Ok(free.saturating_sub(GPU_RESERVE.max(free / 20))),
+        b if b > total => Err(format!(
+            "a budget of {b} bytes is more than the device's {total}"
+        )),
+        b => Ok(b),
+    }
+}
+
+#[cfg(feature = "hip")]
+fn open_hip(spec: &str, ordinal: usize, budget: u64) -> Result<Box<dyn Device>, DeviceOpenError> {
+    use powerinfer_kernels_cuda::{Backend, KernelDevice};
+    use powerinfer_kernels_hip::hip::HipBackend;
+    use powerinfer_ops::device::DeviceKind;
+    let failed = |reason: String| DeviceOpenError::Failed {
+        device: spec.to_owned(),
+        reason,
+    };
+    let cache = kernel_cache_dir();
+    let backend = HipBackend::open(ordinal, Some(&cache)).map_err(|e| failed(e.to_string()))?;
+    let (free, total) = backend.memory().map_err(|e| failed(e.to_string()))?;
+    let budget = gpu_budget(budget, free, total).map_err(failed)?;
+    let name = backend.name();
+    Ok(Box::new(KernelDevice::new(
+        backend,
+        DeviceKind::Hip,
+        name,
+        budget,
+    )))
+}
 
 #[cfg(feature = "cuda")]
 fn open_cuda(spec: &str, ordinal: usize, budget: u64) -> Result<Box<dyn Device>, DeviceOpenError> {
@@ -102,15 +144,7 @@ fn open_cuda(spec: &str, ordinal: usize, budget: u64) -> Result<Box<dyn Device>,
     let cache = kernel_cache_dir();
     let backend = CudaBackend::open(ordinal, Some(&cache)).map_err(|e| failed(e.to_string()))?;
     let (free, total) = backend.memory().map_err(|e| failed(e.to_string()))?;
-    let budget = match budget {
-        0 => free.saturating_sub(CUDA_RESERVE.max(free / 20)),
-        b if b > total => {
-            return Err(failed(format!(
-                "a budget of {b} bytes is more than the device's {total}"
-            )));
-        }
-        b => b,
-    };
+    let budget = gpu_budget(budget, free, total).map_err(failed)?;
     let name = backend.name();
     Ok(Box::new(KernelDevice::new(
         backend,
@@ -122,7 +156,7 @@ fn open_cuda(spec: &str, ordinal: usize, budget: u64) -> Result<Box<dyn Device>,
 
 /// Where compiled kernels are cached: `$POWERINFER_HOME/cache/kernels`, else
 /// `$XDG_CACHE_HOME/powerinfer/kernels`, else `~/.cache/powerinfer/kernels`.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "hip"))]
 fn kernel_cache_dir() -> std::path::PathBuf {
     use std::path::PathBuf;
     let env = |k: &str| {
@@ -176,6 +210,7 @@ mod tests {
                 ..
             })
         ));
+        #[cfg(not(feature = "hip"))]
         assert!(matches!(
             open("hip:0", 0),
             Err(DeviceOpenError::NotCompiled { backend: "HIP", .. })
@@ -189,6 +224,8 @@ mod tests {
             "cuda:0,fail_after=1",
             "cuda:x",
             "cuda",
+            "hip:0,fail_after=1",
+            "hip:x",
         ] {
             assert!(
                 matches!(open(bad, 0), Err(DeviceOpenError::Unknown(_))),
@@ -228,6 +265,35 @@ mod cuda_tests {
                 reason.contains("does not exist")
                     || reason.contains("no CUDA driver")
                     || reason.contains("no CUDA device"),
+                "{reason}"
+            ),
+            other => panic!("{:?}", other.map(|d| d.map(|d| d.info()))),
+        }
+    }
+}
+
+#[cfg(all(test, feature = "hip"))]
+mod hip_tests {
+    use super::*;
+
+    /// Without an AMD GPU `hip:N` is a failure that says so; with one it opens.
+    #[test]
+    fn hip_devices_open_or_say_why_not() {
+        match open("hip:0", 0) {
+            Ok(Some(dev)) => {
+                let info = dev.info();
+                assert!(info.memory_total > 0 && info.memory_used == 0, "{info:?}");
+            }
+            Ok(None) => panic!("hip:0 is a device"),
+            Err(DeviceOpenError::Failed { device, reason }) => {
+                assert_eq!(device, "hip:0");
+                assert!(reason.contains("no HIP device"), "{reason}");
+            }
+            Err(e) => panic!("{e}"),
+        }
+        match open("hip:4096", 0) {
+            Err(DeviceOpenError::Failed { reason, .. }) => assert!(
+                reason.contains("does not exist") || reason.contains("no HIP device"),
                 "{reason}"
             ),
             other => panic!("{:?}", other.map(|d| d.map(|d| d.info()))),
