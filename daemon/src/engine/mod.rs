@@ -312,12 +312,11 @@ impl Engine {
             return Err(EngineError::InvalidArgument("the prompt is empty".into()));
         }
         if prompt.len() > self.opts.max_prompt_tokens {
-            return Err(EngineError::InvalidArgument(format!(
-                "the prompt has {} tokens, more than the limit of {} (context {})",
-                prompt.len(),
-                self.opts.max_prompt_tokens,
-                self.opts.n_ctx
-            )));
+            return Err(EngineError::PromptTooLong {
+                tokens: prompt.len(),
+                limit: self.opts.max_prompt_tokens,
+                n_ctx: self.opts.n_ctx,
+            });
         }
         let n = self.model.config.n_vocab;
         if let Some(t) = prompt.iter().find(|t| t.index() >= n) {

@@ -140,6 +140,12 @@ pub enum EngineError {
     InvalidArgument(String),
     #[error("the queue is full ({max} requests waiting)")]
     QueueFull { max: usize },
+    #[error("the prompt has {tokens} tokens, more than the limit of {limit} (context {n_ctx})")]
+    PromptTooLong {
+        tokens: usize,
+        limit: usize,
+        n_ctx: usize,
+    },
     #[error(transparent)]
     Device(#[from] DeviceOpenError),
     #[error("the engine has stopped")]

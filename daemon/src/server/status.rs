@@ -40,7 +40,9 @@ impl ServerError {
     pub fn code(&self) -> Code {
         match self {
             Self::Engine(e) => match e {
-                EngineError::InvalidArgument(_) => Code::InvalidArgument,
+                EngineError::InvalidArgument(_) | EngineError::PromptTooLong { .. } => {
+                    Code::InvalidArgument
+                }
                 EngineError::QueueFull { .. } => Code::ResourceExhausted,
                 EngineError::Load(LoadError::Gguf(GgufError::Io { .. })) => Code::Internal,
                 // Asked for a backend this build or this machine lacks, or a device that
