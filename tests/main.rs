@@ -8,6 +8,7 @@ mod device_faults;
 mod engine;
 mod gguf_hostile;
 mod gguf_roundtrip;
+mod http_api;
 mod hybrid;
 mod parity_model;
 mod parity_tokenize;

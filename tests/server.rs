@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use powerinfer_client::Client;
 use powerinfer_daemon::engine::EngineOptions;
-use powerinfer_daemon::server::{ServeConfig, ServeError, serve};
+use powerinfer_daemon::server::{ServeConfig, ServeError, serve_all};
 
 use crate::CliOutput;
 
@@ -17,6 +17,7 @@ use crate::CliOutput;
 pub fn test_config(models_dir: &Path) -> ServeConfig {
     ServeConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        http_listen: None,
         models_dir: models_dir.to_owned(),
         allow_paths: false,
         engine: EngineOptions {
@@ -37,6 +38,8 @@ pub fn test_config(models_dir: &Path) -> ServeConfig {
 /// The server, its runtime, and the switch that shuts it down.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The HTTP API's address, when [`TestServer::start_with_http`] started it.
+    pub http_addr: Option<SocketAddr>,
     runtime: tokio::runtime::Runtime,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
@@ -44,6 +47,15 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(config: ServeConfig) -> Self {
+        Self::start_inner(config, false)
+    }
+
+    /// [`TestServer::start`] with the HTTP API on another port of 127.0.0.1.
+    pub fn start_with_http(config: ServeConfig) -> Self {
+        Self::start_inner(config, true)
+    }
+
+    fn start_inner(config: ServeConfig, with_http: bool) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -53,12 +65,21 @@ impl TestServer {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("bound address");
+        let http = with_http.then(|| {
+            runtime
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .expect("bind 127.0.0.1:0")
+        });
+        let http_addr = http
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound address"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = runtime.spawn(serve(listener, config, async {
+        let task = runtime.spawn(serve_all(listener, http, config, async {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            http_addr,
             runtime,
             stop: Some(stop),
             task: Some(task),

@@ -15,6 +15,9 @@ pub struct ServeArgs {
     /// gRPC address to listen on [default: 127.0.0.1:50051].
     #[arg(long)]
     pub listen: Option<String>,
+    /// OpenAI-compatible HTTP API address, or "off" [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub http_listen: Option<String>,
     /// Models directory [default: $POWERINFER_HOME/models].
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
@@ -49,6 +52,7 @@ impl ServeArgs {
     fn flags(&self) -> FlagConfig {
         FlagConfig {
             listen: self.listen.clone(),
+            http_listen: self.http_listen.clone(),
             models_dir: self.models_dir.clone(),
             config: self.config.clone(),
             allow_paths: self.allow_paths,
@@ -104,7 +108,26 @@ pub fn run(a: &ServeArgs, err: &mut dyn Write) -> u8 {
                 env!("CARGO_PKG_VERSION")
             );
         }
-        let result = server::serve(listener, config, shutdown_signal()).await;
+        let http = match config.http_listen {
+            None => None,
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    if let Ok(a) = l.local_addr() {
+                        let _ = writeln!(err, "OpenAI-compatible HTTP API on http://{a}/v1");
+                    }
+                    Some(l)
+                }
+                Err(e) => {
+                    let _ = writeln!(
+                        err,
+                        "error: cannot listen on {addr} for HTTP: {e} (--http-listen off \
+                         turns the HTTP API off)"
+                    );
+                    return exit::FAILURE;
+                }
+            },
+        };
+        let result = server::serve_all(listener, http, config, shutdown_signal()).await;
         // Traces are flushed last, after the engines have stopped.
         telemetry.shutdown();
         match result {

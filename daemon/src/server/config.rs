@@ -16,6 +16,8 @@ use crate::store;
 /// The system-wide configuration file, read when it exists and `--config` is not given.
 pub const SYSTEM_CONFIG: &str = "/etc/powerinfer/powerinferd.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// The OpenAI-compatible HTTP API's default address (llama-server's port).
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -51,6 +53,8 @@ pub struct Preload {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<String>,
+    /// The HTTP API's address, or "off".
+    pub http_listen: Option<String>,
     pub models_dir: Option<PathBuf>,
     pub allow_paths: Option<bool>,
     pub threads: Option<usize>,
@@ -73,6 +77,7 @@ pub struct FileConfig {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FlagConfig {
     pub listen: Option<String>,
+    pub http_listen: Option<String>,
     pub models_dir: Option<PathBuf>,
     pub config: Option<PathBuf>,
     pub allow_paths: bool,
@@ -88,6 +93,8 @@ pub struct FlagConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// Where the OpenAI-compatible HTTP API listens (`None`: off).
+    pub http_listen: Option<SocketAddr>,
     pub models_dir: PathBuf,
     /// Whether clients may name model files by path.
     pub allow_paths: bool,
@@ -160,6 +167,18 @@ impl ServeConfig {
         let listen: SocketAddr = listen
             .parse()
             .map_err(|_| invalid("listen", &listen, "expected ADDRESS:PORT"))?;
+        let http_listen = flags
+            .http_listen
+            .clone()
+            .or_else(|| env("POWERINFER_HTTP_LISTEN"))
+            .or(file.http_listen)
+            .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.to_owned());
+        let http_listen: Option<SocketAddr> = match http_listen.trim() {
+            "off" | "none" | "false" => None,
+            a => Some(a.parse().map_err(|_| {
+                invalid("http_listen", &http_listen, "expected ADDRESS:PORT or off")
+            })?),
+        };
         let models_dir = flags
             .models_dir
             .clone()
@@ -272,6 +291,7 @@ impl ServeConfig {
         }
         Ok(Self {
             listen,
+            http_listen,
             models_dir,
             allow_paths,
             engine: EngineOptions {
@@ -340,7 +360,34 @@ mod tests {
         let d = ServeConfig::resolve_with(&FlagConfig::default(), &env(&[]), FileConfig::default())
             .unwrap();
         assert_eq!(d.listen.to_string(), DEFAULT_LISTEN, "loopback by default");
+        assert_eq!(
+            d.http_listen.map(|a| a.to_string()).as_deref(),
+            Some(DEFAULT_HTTP_LISTEN)
+        );
         assert!(!d.allow_paths);
+    }
+
+    #[test]
+    fn the_http_api_listens_where_asked_or_not_at_all() {
+        let file: FileConfig = toml::from_str(r#"http_listen = "127.0.0.1:9000""#).unwrap();
+        let none = FlagConfig::default();
+        let c = ServeConfig::resolve_with(&none, &env(&[]), file.clone()).unwrap();
+        assert_eq!(c.http_listen.unwrap().to_string(), "127.0.0.1:9000");
+        let e = [("POWERINFER_HTTP_LISTEN", "off")];
+        let c = ServeConfig::resolve_with(&none, &env(&e), file.clone()).unwrap();
+        assert_eq!(c.http_listen, None);
+        let flags = FlagConfig {
+            http_listen: Some("127.0.0.1:0".into()),
+            ..FlagConfig::default()
+        };
+        let c = ServeConfig::resolve_with(&flags, &env(&e), file).unwrap();
+        assert_eq!(c.http_listen.unwrap().to_string(), "127.0.0.1:0");
+        let bad = FlagConfig {
+            http_listen: Some("port 80".into()),
+            ..FlagConfig::default()
+        };
+        let err = ServeConfig::resolve_with(&bad, &env(&[]), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("http_listen"), "{err}");
     }
 
     #[test]

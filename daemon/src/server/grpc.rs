@@ -33,7 +33,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    fn check_open(&self) -> Result<(), ServerError> {
+    pub(super) fn check_open(&self) -> Result<(), ServerError> {
         if self.draining.load(Ordering::Acquire) {
             Err(ServerError::ShuttingDown)
         } else {
@@ -260,7 +260,7 @@ impl v1::control_service_server::ControlService for ControlApi {
 }
 
 /// GGUF files in the models directory, and catalog models (downloaded or not).
-fn available_models(dir: &std::path::Path) -> Vec<v1::AvailableModel> {
+pub(super) fn available_models(dir: &std::path::Path) -> Vec<v1::AvailableModel> {
     let mut out: Vec<v1::AvailableModel> = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {

@@ -1,13 +1,15 @@
-//! `powerinferd serve`: the gRPC server over the loaded models.
+//! `powerinferd serve`: the gRPC server and the OpenAI-compatible HTTP API over the
+//! loaded models.
 //!
-//! [`serve`] takes an already-bound listener and a shutdown future, so tests bind
-//! `127.0.0.1:0` and drive the real client. Shutdown: stop accepting, mark every model not
+//! [`serve`] takes already-bound listeners and a shutdown future, so tests bind
+//! `127.0.0.1:0` and drive the real clients. Shutdown: stop accepting, mark every model not
 //! serving, let running streams finish within the drain deadline, then drop the engines
 //! (their actors stop after their current step).
 
 pub mod config;
 pub mod convert;
 pub mod grpc;
+pub mod http;
 pub mod manager;
 pub mod status;
 pub mod telemetry;
@@ -36,11 +38,24 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the server task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
 }
 
 /// Serves gRPC on `listener` until `shutdown` completes, then drains and returns.
 pub async fn serve(
     listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    serve_all(listener, None, config, shutdown).await
+}
+
+/// Serves gRPC on `listener` and, when given, the HTTP API on `http`, until `shutdown`
+/// completes; then both stop taking requests, running streams drain, and it returns.
+pub async fn serve_all(
+    listener: TcpListener,
+    http: Option<TcpListener>,
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
@@ -79,6 +94,18 @@ pub async fn serve(
         });
     let mut server = tokio::spawn(server);
     tracing::info!(listen = ?local, models_dir = %config.models_dir.display(), "serving");
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let http_task = http.map(|l| {
+        tracing::info!(http_listen = ?l.local_addr().ok(), "serving the HTTP API");
+        let app = http::router(shared.clone());
+        tokio::spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(async {
+                    let _ = http_stop_rx.await;
+                })
+                .await
+        })
+    });
 
     // Preloads run once the server answers, so clients can watch them.
     let preloads = tokio::spawn(preload(manager.clone(), config.preload.clone()));
@@ -89,6 +116,9 @@ pub async fn serve(
     };
     if let Some(result) = early {
         preloads.abort();
+        if let Some(t) = &http_task {
+            t.abort();
+        }
         manager.clear();
         return result?.map_err(ServeError::from);
     }
@@ -113,13 +143,26 @@ pub async fn serve(
         health.clear_service_status(s).await;
     }
     let _ = stop_tx.send(());
-    let result = match tokio::time::timeout(config.drain_timeout, &mut server).await {
+    let _ = http_stop_tx.send(());
+    let deadline = tokio::time::Instant::now() + config.drain_timeout;
+    let result = match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(r) => r?.map_err(ServeError::from),
         Err(_) => {
             tracing::warn!("drain deadline passed; closing the remaining streams");
             server.abort();
             Ok(())
         }
+    };
+    let result = match http_task {
+        None => result,
+        Some(mut t) => match tokio::time::timeout_at(deadline, &mut t).await {
+            Ok(r) => result.and(r?.map_err(ServeError::Http)),
+            Err(_) => {
+                tracing::warn!("drain deadline passed; closing the remaining HTTP streams");
+                t.abort();
+                result
+            }
+        },
     };
     manager.clear();
     tracing::info!("stopped");

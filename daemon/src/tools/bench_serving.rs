@@ -90,6 +90,7 @@ async fn local_server(
     let addr = listener.local_addr().map_err(|e| fail("bind", e))?;
     let config = ServeConfig {
         listen: addr,
+        http_listen: None,
         models_dir: path.parent().unwrap_or_else(|| Path::new(".")).to_owned(),
         allow_paths: true,
         engine,
