@@ -539,3 +539,46 @@ fn the_openai_python_package_works_unchanged() {
     assert_eq!(v["bad_field"], "BadRequestError");
     assert_eq!(v["too_long"], "APIStatusError 413");
 }
+
+#[test]
+fn a_full_queue_is_429_with_retry_after() {
+    default_model();
+    let mut config = test_config(&store::default_models_dir());
+    config.engine.max_sequences = 1;
+    config.engine.max_queue = 1;
+    let server = TestServer::start_with_http(config);
+    let addr = server.http_addr.unwrap();
+    let body = json!({"model": DEFAULT_MODEL, "prompt": "Once upon a time", "temperature": 0,
+                      "max_tokens": 48});
+    // Loaded first, so the burst meets a running model.
+    assert_eq!(
+        post(
+            addr,
+            "/v1/completions",
+            &json!({"model": DEFAULT_MODEL,
+        "prompt": "Hi", "max_tokens": 1})
+        )
+        .status,
+        200
+    );
+    let replies: Vec<Reply> = (0..6)
+        .map(|_| {
+            let b = body.clone();
+            std::thread::spawn(move || post(addr, "/v1/completions", &b))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let full: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert!(
+        !full.is_empty(),
+        "{:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(replies.iter().all(|r| r.status == 200 || r.status == 429));
+    for r in full {
+        assert!(r.headers.contains("retry-after: 1"), "{}", r.headers);
+        assert_eq!(r.json()["error"]["code"], "queue_full");
+    }
+}
