@@ -49,11 +49,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Measure the serving pipeline's own cost per token at batch 1: the direct loop
-    /// against the engine's actors and the gRPC API over loopback (-n tokens, -r rounds).
+    /// against the engine's actors, the gRPC API and the HTTP API over loopback (-n tokens,
+    /// -r rounds).
     #[arg(long, conflicts_with = "server")]
     pub pipeline: bool,
-    /// Measure concurrent streams through the gRPC API over loopback: tokens/s, time to
-    /// first token, inter-token latency (-n tokens per stream).
+    /// Measure concurrent streams through the gRPC and the HTTP API over loopback:
+    /// tokens/s, time to first token, inter-token latency (-n tokens per stream).
     #[arg(long)]
     pub server: bool,
     /// Concurrent streams to test with --server.

@@ -43,6 +43,7 @@ pub fn pipeline(
             ("direct loop", &r.direct),
             ("engine actors", &r.engine),
             ("gRPC over loopback", &r.grpc),
+            ("HTTP (SSE) over loopback", &r.http),
         ] {
             let m = median(samples);
             let overhead = m / direct - 1.0;
@@ -96,11 +97,11 @@ pub fn server(
     if !as_json {
         let _ = writeln!(
             out,
-            "| threads | streams | tokens | seconds | tokens/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms |"
+            "| threads | API | streams | tokens | seconds | tokens/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms |"
         );
         let _ = writeln!(
             out,
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
     }
     for &t in threads {
@@ -116,6 +117,7 @@ pub fn server(
             if as_json {
                 records.push(json!({
                     "n_threads": t,
+                    "api": r.api,
                     "streams": r.streams,
                     "tokens": r.tokens,
                     "seconds": r.wall.as_secs_f64(),
@@ -127,7 +129,8 @@ pub fn server(
             } else {
                 let _ = writeln!(
                     out,
-                    "| {t} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} |",
+                    "| {t} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} |",
+                    r.api,
                     r.streams,
                     r.tokens,
                     r.wall.as_secs_f64(),

@@ -2,13 +2,14 @@
 //!
 //! - `pipeline`: the actor pipeline's own cost per decoded token at batch 1: the direct
 //!   generation loop (forward pass and sampler on one thread, as `powerinferd run`) against
-//!   the same greedy generation through the engine's actors in-process, and through the
-//!   gRPC API over loopback. Repetitions are interleaved so drifting machine load hits all
-//!   three alike.
-//! - `server_load`: concurrent streams through the gRPC API over loopback: aggregate
-//!   tokens/s, time to first token and inter-token latency percentiles, as a client sees
-//!   them.
+//!   the same greedy generation through the engine's actors in-process, through the gRPC
+//!   API over loopback and through the HTTP API (a streamed completion, Server-Sent
+//!   Events). Repetitions are interleaved so drifting machine load hits every path alike.
+//! - `server_load`: concurrent streams through the gRPC API and through the HTTP API over
+//!   loopback, alternated: aggregate tokens/s, time to first token and inter-token latency
+//!   percentiles, as a client sees them.
 
+use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use tokio_stream::StreamExt;
 use crate::engine::{Engine, EngineOptions, GenerateSpec, Input, StreamItem};
 use crate::generation::sampler::SamplerConfig;
 use crate::generation::{GenParams, LoadedModel, Session, SessionOptions};
-use crate::server::{ServeConfig, serve};
+use crate::server::{ServeConfig, serve_all};
 
 /// The prompt of the pipeline benchmark (greedy; SmolLM2 writes on for hundreds of tokens).
 pub const PIPELINE_PROMPT: &str = "Once upon a time, in a small village by the sea,";
@@ -41,6 +42,7 @@ pub struct PipelineReport {
     pub direct: Vec<f64>,
     pub engine: Vec<f64>,
     pub grpc: Vec<f64>,
+    pub http: Vec<f64>,
 }
 
 pub fn median(x: &[f64]) -> f64 {
@@ -72,13 +74,15 @@ fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
         .map_err(|e| fail("runtime", e))
 }
 
-/// A server on 127.0.0.1:0 serving the directory of `path` (paths allowed), and a client.
+/// A server on 127.0.0.1:0 (gRPC, and HTTP on another port) serving the directory of
+/// `path` (paths allowed): a gRPC client, the HTTP address, the stop switch, the task.
 async fn local_server(
     path: &Path,
     engine: EngineOptions,
 ) -> Result<
     (
         InferenceServiceClient<tonic::transport::Channel>,
+        SocketAddr,
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     ),
@@ -88,6 +92,10 @@ async fn local_server(
         .await
         .map_err(|e| fail("bind 127.0.0.1:0", e))?;
     let addr = listener.local_addr().map_err(|e| fail("bind", e))?;
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| fail("bind 127.0.0.1:0", e))?;
+    let http_addr = http.local_addr().map_err(|e| fail("bind", e))?;
     let config = ServeConfig {
         listen: addr,
         http_listen: None,
@@ -101,7 +109,7 @@ async fn local_server(
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        if let Err(e) = serve(listener, config, async {
+        if let Err(e) = serve_all(listener, Some(http), config, async {
             let _ = stopped.await;
         })
         .await
@@ -123,7 +131,7 @@ async fn local_server(
         })
         .await
         .map_err(|e| fail("load", e.message()))?;
-    Ok((InferenceServiceClient::new(channel), stop, task))
+    Ok((InferenceServiceClient::new(channel), http_addr, stop, task))
 }
 
 fn model_name(path: &Path) -> String {
@@ -165,6 +173,62 @@ async fn grpc_stream(
         }
     }
     Ok(StreamTimes { arrivals })
+}
+
+/// One streamed `POST /v1/completions` over a fresh connection (as most HTTP clients make
+/// one per stream): the arrival time of each event that carries a token. Plain HTTP/1.1 on
+/// a socket, so the client adds no library of its own to the figures.
+async fn http_stream(addr: SocketAddr, body: String) -> Result<StreamTimes, BenchError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| fail("connect", e))?;
+    s.set_nodelay(true).map_err(|e| fail("connect", e))?;
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes())
+        .await
+        .map_err(|e| fail("HTTP request", e))?;
+    let mut arrivals = Vec::new();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    let token_event = b"\"finish_reason\":null";
+    loop {
+        let n = s.read(&mut buf).await.map_err(|e| fail("HTTP stream", e))?;
+        if n == 0 {
+            break;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        // Each complete event ends with a blank line; the chunk framing between events
+        // does not contain one.
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = pending.drain(..end + 2).collect();
+            if event.windows(token_event.len()).any(|w| w == token_event) {
+                arrivals.push(start.elapsed());
+            }
+            if event.windows(12).any(|w| w == b"data: [DONE]") {
+                return Ok(StreamTimes { arrivals });
+            }
+            if event.windows(9).any(|w| w == b"\"error\":{") {
+                return Err(BenchError(format!(
+                    "HTTP stream: {}",
+                    String::from_utf8_lossy(&event)
+                )));
+            }
+        }
+    }
+    if pending.starts_with(b"HTTP/1.1 200") || !arrivals.is_empty() {
+        Err(BenchError("HTTP stream: ended before [DONE]".into()))
+    } else {
+        Err(BenchError(format!(
+            "HTTP stream: {}",
+            String::from_utf8_lossy(&pending)
+        )))
+    }
 }
 
 /// Runs the pipeline benchmark: `repetitions` measured rounds (after one warm-up) of
@@ -209,7 +273,7 @@ pub fn pipeline(
             .map_err(|e| fail("load", e))?
             .map_err(|e| fail("load", e))
     })?;
-    let (client, stop, server) = rt.block_on(local_server(path, opts))?;
+    let (client, http_addr, stop, server) = rt.block_on(local_server(path, opts))?;
     let mut session = Session::new(loaded, SessionOptions::new(n_ctx, threads))
         .map_err(|e| fail("session", e))?;
     let params = GenParams {
@@ -234,6 +298,14 @@ pub fn pipeline(
         }),
         ..Default::default()
     };
+    let http_body = serde_json::json!({
+        "model": model_name(path),
+        "prompt": prompt.iter().map(|t| t.0).collect::<Vec<_>>(),
+        "max_tokens": n_gen,
+        "temperature": 0,
+        "stream": true,
+    })
+    .to_string();
     let mut report = PipelineReport::default();
     for rep in 0..=repetitions {
         let summary = session
@@ -258,6 +330,7 @@ pub fn pipeline(
             Ok::<_, BenchError>(StreamTimes { arrivals })
         })?;
         let grpc_times = rt.block_on(grpc_stream(client.clone(), request.clone()))?;
+        let http_times = rt.block_on(http_stream(http_addr, http_body.clone()))?;
         if rep == 0 {
             report.tokens = summary.generated.len();
             if engine_times.arrivals.len() != report.tokens
@@ -270,6 +343,16 @@ pub fn pipeline(
                     grpc_times.arrivals.len()
                 )));
             }
+            // HTTP sends no event for a token that completes no character.
+            if http_times.arrivals.len() > report.tokens
+                || http_times.arrivals.len() + 8 < report.tokens
+            {
+                return Err(BenchError(format!(
+                    "HTTP streamed {} tokens of {}",
+                    http_times.arrivals.len(),
+                    report.tokens
+                )));
+            }
             continue; // warm-up
         }
         report.direct.push(direct);
@@ -279,6 +362,9 @@ pub fn pipeline(
         report
             .grpc
             .push(grpc_times.per_decode_token().unwrap_or(f64::NAN));
+        report
+            .http
+            .push(http_times.per_decode_token().unwrap_or(f64::NAN));
     }
     let _ = stop.send(());
     drop(engine);
@@ -289,6 +375,8 @@ pub fn pipeline(
 /// What `streams` concurrent generations saw.
 #[derive(Clone, Debug)]
 pub struct LoadReport {
+    /// "gRPC" or "HTTP".
+    pub api: &'static str,
     pub streams: usize,
     pub tokens: usize,
     pub wall: Duration,
@@ -304,7 +392,8 @@ impl LoadReport {
 }
 
 /// Runs `streams` concurrent generations of `n_gen` tokens (temperature 0.8, a seed per
-/// stream, a prompt per stream) for each entry of `streams`, after one warm-up stream.
+/// stream, a prompt per stream) for each entry of `streams`, after one warm-up stream,
+/// through gRPC and then through HTTP for each count.
 pub fn server_load(
     path: &Path,
     threads: usize,
@@ -321,7 +410,7 @@ pub fn server_load(
     };
     let rt = runtime()?;
     rt.block_on(async {
-        let (client, stop, server) = local_server(path, opts).await?;
+        let (client, http_addr, stop, server) = local_server(path, opts).await?;
         let request = |i: usize| v1::GenerateRequest {
             model: model_name(path),
             input: Some(v1::generate_request::Input::Prompt(format!(
@@ -335,12 +424,27 @@ pub fn server_load(
             }),
             ..Default::default()
         };
+        let http_body = |i: usize| {
+            serde_json::json!({
+                "model": model_name(path),
+                "prompt": format!("Story number {i}. Once upon a time,"),
+                "max_tokens": n_gen,
+                "temperature": 0.8,
+                "seed": 1000 + i as u64,
+                "stream": true,
+            })
+            .to_string()
+        };
         grpc_stream(client.clone(), request(0)).await?; // warm-up
+        http_stream(http_addr, http_body(0)).await?;
         let mut reports = Vec::new();
-        for &n in streams {
+        for (n, api) in streams.iter().flat_map(|&n| [(n, "gRPC"), (n, "HTTP")]) {
             let start = Instant::now();
             let tasks: Vec<_> = (0..n)
-                .map(|i| tokio::spawn(grpc_stream(client.clone(), request(i))))
+                .map(|i| match api {
+                    "gRPC" => tokio::spawn(grpc_stream(client.clone(), request(i))),
+                    _ => tokio::spawn(http_stream(http_addr, http_body(i))),
+                })
                 .collect();
             let mut all = Vec::new();
             for t in tasks {
@@ -358,6 +462,7 @@ pub fn server_load(
                 .collect();
             let secs = |x: f64| Duration::from_secs_f64(if x.is_finite() { x } else { 0.0 });
             reports.push(LoadReport {
+                api,
                 streams: n,
                 tokens,
                 wall,
