@@ -269,9 +269,11 @@ fn common(f: &Fields, input: Input, top_logprobs: usize) -> Result<Common, ApiEr
     {
         return Err(ApiError::bad("best_of", "best_of > 1 is not supported"));
     }
+    // Tools are refused; an empty list, or a choice of none or auto without tools, is
+    // what clients send by default and means no tools.
     for unsupported in ["tools", "functions", "tool_choice", "function_call"] {
         if f.get(unsupported)
-            .is_some_and(|v| v != &json!([]) && v != "none")
+            .is_some_and(|v| v != &json!([]) && v != "none" && v != "auto")
         {
             return Err(ApiError::bad(
                 unsupported,
