@@ -582,3 +582,79 @@ fn a_full_queue_is_429_with_retry_after() {
         assert_eq!(r.json()["error"]["code"], "queue_full");
     }
 }
+
+#[test]
+fn with_api_keys_grpc_and_http_refuse_requests_without_one() {
+    default_model();
+    let mut config = test_config(&store::default_models_dir());
+    config.api_keys =
+        powerinfer_daemon::server::auth::ApiKeys::new(["first-key-0001", "second-key-0002"])
+            .unwrap();
+    let server = TestServer::start_with_http(config);
+    let addr = server.http_addr.unwrap();
+    let models = |auth: Option<&str>| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let header = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        write!(
+            s,
+            "GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{header}\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    };
+    for bad in [None, Some("Bearer wrong-key-0000"), Some("first-key-0001")] {
+        let r = models(bad);
+        assert!(r.starts_with("HTTP/1.1 401"), "{bad:?}: {r}");
+        assert!(r.contains("invalid_api_key"), "{r}");
+        assert!(
+            r.to_ascii_lowercase().contains("www-authenticate: bearer"),
+            "{r}"
+        );
+    }
+    assert!(models(Some("Bearer second-key-0002")).starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        http(addr, "GET", "/health", None).status,
+        200,
+        "health stays open"
+    );
+
+    // gRPC: UNAUTHENTICATED without the key, served with it; health stays open.
+    let client = server.client();
+    let e = server.block_on(client.status()).unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::Unauthenticated), "{e}");
+    let keyed = server.client().with_api_key("first-key-0001").unwrap();
+    server.block_on(keyed.status()).unwrap();
+    let wrong = server.client().with_api_key("first-key-0002").unwrap();
+    assert!(server.block_on(wrong.list()).is_err());
+    server.block_on(client.health("")).unwrap();
+    // pictl sends the key from --api-key or POWERINFER_API_KEY.
+    let out = server.pictl(&["status"]);
+    assert_eq!(out.status, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("unauthenticated"), "{}", out.stderr);
+    let out = server.pictl(&["--api-key", "second-key-0002", "status"]);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+
+    // OpenAI's client: a wrong key is its AuthenticationError, the right one works.
+    let script = "import sys, openai\n\
+        base, model = sys.argv[1], sys.argv[2]\n\
+        try:\n    openai.OpenAI(base_url=base, api_key='wrong-key-0000').models.list()\n    print('no error')\n\
+        except openai.AuthenticationError:\n    print('AuthenticationError')\n\
+        ids = [m.id for m in openai.OpenAI(base_url=base, api_key='first-key-0001').models.list()]\n\
+        print(model in ids)\n";
+    let out = Command::new("python3")
+        .args(["-c", script, &format!("http://{addr}/v1"), DEFAULT_MODEL])
+        .env("PYTHONPATH", openai_python())
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "AuthenticationError\nTrue\n"
+    );
+}

@@ -54,6 +54,8 @@ pub enum ClientError {
     Status(#[from] tonic::Status),
     #[error("the stream ended without a final message")]
     Truncated,
+    #[error("the API key has characters a header cannot carry")]
+    InvalidApiKey,
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -148,6 +150,8 @@ pub struct Client {
     inference: InferenceServiceClient<Channel>,
     control: ControlServiceClient<Channel>,
     health: HealthClient<Channel>,
+    /// `Bearer KEY`, sent with every call when set.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Client {
@@ -179,7 +183,27 @@ impl Client {
             inference: InferenceServiceClient::new(channel.clone()),
             control: ControlServiceClient::new(channel.clone()),
             health: HealthClient::new(channel),
+            authorization: None,
         }
+    }
+
+    /// Sends `key` (`authorization: Bearer KEY`) with every call, as a daemon with API
+    /// keys requires.
+    pub fn with_api_key(mut self, key: &str) -> Result<Self, ClientError> {
+        let value = format!("Bearer {}", key.trim())
+            .parse()
+            .map_err(|_| ClientError::InvalidApiKey)?;
+        self.authorization = Some(value);
+        Ok(self)
+    }
+
+    /// `message` as a request carrying the key, if there is one.
+    fn req<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        if let Some(a) = &self.authorization {
+            r.metadata_mut().insert("authorization", a.clone());
+        }
+        r
     }
 
     /// Starts a generation. Dropping the stream cancels it on the server.
@@ -187,7 +211,12 @@ impl Client {
         &self,
         request: proto::GenerateRequest,
     ) -> Result<GenerateStream, ClientError> {
-        let stream = self.inference.clone().generate(request).await?.into_inner();
+        let stream = self
+            .inference
+            .clone()
+            .generate(self.req(request))
+            .await?
+            .into_inner();
         let events = stream.filter_map(|item| match item {
             Ok(proto::GenerateResponse { event: Some(e) }) => Some(Ok(match e {
                 proto::generate_response::Event::Token(t) => GenerateEvent::Token(t),
@@ -227,7 +256,12 @@ impl Client {
         &self,
         request: proto::TokenizeRequest,
     ) -> Result<proto::TokenizeResponse, ClientError> {
-        Ok(self.inference.clone().tokenize(request).await?.into_inner())
+        Ok(self
+            .inference
+            .clone()
+            .tokenize(self.req(request))
+            .await?
+            .into_inner())
     }
 
     pub async fn detokenize(
@@ -237,7 +271,7 @@ impl Client {
         Ok(self
             .inference
             .clone()
-            .detokenize(request)
+            .detokenize(self.req(request))
             .await?
             .into_inner()
             .text)
@@ -247,7 +281,12 @@ impl Client {
         &self,
         request: proto::LoadModelRequest,
     ) -> Result<proto::ModelInfo, ClientError> {
-        let r = self.control.clone().load_model(request).await?.into_inner();
+        let r = self
+            .control
+            .clone()
+            .load_model(self.req(request))
+            .await?
+            .into_inner();
         r.model.ok_or_else(|| {
             ClientError::Status(tonic::Status::internal("LoadModel returned no model"))
         })
@@ -256,9 +295,9 @@ impl Client {
     pub async fn unload(&self, model: &str) -> Result<(), ClientError> {
         self.control
             .clone()
-            .unload_model(proto::UnloadModelRequest {
+            .unload_model(self.req(proto::UnloadModelRequest {
                 model: model.to_owned(),
-            })
+            }))
             .await?;
         Ok(())
     }
@@ -267,7 +306,7 @@ impl Client {
         Ok(self
             .control
             .clone()
-            .list_models(proto::ListModelsRequest {})
+            .list_models(self.req(proto::ListModelsRequest {}))
             .await?
             .into_inner())
     }
@@ -276,7 +315,7 @@ impl Client {
         Ok(self
             .control
             .clone()
-            .status(proto::StatusRequest {})
+            .status(self.req(proto::StatusRequest {}))
             .await?
             .into_inner())
     }
@@ -286,7 +325,7 @@ impl Client {
         let stream = self
             .control
             .clone()
-            .watch_models(proto::WatchModelsRequest {})
+            .watch_models(self.req(proto::WatchModelsRequest {}))
             .await?
             .into_inner();
         Ok(Box::pin(stream.filter_map(|item| match item {
@@ -301,9 +340,9 @@ impl Client {
         let r = self
             .health
             .clone()
-            .check(tonic_health::pb::HealthCheckRequest {
+            .check(self.req(tonic_health::pb::HealthCheckRequest {
                 service: service.to_owned(),
-            })
+            }))
             .await?
             .into_inner();
         Ok(ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown))

@@ -29,6 +29,14 @@ struct Cli {
     /// The daemon's gRPC address.
     #[arg(long, global = true, env = "POWERINFER_ADDR", default_value = DEFAULT_ADDR)]
     addr: String,
+    /// The API key the daemon requires, if it requires one.
+    #[arg(
+        long,
+        global = true,
+        env = "POWERINFER_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,7 +69,7 @@ impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         let status = match &e {
             ClientError::Connect { .. } => exit::CANNOT_CONNECT,
-            ClientError::InvalidAddress { .. } => exit::USAGE,
+            ClientError::InvalidAddress { .. } | ClientError::InvalidApiKey => exit::USAGE,
             ClientError::Status(s)
                 if s.code() == tonic::Code::Unavailable && s.message().contains("transport") =>
             {
@@ -116,7 +124,10 @@ where
         }
     };
     let result = runtime.block_on(async {
-        let client = Client::connect(&cli.addr).await?;
+        let mut client = Client::connect(&cli.addr).await?;
+        if let Some(k) = cli.api_key.as_deref().filter(|k| !k.is_empty()) {
+            client = client.with_api_key(k)?;
+        }
         match &cli.command {
             Command::Status(a) => status::status(&client, a, out).await,
             Command::List(a) => status::list(&client, a, out).await,

@@ -18,6 +18,16 @@ pub struct ServeArgs {
     /// OpenAI-compatible HTTP API address, or "off" [default: 127.0.0.1:8080].
     #[arg(long)]
     pub http_listen: Option<String>,
+    /// An API key clients must send (repeatable; also POWERINFER_API_KEY). Needed to
+    /// listen beyond loopback.
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (also POWERINFER_API_KEY_FILE).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Serve a non-loopback address without API keys.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
     /// Models directory [default: $POWERINFER_HOME/models].
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
@@ -53,6 +63,9 @@ impl ServeArgs {
         FlagConfig {
             listen: self.listen.clone(),
             http_listen: self.http_listen.clone(),
+            api_keys: self.api_keys.clone(),
+            api_key_file: self.api_key_file.clone(),
+            insecure_no_auth: self.insecure_no_auth,
             models_dir: self.models_dir.clone(),
             config: self.config.clone(),
             allow_paths: self.allow_paths,

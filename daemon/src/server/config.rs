@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::auth::{ApiKeys, KeyError};
 use crate::engine::{EngineOptions, SparsityMode};
 use crate::model::KvType;
 use crate::settings::Settings;
@@ -35,6 +36,17 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    #[error("API keys: {0}")]
+    Keys(#[from] KeyError),
+    #[error(
+        "{name} {addr} is not a loopback address, and no API key is set: anyone who can \
+         reach it could use the server. Set one (--api-key, POWERINFER_API_KEY, \
+         --api-key-file or api_key_file), or pass --insecure-no-auth to serve without"
+    )]
+    OpenWithoutKey {
+        name: &'static str,
+        addr: SocketAddr,
+    },
 }
 
 /// A model loaded at start.
@@ -55,6 +67,10 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// The HTTP API's address, or "off".
     pub http_listen: Option<String>,
+    /// A file of API keys, one per line.
+    pub api_key_file: Option<PathBuf>,
+    /// Serve a non-loopback address without API keys.
+    pub insecure_no_auth: Option<bool>,
     pub models_dir: Option<PathBuf>,
     pub allow_paths: Option<bool>,
     pub threads: Option<usize>,
@@ -78,6 +94,9 @@ pub struct FileConfig {
 pub struct FlagConfig {
     pub listen: Option<String>,
     pub http_listen: Option<String>,
+    pub api_keys: Vec<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub insecure_no_auth: bool,
     pub models_dir: Option<PathBuf>,
     pub config: Option<PathBuf>,
     pub allow_paths: bool,
@@ -95,6 +114,9 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Where the OpenAI-compatible HTTP API listens (`None`: off).
     pub http_listen: Option<SocketAddr>,
+    /// The keys gRPC and HTTP requests must carry (none: no check, loopback only unless
+    /// `insecure_no_auth`).
+    pub api_keys: ApiKeys,
     pub models_dir: PathBuf,
     /// Whether clients may name model files by path.
     pub allow_paths: bool,
@@ -179,6 +201,32 @@ impl ServeConfig {
                 invalid("http_listen", &http_listen, "expected ADDRESS:PORT or off")
             })?),
         };
+        let mut keys = flags.api_keys.clone();
+        keys.extend(env("POWERINFER_API_KEY"));
+        let key_file = flags
+            .api_key_file
+            .clone()
+            .or_else(|| env("POWERINFER_API_KEY_FILE").map(PathBuf::from))
+            .or(file.api_key_file.clone());
+        if let Some(f) = &key_file {
+            keys.extend(ApiKeys::read_file(f)?);
+        }
+        let api_keys = ApiKeys::new(keys.iter().map(String::as_str))?;
+        let insecure = flags.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
+        if api_keys.is_empty() && !insecure {
+            if !listen.ip().is_loopback() {
+                return Err(ConfigError::OpenWithoutKey {
+                    name: "listen",
+                    addr: listen,
+                });
+            }
+            if let Some(a) = http_listen.filter(|a| !a.ip().is_loopback()) {
+                return Err(ConfigError::OpenWithoutKey {
+                    name: "http_listen",
+                    addr: a,
+                });
+            }
+        }
         let models_dir = flags
             .models_dir
             .clone()
@@ -292,6 +340,7 @@ impl ServeConfig {
         Ok(Self {
             listen,
             http_listen,
+            api_keys,
             models_dir,
             allow_paths,
             engine: EngineOptions {
@@ -365,6 +414,79 @@ mod tests {
             Some(DEFAULT_HTTP_LISTEN)
         );
         assert!(!d.allow_paths);
+    }
+
+    #[test]
+    fn beyond_loopback_needs_an_api_key() {
+        let open = FlagConfig {
+            listen: Some("0.0.0.0:50051".into()),
+            ..FlagConfig::default()
+        };
+        let err = ServeConfig::resolve_with(&open, &env(&[]), FileConfig::default()).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::OpenWithoutKey { name: "listen", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--insecure-no-auth"), "{err}");
+        let http_open = FlagConfig {
+            http_listen: Some("0.0.0.0:8080".into()),
+            ..FlagConfig::default()
+        };
+        let err =
+            ServeConfig::resolve_with(&http_open, &env(&[]), FileConfig::default()).unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::OpenWithoutKey {
+                name: "http_listen",
+                ..
+            }
+        ));
+        // A key from the environment, from a flag, or the explicit override.
+        let e = [("POWERINFER_API_KEY", "sekrit-key-1")];
+        let c = ServeConfig::resolve_with(&open, &env(&e), FileConfig::default()).unwrap();
+        assert_eq!(c.api_keys.len(), 1);
+        assert!(c.api_keys.allows(Some(b"Bearer sekrit-key-1")));
+        let flagged = FlagConfig {
+            api_keys: vec!["flag-key-0001".into()],
+            ..open.clone()
+        };
+        let c = ServeConfig::resolve_with(&flagged, &env(&e), FileConfig::default()).unwrap();
+        assert_eq!(c.api_keys.len(), 2);
+        let insecure = FlagConfig {
+            insecure_no_auth: true,
+            ..open.clone()
+        };
+        let c = ServeConfig::resolve_with(&insecure, &env(&[]), FileConfig::default()).unwrap();
+        assert!(c.api_keys.is_empty());
+        // A key file: one per line, comments and blank lines skipped.
+        let dir = std::env::temp_dir().join(format!("pi-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys");
+        std::fs::write(&path, "# operators\nfile-key-0001\n\n  file-key-0002  \n").unwrap();
+        let file = FileConfig {
+            api_key_file: Some(path.clone()),
+            ..FileConfig::default()
+        };
+        let c = ServeConfig::resolve_with(&open, &env(&[]), file).unwrap();
+        assert_eq!(c.api_keys.len(), 2);
+        assert!(c.api_keys.allows(Some(b"Bearer file-key-0002")));
+        std::fs::write(&path, "short\n").unwrap();
+        let file = FileConfig {
+            api_key_file: Some(path.clone()),
+            ..FileConfig::default()
+        };
+        assert!(matches!(
+            ServeConfig::resolve_with(&open, &env(&[]), file),
+            Err(ConfigError::Keys(_))
+        ));
+        let missing = FlagConfig {
+            api_key_file: Some(dir.join("none")),
+            ..open
+        };
+        let err =
+            ServeConfig::resolve_with(&missing, &env(&[]), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("none"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

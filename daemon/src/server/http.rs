@@ -8,6 +8,9 @@
 //! object (sparsity mode, hot share, active fraction) on the final chunk and in `usage`,
 //! and a request may choose its `sparsity`.
 //!
+//! With API keys configured, every `/v1` route needs `Authorization: Bearer KEY` (401
+//! otherwise); `/health` stays open.
+//!
 //! A client that disconnects drops its response: the engine's stream goes with it and
 //! the sequence is cancelled at its next step, as on gRPC.
 
@@ -27,6 +30,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
+use super::auth::ApiKeys;
 use super::grpc::{Shared, available_models};
 use super::manager::model_name;
 use super::status::ServerError;
@@ -43,15 +47,45 @@ const MAX_STOP: usize = 16;
 /// The most alternatives per token `top_logprobs` (and a completion's `logprobs`) asks.
 const MAX_TOP_LOGPROBS: u64 = 20;
 
-pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+/// The API's routes; with `keys`, every `/v1` route needs `Authorization: Bearer KEY`
+/// (`/health` stays open for load balancers).
+pub fn router(shared: Arc<Shared>, keys: Arc<ApiKeys>) -> Router {
+    let v1 = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route_layer(axum::middleware::from_fn_with_state(keys, require_key));
+    Router::new()
+        .merge(v1)
         .route("/health", get(health))
         .fallback(unknown_route)
         .with_state(shared)
+}
+
+async fn require_key(
+    State(keys): State<Arc<ApiKeys>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    if keys.allows(given) {
+        return next.run(req).await;
+    }
+    let mut r = ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message: "a valid API key is required (Authorization: Bearer KEY)".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("invalid_api_key"),
+    }
+    .into_response();
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 /// An error as OpenAI's API returns it.

@@ -6,6 +6,7 @@
 //! serving, let running streams finish within the drain deadline, then drop the engines
 //! (their actors stop after their current step).
 
+pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod grpc;
@@ -83,12 +84,32 @@ pub async fn serve_all(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let local = listener.local_addr().ok();
+    let keys = Arc::new(config.api_keys.clone());
+    let check = {
+        let keys = keys.clone();
+        move |req: tonic::Request<()>| {
+            let given = req.metadata().get("authorization").map(|v| v.as_bytes());
+            if keys.allows(given) {
+                Ok(req)
+            } else {
+                Err(tonic::Status::unauthenticated(
+                    "a valid API key is required (metadata authorization: Bearer KEY)",
+                ))
+            }
+        }
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(InferenceServiceServer::new(InferenceApi(shared.clone())))
-        .add_service(ControlServiceServer::new(ControlApi(shared.clone())))
+        .add_service(InferenceServiceServer::with_interceptor(
+            InferenceApi(shared.clone()),
+            check.clone(),
+        ))
+        .add_service(ControlServiceServer::with_interceptor(
+            ControlApi(shared.clone()),
+            check,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stop_rx.await;
         });
@@ -97,7 +118,7 @@ pub async fn serve_all(
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let http_task = http.map(|l| {
         tracing::info!(http_listen = ?l.local_addr().ok(), "serving the HTTP API");
-        let app = http::router(shared.clone());
+        let app = http::router(shared.clone(), keys.clone());
         tokio::spawn(async move {
             axum::serve(l, app)
                 .with_graceful_shutdown(async {

@@ -99,6 +99,7 @@ async fn local_server(
     let config = ServeConfig {
         listen: addr,
         http_listen: None,
+        api_keys: Default::default(),
         models_dir: path.parent().unwrap_or_else(|| Path::new(".")).to_owned(),
         allow_paths: true,
         engine,
