@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 /// The `openai` package the test runs (pinned, so a new release cannot change it).
 const OPENAI: &str = "openai==3.60.0";
+const PROMETHEUS_CLIENT: &str = "prometheus-client==0.26.0";
 const QUESTION: &str = "What is the capital of France?";
 const PROMPT: &str = "The capital of France is";
 
@@ -460,36 +461,45 @@ fn curl_streams_server_sent_events() {
 /// OpenAI's Python package, installed once into the build tree.
 fn openai_python() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let base =
-            option_env!("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
-        let dir = base.join(OPENAI.replace("==", "-"));
-        if !dir.join("openai").is_dir() {
-            let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&tmp);
-            let out = Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "-q",
-                    "--disable-pip-version-check",
-                    "--target",
-                ])
-                .arg(&tmp)
-                .arg(OPENAI)
-                .output()
-                .expect("python3 runs");
-            assert!(
-                out.status.success(),
-                "pip install {OPENAI}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::rename(&tmp, &dir).unwrap();
-        }
-        dir
-    })
+    DIR.get_or_init(|| python_package(OPENAI, "openai"))
+}
+
+/// The Prometheus project's own Python client (for its text-format parser).
+fn prometheus_python() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| python_package(PROMETHEUS_CLIENT, "prometheus_client"))
+}
+
+/// `spec` pip-installed into a directory of its own in the build tree (once), for
+/// PYTHONPATH.
+fn python_package(spec: &str, module: &str) -> PathBuf {
+    let base = option_env!("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let dir = base.join(spec.replace("==", "-"));
+    if !dir.join(module).is_dir() {
+        let tmp = base.join(format!("{module}.tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&tmp)
+            .arg(spec)
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "pip install {spec}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir).unwrap();
+    }
+    dir
 }
 
 #[test]
@@ -657,4 +667,110 @@ fn with_api_keys_grpc_and_http_refuse_requests_without_one() {
         String::from_utf8_lossy(&out.stdout),
         "AuthenticationError\nTrue\n"
     );
+}
+
+#[test]
+fn metrics_parse_with_prometheus_s_own_parser_and_match_the_requests() {
+    let server = server();
+    let addr = server.http_addr.unwrap();
+    let mut generated = 0;
+    for _ in 0..2 {
+        let v = post(addr, "/v1/chat/completions", &greedy_chat(false, 8)).json();
+        generated += v["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(
+        post(addr, "/v1/chat/completions", &greedy_chat(true, 8)).status,
+        200
+    );
+    let mut bad = greedy_chat(false, 8);
+    bad["model"] = json!("no-such-model");
+    assert_eq!(post(addr, "/v1/chat/completions", &bad).status, 404);
+    let client = server.client();
+    let g = server
+        .block_on(
+            client.generate_all(powerinfer_client::proto::GenerateRequest {
+                max_tokens: 5,
+                sampling: Some(powerinfer_client::greedy()),
+                ..powerinfer_client::text_request(DEFAULT_MODEL, PROMPT)
+            }),
+        )
+        .unwrap();
+    assert_eq!(g.tokens.len(), 5);
+
+    let r = http(addr, "GET", "/metrics", None);
+    assert_eq!(r.status, 200);
+    assert!(
+        r.headers
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{}",
+        r.headers
+    );
+    let mut child = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/prometheus_parse.py"))
+        .env("PYTHONPATH", prometheus_python())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(r.body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        r.body
+    );
+    let samples: Vec<(String, String, Value, f64)> = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .filter(|(_, n, l, _)| n == name && labels.iter().all(|(k, v)| l[*k] == *v))
+            .map(|s| s.3)
+            .sum()
+    };
+    let m = DEFAULT_MODEL;
+    let ok = |api| {
+        get(
+            "powerinfer_requests_total",
+            &[("model", m), ("api", api), ("status", "ok")],
+        )
+    };
+    assert_eq!(ok("http"), 3.0, "{}", r.body);
+    assert_eq!(ok("grpc"), 1.0);
+    let not_found = [("model", "no-such-model"), ("status", "not_found")];
+    assert_eq!(get("powerinfer_requests_total", &not_found), 1.0);
+    let http_generated = get(
+        "powerinfer_generated_tokens_total",
+        &[("model", m), ("api", "http")],
+    );
+    assert!(
+        http_generated > generated as f64,
+        "{http_generated}: {generated} and the stream's"
+    );
+    let grpc = [("model", m), ("api", "grpc")];
+    assert_eq!(get("powerinfer_generated_tokens_total", &grpc), 5.0);
+    let http_api = [("model", m), ("api", "http")];
+    assert_eq!(
+        get("powerinfer_time_to_first_token_seconds_count", &http_api),
+        3.0
+    );
+    assert_eq!(
+        get("powerinfer_inter_token_latency_seconds_count", &grpc),
+        4.0
+    );
+    assert_eq!(get("powerinfer_running_requests", &[("model", m)]), 0.0);
+    assert!(get("powerinfer_model_load_seconds", &[("model", m)]) > 0.0);
+    assert!(get("powerinfer_active_neuron_fraction", &[("model", m)]) > 0.99);
+    let layers = samples
+        .iter()
+        .filter(|s| s.1 == "powerinfer_layer_active_neuron_fraction")
+        .count();
+    assert_eq!(layers, 30);
+    assert!(samples.iter().any(|s| s.0 == "histogram"));
 }

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use super::convert;
 use super::manager::{ModelManager, model_name, snapshot};
+use super::metrics::outcome;
 use super::status::ServerError;
 use crate::engine::{Input, StreamItem};
 use crate::ids::TokenId;
@@ -27,6 +28,7 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// State shared by both services.
 pub struct Shared {
     pub manager: Arc<ModelManager>,
+    pub metrics: Arc<super::metrics::Metrics>,
     pub started: Instant,
     /// Set when shutdown begins: new work is refused while running streams drain.
     pub draining: AtomicBool,
@@ -61,6 +63,7 @@ impl v1::inference_service_server::InferenceService for InferenceApi {
             Input::Text(_) | Input::Tokens(_) => "text_completion",
         };
         let name = model_name(&req.model);
+        let mut tracker = self.0.metrics.track(&name, "grpc");
         // One span per request; the engine hangs queue, prefill, decode and sampled step
         // spans below it and records the usage when the request ends.
         let span = tracing::info_span!(
@@ -88,15 +91,24 @@ impl v1::inference_service_server::InferenceService for InferenceApi {
         let (engine, stream) = result.inspect_err(|e| {
             span.record("otel.status_code", "ERROR");
             tracing::debug!(parent: &span, error = %e, "generate refused");
+            tracker.fail(&outcome(e.code()));
         })?;
         // The stream keeps its engine alive: an unloaded model finishes what it started.
         let out = stream.map(move |item| {
             let _serving = &engine;
             match item {
                 Ok(item @ (StreamItem::Token(_) | StreamItem::Final(_))) => {
+                    match &item {
+                        StreamItem::Token(_) => tracker.token(),
+                        StreamItem::Final(f) => tracker.finish(f),
+                    }
                     Ok(convert::stream_item(item))
                 }
-                Err(e) => Err(Status::from(e)),
+                Err(e) => {
+                    let s = Status::from(e);
+                    tracker.fail(&outcome(s.code()));
+                    Err(s)
+                }
             }
         });
         Ok(Response::new(Box::pin(out)))

@@ -33,6 +33,7 @@ use tonic::Code;
 use super::auth::ApiKeys;
 use super::grpc::{Shared, available_models};
 use super::manager::model_name;
+use super::metrics::outcome;
 use super::status::ServerError;
 use crate::engine::{
     Engine, EngineError, FinalEvent, FinishReason, GenerateSpec, Input, SparsityMode, StreamItem,
@@ -59,6 +60,7 @@ pub fn router(shared: Arc<Shared>, keys: Arc<ApiKeys>) -> Router {
     Router::new()
         .merge(v1)
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .with_state(shared)
 }
@@ -636,9 +638,21 @@ async fn generate(
     logprobs: bool,
 ) -> Result<Response, ApiError> {
     shared.check_open()?;
-    let engine = shared.manager.get_or_load(&c.model).await?;
     let name = model_name(&c.model);
-    let mut events = engine.generate(c.spec).await?;
+    let mut tracker = shared.metrics.track(&name, "http");
+    let started = async {
+        let engine = shared.manager.get_or_load(&c.model).await?;
+        let events = engine.generate(c.spec).await?;
+        Ok::<_, ServerError>((engine, events))
+    }
+    .await;
+    let (engine, mut events) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            tracker.fail(&outcome(e.code()));
+            return Err(e.into());
+        }
+    };
     let (id, object) = match kind {
         Kind::Chat => (
             format!("chatcmpl-{:016x}", random_seed()),
@@ -652,14 +666,26 @@ async fn generate(
         let mut text = String::new();
         let mut last = None;
         while let Some(item) = events.next().await {
-            match item? {
+            let item = match item {
+                Ok(i) => i,
+                Err(e) => {
+                    let e = ServerError::Engine(e);
+                    tracker.fail(&outcome(e.code()));
+                    return Err(e.into());
+                }
+            };
+            match item {
                 StreamItem::Token(t) => {
+                    tracker.token();
                     text.push_str(&t.text);
                     if logprobs {
                         tokens.push(t);
                     }
                 }
-                StreamItem::Final(f) => last = Some(f),
+                StreamItem::Final(f) => {
+                    tracker.finish(&f);
+                    last = Some(f);
+                }
             }
         }
         let f = last.ok_or_else(|| {
@@ -740,6 +766,7 @@ async fn generate(
         while let Some(item) = events.next().await {
             let event = match item {
                 Ok(StreamItem::Token(t)) => {
+                    tracker.token();
                     let lp = match kind {
                         Kind::Chat => {
                             logprobs.then(|| json!({"content": [chat_logprob(&engine, &t)]}))
@@ -761,6 +788,7 @@ async fn generate(
                     chunk(json!([choice]), None)
                 }
                 Ok(StreamItem::Final(f)) => {
+                    tracker.finish(&f);
                     if !f.text.is_empty() {
                         // What was held back for a stop string that never came.
                         let held = match kind {
@@ -789,6 +817,8 @@ async fn generate(
                 }
                 Err(e) => {
                     // OpenAI's clients raise on an error object in the stream.
+                    let e = ServerError::Engine(e);
+                    tracker.fail(&outcome(e.code()));
                     let e = ApiError::from(e);
                     let _ = send(Event::default().data(e.body().to_string())).await;
                     return;
@@ -893,4 +923,20 @@ async fn health(State(shared): State<Arc<Shared>>, Query(q): Query<HealthQuery>)
             None => axum::Json(json!({"status": "ok", "model": name})).into_response(),
         },
     }
+}
+
+/// The Prometheus exposition of the daemon's metrics.
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let models = shared.manager.snapshots().await;
+    let text = shared
+        .metrics
+        .render(&models, &shared.manager.load_seconds());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
 }

@@ -79,6 +79,8 @@ pub struct ModelManager {
     health: HealthReporter,
     /// Every name given a health status, so shutdown can end their health watches.
     health_names: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Seconds each model's last successful load took.
+    load_seconds: std::sync::Mutex<BTreeMap<String, f64>>,
 }
 
 /// The name a model is served under: the reference itself, or a path's file stem.
@@ -117,7 +119,18 @@ impl ModelManager {
             events: std::sync::Mutex::new(Some(broadcast::channel(EVENT_BACKLOG).0)),
             health,
             health_names: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            load_seconds: std::sync::Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Seconds each model's last successful load took (for the metrics).
+    pub fn load_seconds(&self) -> Vec<(String, f64)> {
+        self.load_seconds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     async fn set_health(&self, name: &str, status: ServingStatus) {
@@ -271,6 +284,7 @@ impl ModelManager {
         opts: EngineOptions,
     ) -> Result<Arc<Engine>, ServerError> {
         tracing::info!(%reference, "loading");
+        let started = std::time::Instant::now();
         self.set_health(&name, ServingStatus::NotServing).await;
         self.emit(ModelEvent::Loading {
             model: name.clone(),
@@ -281,6 +295,10 @@ impl ModelManager {
         match result {
             Ok(engine) => {
                 let engine = Arc::new(engine);
+                self.load_seconds
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(name.clone(), started.elapsed().as_secs_f64());
                 self.loaded_map_mut().insert(name.clone(), engine.clone());
                 self.set_health(&name, ServingStatus::Serving).await;
                 self.watch_failure(&name, &engine);

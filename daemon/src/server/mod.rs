@@ -12,6 +12,7 @@ pub mod convert;
 pub mod grpc;
 pub mod http;
 pub mod manager;
+pub mod metrics;
 pub mod status;
 pub mod telemetry;
 
@@ -76,6 +77,7 @@ pub async fn serve_all(
     ));
     let shared = Arc::new(Shared {
         manager: manager.clone(),
+        metrics: Arc::default(),
         started: Instant::now(),
         draining: AtomicBool::new(false),
     });
