@@ -509,6 +509,15 @@ fn models_load_and_unload_while_another_serves_with_events_and_health() {
                 "{name} not listed"
             );
         }
+        // Clients see file names, never the server's directories.
+        for p in listed
+            .loaded
+            .iter()
+            .map(|m| &m.path)
+            .chain(listed.available.iter().map(|m| &m.path))
+        {
+            assert!(!p.contains('/') && p.ends_with(".gguf"), "{p}");
+        }
         assert_eq!(
             code(
                 client
@@ -698,15 +707,20 @@ fn pictl_commands_and_exit_codes() {
     assert_eq!(v["models"][0]["context_size"], 200);
     assert!(v["uptime_seconds"].as_f64().unwrap() > 0.0);
 
+    // A model that is a symbolic link is listed with its file's size.
+    std::os::unix::fs::symlink(dir.join("tiny2.gguf"), dir.join("linked.gguf")).unwrap();
     let out = server.pictl(&["list", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    assert!(
-        v["available"]
-            .as_array()
-            .unwrap()
+    let available = v["available"].as_array().unwrap();
+    let size = |name: &str| {
+        available
             .iter()
-            .any(|m| m["name"] == "tiny2")
-    );
+            .find(|m| m["name"] == name)
+            .map(|m| m["size_bytes"].as_u64().unwrap())
+    };
+    let real = std::fs::metadata(dir.join("tiny2.gguf")).unwrap().len();
+    assert_eq!(size("tiny2"), Some(real));
+    assert_eq!(size("linked"), Some(real), "{v}");
 
     let out = server.pictl(&["tokenize", "tiny", "hi", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();

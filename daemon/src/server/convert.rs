@@ -185,12 +185,18 @@ pub fn stream_item(item: StreamItem) -> v1::GenerateResponse {
     }
 }
 
+/// A path's last component: what clients see of the server's files.
+pub fn file_name(p: &std::path::Path) -> String {
+    p.file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+}
+
 pub fn model_info(s: &ModelSnapshot) -> v1::ModelInfo {
     let i: &EngineInfo = &s.info;
     let hot_bytes = i.hot.placed_bytes;
     v1::ModelInfo {
         name: i.name.clone(),
-        path: i.path.display().to_string(),
+        path: file_name(&i.path),
         size_bytes: i.file_size,
         architecture: i.architecture.clone(),
         parameters: i.parameters,

@@ -284,8 +284,9 @@ pub(super) fn available_models(dir: &std::path::Path) -> Vec<v1::AvailableModel>
                 out.push(v1::AvailableModel {
                     in_catalog: store::catalog::lookup(&name).is_some(),
                     downloaded: true,
-                    size_bytes: e.metadata().map_or(0, |m| m.len()),
-                    path: path.display().to_string(),
+                    // Through a symbolic link to the file it names.
+                    size_bytes: std::fs::metadata(&path).map_or(0, |m| m.len()),
+                    path: convert::file_name(&path),
                     name,
                 });
             }
@@ -295,7 +296,7 @@ pub(super) fn available_models(dir: &std::path::Path) -> Vec<v1::AvailableModel>
         if !out.iter().any(|m| m.name == entry.alias) {
             out.push(v1::AvailableModel {
                 name: entry.alias.to_owned(),
-                path: dir.join(entry.file_name()).display().to_string(),
+                path: entry.file_name(),
                 size_bytes: entry.size,
                 in_catalog: true,
                 downloaded: false,
