@@ -774,3 +774,74 @@ fn metrics_parse_with_prometheus_s_own_parser_and_match_the_requests() {
     assert_eq!(layers, 30);
     assert!(samples.iter().any(|s| s.0 == "histogram"));
 }
+
+#[test]
+fn idle_models_unload_when_their_keep_alive_runs_out() {
+    use powerinfer_daemon::server::keep_alive::KeepAlive;
+    default_model();
+    let mut config = test_config(&store::default_models_dir());
+    config.keep_alive = KeepAlive::For(Duration::from_secs(1));
+    let server = TestServer::start_with_http(config);
+    let addr = server.http_addr.unwrap();
+    let loaded = || {
+        http(addr, "GET", &format!("/v1/models/{DEFAULT_MODEL}"), None).json()["powerinfer"]["loaded"]
+            == true
+    };
+    let complete = |keep: Value| {
+        let mut b = json!({"model": DEFAULT_MODEL, "prompt": PROMPT, "max_tokens": 2});
+        if !keep.is_null() {
+            b["keep_alive"] = keep;
+        }
+        post(addr, "/v1/completions", &b)
+    };
+    let gone_within = |limit: Duration| {
+        let t = Instant::now();
+        while loaded() {
+            if t.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    };
+    // The server's default (1 s here): loaded by the request, gone once idle past it.
+    assert_eq!(complete(Value::Null).status, 200);
+    assert!(loaded());
+    assert!(
+        gone_within(Duration::from_secs(5)),
+        "not unloaded after its keep_alive"
+    );
+    // -1 keeps it past the default.
+    assert_eq!(complete(json!(-1)).status, 200);
+    std::thread::sleep(Duration::from_millis(1800));
+    assert!(loaded(), "keep_alive -1 unloaded it");
+    // 0: unloaded as soon as its requests are done.
+    assert_eq!(complete(json!("0")).status, 200);
+    assert!(gone_within(Duration::from_secs(2)), "keep_alive 0 kept it");
+    // A keep_alive that is not one is refused by name, on both APIs.
+    let r = complete(json!("soon"));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "keep_alive");
+    let client = server.client();
+    let e = server
+        .block_on(
+            client.generate_all(powerinfer_client::proto::GenerateRequest {
+                keep_alive: "soon".into(),
+                ..powerinfer_client::text_request(DEFAULT_MODEL, PROMPT)
+            }),
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+    // gRPC sets it too.
+    server
+        .block_on(
+            client.generate_all(powerinfer_client::proto::GenerateRequest {
+                keep_alive: "-1".into(),
+                max_tokens: 2,
+                ..powerinfer_client::text_request(DEFAULT_MODEL, PROMPT)
+            }),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(loaded(), "gRPC keep_alive -1 unloaded it");
+}

@@ -19,6 +19,7 @@ pub fn test_config(models_dir: &Path) -> ServeConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         http_listen: None,
         api_keys: Default::default(),
+        keep_alive: Default::default(),
         models_dir: models_dir.to_owned(),
         allow_paths: false,
         engine: EngineOptions {

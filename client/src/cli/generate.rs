@@ -73,6 +73,10 @@ pub struct CommonFlags {
     /// Sparsity mode for this request (default: the model's).
     #[arg(long, value_enum)]
     sparsity: Option<SparsityArg>,
+    /// How long the model stays loaded once idle: 30s, 5m, 1h, 0 or -1 (forever)
+    /// [default: the daemon's].
+    #[arg(long, allow_hyphen_values = true)]
+    keep_alive: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -123,6 +127,7 @@ fn request(
             .sparsity
             .map_or(proto::SparsityMode::Unspecified, SparsityArg::wire)
             .into(),
+        keep_alive: c.keep_alive.clone().unwrap_or_default(),
     }
 }
 

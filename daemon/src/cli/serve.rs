@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// Serve a non-loopback address without API keys.
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// How long idle models stay loaded: 30s, 5m, 1h, 0 or -1 (forever) [default: 5m].
+    #[arg(long, allow_hyphen_values = true)]
+    pub keep_alive: Option<String>,
     /// Models directory [default: $POWERINFER_HOME/models].
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
@@ -66,6 +69,7 @@ impl ServeArgs {
             api_keys: self.api_keys.clone(),
             api_key_file: self.api_key_file.clone(),
             insecure_no_auth: self.insecure_no_auth,
+            keep_alive: self.keep_alive.clone(),
             models_dir: self.models_dir.clone(),
             config: self.config.clone(),
             allow_paths: self.allow_paths,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::auth::{ApiKeys, KeyError};
+use super::keep_alive::KeepAlive;
 use crate::engine::{EngineOptions, SparsityMode};
 use crate::model::KvType;
 use crate::settings::Settings;
@@ -71,6 +72,8 @@ pub struct FileConfig {
     pub api_key_file: Option<PathBuf>,
     /// Serve a non-loopback address without API keys.
     pub insecure_no_auth: Option<bool>,
+    /// How long idle models stay loaded: "5m", "30s", "0", "-1" (forever).
+    pub keep_alive: Option<String>,
     pub models_dir: Option<PathBuf>,
     pub allow_paths: Option<bool>,
     pub threads: Option<usize>,
@@ -97,6 +100,7 @@ pub struct FlagConfig {
     pub api_keys: Vec<String>,
     pub api_key_file: Option<PathBuf>,
     pub insecure_no_auth: bool,
+    pub keep_alive: Option<String>,
     pub models_dir: Option<PathBuf>,
     pub config: Option<PathBuf>,
     pub allow_paths: bool,
@@ -117,6 +121,8 @@ pub struct ServeConfig {
     /// The keys gRPC and HTTP requests must carry (none: no check, loopback only unless
     /// `insecure_no_auth`).
     pub api_keys: ApiKeys,
+    /// How long an idle model stays loaded unless a request sets its own.
+    pub keep_alive: KeepAlive,
     pub models_dir: PathBuf,
     /// Whether clients may name model files by path.
     pub allow_paths: bool,
@@ -227,6 +233,21 @@ impl ServeConfig {
                 });
             }
         }
+        let keep_alive = match flags
+            .keep_alive
+            .clone()
+            .or_else(|| env("POWERINFER_KEEP_ALIVE"))
+            .or(file.keep_alive.clone())
+        {
+            None => KeepAlive::default(),
+            Some(s) => KeepAlive::parse(&s).ok_or_else(|| {
+                invalid(
+                    "keep_alive",
+                    &s,
+                    "expected a duration (30s, 5m, 1h, seconds), 0 or -1 (forever)",
+                )
+            })?,
+        };
         let models_dir = flags
             .models_dir
             .clone()
@@ -341,6 +362,7 @@ impl ServeConfig {
             listen,
             http_listen,
             api_keys,
+            keep_alive,
             models_dir,
             allow_paths,
             engine: EngineOptions {

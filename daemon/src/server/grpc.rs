@@ -58,6 +58,14 @@ impl v1::inference_service_server::InferenceService for InferenceApi {
         self.0.check_open()?;
         let req = request.into_inner();
         let spec = convert::generate_spec(&req)?;
+        let keep_alive = match req.keep_alive.trim() {
+            "" => None,
+            s => Some(super::keep_alive::KeepAlive::parse(s).ok_or_else(|| {
+                ServerError::InvalidArgument(format!(
+                    "keep_alive {s:?}: expected a duration (30s, 5m, 1h, seconds), 0 or -1"
+                ))
+            })?),
+        };
         let operation = match spec.input {
             Input::Chat(_) => "chat",
             Input::Text(_) | Input::Tokens(_) => "text_completion",
@@ -83,6 +91,7 @@ impl v1::inference_service_server::InferenceService for InferenceApi {
         let manager = self.0.manager.clone();
         let result = async {
             let engine = manager.get_or_load(&req.model).await?;
+            manager.touch(&req.model, keep_alive);
             let stream = engine.generate(spec).await?;
             Ok::<_, ServerError>((engine, stream))
         }
@@ -94,13 +103,18 @@ impl v1::inference_service_server::InferenceService for InferenceApi {
             tracker.fail(&outcome(e.code()));
         })?;
         // The stream keeps its engine alive: an unloaded model finishes what it started.
+        let manager = self.0.manager.clone();
+        let model = req.model.clone();
         let out = stream.map(move |item| {
             let _serving = &engine;
             match item {
                 Ok(item @ (StreamItem::Token(_) | StreamItem::Final(_))) => {
                     match &item {
                         StreamItem::Token(_) => tracker.token(),
-                        StreamItem::Final(f) => tracker.finish(f),
+                        StreamItem::Final(f) => {
+                            tracker.finish(f);
+                            manager.touch(&model, None);
+                        }
                     }
                     Ok(convert::stream_item(item))
                 }

@@ -32,6 +32,7 @@ use tonic::Code;
 
 use super::auth::ApiKeys;
 use super::grpc::{Shared, available_models};
+use super::keep_alive::KeepAlive;
 use super::manager::model_name;
 use super::metrics::outcome;
 use super::status::ServerError;
@@ -284,6 +285,7 @@ struct Common {
     spec: GenerateSpec,
     stream: bool,
     include_usage: bool,
+    keep_alive: Option<KeepAlive>,
 }
 
 fn common(f: &Fields, input: Input, top_logprobs: usize) -> Result<Common, ApiError> {
@@ -393,6 +395,15 @@ fn common(f: &Fields, input: Input, top_logprobs: usize) -> Result<Common, ApiEr
             )
         })?),
     };
+    let keep_alive = match f.get("keep_alive") {
+        None => None,
+        Some(v) => Some(KeepAlive::from_json(v).ok_or_else(|| {
+            ApiError::bad(
+                "keep_alive",
+                "keep_alive must be a duration (30s, 5m, 1h, seconds), 0 or -1 (forever)",
+            )
+        })?),
+    };
     let stream = f.boolean("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None => false,
@@ -425,6 +436,7 @@ fn common(f: &Fields, input: Input, top_logprobs: usize) -> Result<Common, ApiEr
         },
         stream,
         include_usage,
+        keep_alive,
     })
 }
 
@@ -642,6 +654,7 @@ async fn generate(
     let mut tracker = shared.metrics.track(&name, "http");
     let started = async {
         let engine = shared.manager.get_or_load(&c.model).await?;
+        shared.manager.touch(&c.model, c.keep_alive);
         let events = engine.generate(c.spec).await?;
         Ok::<_, ServerError>((engine, events))
     }
@@ -695,6 +708,7 @@ async fn generate(
         })?;
         // What was held back for a stop string that never came.
         text.push_str(&f.text);
+        shared.manager.touch(&c.model, None);
         let choice = match kind {
             Kind::Chat => json!({
                 "index": 0,
@@ -746,6 +760,8 @@ async fn generate(
         Event::default().data(v.to_string())
     };
     let include_usage = c.include_usage;
+    let manager = shared.manager.clone();
+    let model = c.model.clone();
     tokio::spawn(async move {
         let _serving = &engine;
         let send = |e: Event| {
@@ -789,6 +805,7 @@ async fn generate(
                 }
                 Ok(StreamItem::Final(f)) => {
                     tracker.finish(&f);
+                    manager.touch(&model, None);
                     if !f.text.is_empty() {
                         // What was held back for a stop string that never came.
                         let held = match kind {

@@ -7,12 +7,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use tokio::sync::broadcast;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
+use super::keep_alive::KeepAlive;
 use super::status::ServerError;
 use crate::engine::{Engine, EngineInfo, EngineOptions, SparsityMode};
 use crate::store::{self, PathPolicy};
@@ -81,6 +83,10 @@ pub struct ModelManager {
     health_names: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Seconds each model's last successful load took.
     load_seconds: std::sync::Mutex<BTreeMap<String, f64>>,
+    /// How long an idle model stays loaded unless a request says otherwise.
+    keep_alive: KeepAlive,
+    /// Per loaded model: when it was last used, and its keep-alive.
+    idle: std::sync::Mutex<BTreeMap<String, (Instant, KeepAlive)>>,
 }
 
 /// The name a model is served under: the reference itself, or a path's file stem.
@@ -120,7 +126,64 @@ impl ModelManager {
             health,
             health_names: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             load_seconds: std::sync::Mutex::new(BTreeMap::new()),
+            keep_alive: KeepAlive::default(),
+            idle: std::sync::Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The keep-alive of models that no request set one for.
+    pub fn with_keep_alive(mut self, keep: KeepAlive) -> Self {
+        self.keep_alive = keep;
+        self
+    }
+
+    fn idle_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Instant, KeepAlive)>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Marks `reference`'s model as used now, setting its keep-alive when given.
+    pub fn touch(&self, reference: &str, keep: Option<KeepAlive>) {
+        let name = model_name(reference);
+        let default = self.keep_alive;
+        let mut idle = self.idle_map();
+        let e = idle.entry(name).or_insert((Instant::now(), default));
+        e.0 = Instant::now();
+        if let Some(k) = keep {
+            e.1 = k;
+        }
+    }
+
+    /// Unloads the models idle past their keep-alive (a model with requests running or
+    /// queued is not idle). Returns the names unloaded.
+    pub async fn reap(&self) -> Vec<String> {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .idle_map()
+            .iter()
+            .filter(|(_, (used, keep))| keep.expired(now.duration_since(*used)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut gone = Vec::new();
+        for name in due {
+            let Some(engine) = self.get(&name) else {
+                self.idle_map().remove(&name);
+                continue;
+            };
+            let busy = match engine.info().await {
+                Ok(i) => i.sched.active + i.sched.queued > 0,
+                Err(_) => false,
+            };
+            drop(engine);
+            if busy {
+                self.touch(&name, None);
+            } else if self.unload(&name).await.is_ok() {
+                tracing::info!(model = %name, "unloaded: idle past its keep_alive");
+                gone.push(name);
+            }
+        }
+        gone
     }
 
     /// Seconds each model's last successful load took (for the metrics).
@@ -300,6 +363,7 @@ impl ModelManager {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .insert(name.clone(), started.elapsed().as_secs_f64());
                 self.loaded_map_mut().insert(name.clone(), engine.clone());
+                self.touch(&name, None);
                 self.set_health(&name, ServingStatus::Serving).await;
                 self.watch_failure(&name, &engine);
                 if let Ok(info) = engine.info().await {
@@ -378,6 +442,7 @@ impl ModelManager {
         let name = model_name(reference);
         let _guard = self.load_lock.lock().await;
         let removed = self.loaded_map_mut().remove(&name);
+        self.idle_map().remove(&name);
         if removed.is_none() {
             return Err(ServerError::NotLoaded(name));
         }

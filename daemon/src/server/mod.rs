@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod grpc;
 pub mod http;
+pub mod keep_alive;
 pub mod manager;
 pub mod metrics;
 pub mod status;
@@ -31,6 +32,9 @@ pub use self::config::{ConfigError, FileConfig, FlagConfig, Preload, ServeConfig
 use self::grpc::{ControlApi, InferenceApi, Shared};
 pub use self::manager::{LoadSpec, ModelManager};
 use crate::engine::SparsityMode;
+
+/// How often idle models are checked against their keep-alive.
+const REAP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -68,13 +72,28 @@ pub async fn serve_all(
     health
         .set_serving::<ControlServiceServer<ControlApi>>()
         .await;
-    let manager = Arc::new(ModelManager::new(
-        config.models_dir.clone(),
-        config.allow_paths,
-        config.engine.clone(),
-        config.python.clone(),
-        health.clone(),
-    ));
+    let manager = Arc::new(
+        ModelManager::new(
+            config.models_dir.clone(),
+            config.allow_paths,
+            config.engine.clone(),
+            config.python.clone(),
+            health.clone(),
+        )
+        .with_keep_alive(config.keep_alive),
+    );
+    // Idle models go when their keep-alive runs out.
+    let reaper = tokio::spawn({
+        let manager = manager.clone();
+        async move {
+            let mut tick = tokio::time::interval(REAP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                manager.reap().await;
+            }
+        }
+    });
     let shared = Arc::new(Shared {
         manager: manager.clone(),
         metrics: Arc::default(),
@@ -139,6 +158,7 @@ pub async fn serve_all(
     };
     if let Some(result) = early {
         preloads.abort();
+        reaper.abort();
         if let Some(t) = &http_task {
             t.abort();
         }
@@ -149,6 +169,7 @@ pub async fn serve_all(
     tracing::info!(deadline = ?config.drain_timeout, "shutting down: draining streams");
     shared.draining.store(true, Ordering::Release);
     preloads.abort();
+    reaper.abort();
     manager.drain().await;
     // The server-wide statuses last: NOT_SERVING, then cleared, which ends their watches.
     let services = [

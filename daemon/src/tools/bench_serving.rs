@@ -100,6 +100,7 @@ async fn local_server(
         listen: addr,
         http_listen: None,
         api_keys: Default::default(),
+        keep_alive: Default::default(),
         models_dir: path.parent().unwrap_or_else(|| Path::new(".")).to_owned(),
         allow_paths: true,
         engine,
