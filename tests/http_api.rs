@@ -844,4 +844,15 @@ fn idle_models_unload_when_their_keep_alive_runs_out() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     assert!(loaded(), "gRPC keep_alive -1 unloaded it");
+    // Loaded on purpose, it stays past the default.
+    server.block_on(client.unload(DEFAULT_MODEL)).unwrap();
+    server
+        .block_on(client.load(powerinfer_client::proto::LoadModelRequest {
+            model: DEFAULT_MODEL.into(),
+            ..Default::default()
+        }))
+        .unwrap();
+    assert_eq!(complete(Value::Null).status, 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(loaded(), "a model loaded on purpose was unloaded");
 }

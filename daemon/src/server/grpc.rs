@@ -208,7 +208,12 @@ impl v1::control_service_server::ControlService for ControlApi {
     ) -> Result<Response<v1::LoadModelResponse>, Status> {
         self.0.check_open()?;
         let spec = convert::load_spec(request.get_ref())?;
+        let reference = spec.reference.clone();
         let engine = self.0.manager.load(spec).await?;
+        // Loaded on purpose: it stays until unloaded, unless a request sets a keep-alive.
+        self.0
+            .manager
+            .touch(&reference, Some(super::keep_alive::KeepAlive::Forever));
         let snap = snapshot(&engine)
             .await
             .ok_or(ServerError::Engine(crate::engine::EngineError::Stopped))?;

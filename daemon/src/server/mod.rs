@@ -222,10 +222,12 @@ async fn preload(manager: Arc<ModelManager>, list: Vec<Preload>) {
             device: p.device.clone(),
             vram_budget: p.vram_budget,
         };
-        // A failed preload is reported (log, WatchModels, health) and the server goes on
-        // serving whatever else it has.
-        if let Err(e) = manager.load(spec).await {
-            tracing::error!(model = %p.model, error = %e, "preload failed");
+        match manager.load(spec).await {
+            // Preloaded: it stays until unloaded, unless a request sets a keep-alive.
+            Ok(_) => manager.touch(&p.model, Some(keep_alive::KeepAlive::Forever)),
+            // A failed preload is reported (log, WatchModels, health) and the server
+            // goes on serving whatever else it has.
+            Err(e) => tracing::error!(model = %p.model, error = %e, "preload failed"),
         }
     }
 }
