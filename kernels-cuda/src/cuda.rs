@@ -15,7 +15,7 @@
 //! - Every driver call of a method first makes the device's primary context current on
 //!   the calling thread, so the backend may move between threads (the hot executor's).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, c_int, c_void};
 use std::path::{Path, PathBuf};
 
@@ -25,7 +25,7 @@ use cudarc::driver::sys::CUresult;
 use cudarc::nvrtc::{self, CompileOptions};
 use powerinfer_ops::device::DeviceError;
 
-use crate::backend::{Arg, Backend, DevPtr, Dims, Staged};
+use crate::backend::{Arg, Backend, DevPtr, Dims, EventQueue, Slots, Staged};
 use crate::source::{KERNEL_NAMES, kernel_source, source_hash};
 
 /// The oldest architecture CUDA 13's NVRTC compiles for.
@@ -194,11 +194,9 @@ pub struct CudaBackend {
     name: String,
     arch: String,
     allocs: HashSet<DevPtr>,
-    staging: Vec<Option<Pinned>>,
+    staging: Slots<Pinned>,
     spare: Vec<Pinned>,
-    events: VecDeque<(u64, cusys::CUevent)>,
-    spare_events: Vec<cusys::CUevent>,
-    next_event: u64,
+    events: EventQueue<cusys::CUevent>,
 }
 
 // SAFETY: the handles are plain driver handles, valid on any thread once the context is
@@ -279,11 +277,9 @@ impl CudaBackend {
             name: format!("{name} (cuda:{ordinal}, {arch})"),
             arch,
             allocs: HashSet::new(),
-            staging: Vec::new(),
+            staging: Slots::default(),
             spare: Vec::new(),
-            events: VecDeque::new(),
-            spare_events: Vec::new(),
-            next_event: 0,
+            events: EventQueue::default(),
         };
         me.bind().map_err(|e| driver_error("cuCtxSetCurrent", e))?;
         me.stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
@@ -469,19 +465,12 @@ impl Backend for CudaBackend {
                 return Err(failed("cuMemcpyDtoHAsync", e));
             }
         }
-        let id = match self.staging.iter().position(Option::is_none) {
-            Some(i) => i,
-            None => {
-                self.staging.push(None);
-                self.staging.len() - 1
-            }
-        };
-        self.staging[id] = Some(p);
+        let id = self.staging.insert(p);
         Ok(Staged { id, bytes })
     }
 
     fn staged(&self, s: &Staged) -> &[u8] {
-        match self.staging.get(s.id).and_then(Option::as_ref) {
+        match self.staging.get(s.id) {
             // SAFETY: the buffer holds `len` bytes the finished copy wrote.
             Some(p) if p.len > 0 => unsafe { std::slice::from_raw_parts(p.ptr, p.len) },
             _ => &[],
@@ -489,40 +478,35 @@ impl Backend for CudaBackend {
     }
 
     fn release(&mut self, s: Staged) {
-        if let Some(p) = self.staging.get_mut(s.id).and_then(Option::take) {
+        if let Some(p) = self.staging.take(s.id) {
             self.spare.push(p);
         }
     }
 
     fn record(&mut self) -> Result<u64, DeviceError> {
         self.bound("cuEventRecord")?;
-        let ev = match self.spare_events.pop() {
+        let ev = match self.events.spare() {
             Some(e) => e,
             None => cu::event::create(cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
                 .map_err(|e| failed("cuEventCreate", e))?,
         };
         // SAFETY: a live event and the backend's stream.
         if let Err(e) = unsafe { cu::event::record(ev, self.stream) } {
-            self.spare_events.push(ev);
+            self.events.unused(ev);
             return Err(failed("cuEventRecord", e));
         }
-        self.next_event += 1;
-        self.events.push_back((self.next_event, ev));
-        Ok(self.next_event)
+        Ok(self.events.recorded(ev))
     }
 
     fn wait(&mut self, event: u64) -> Result<(), DeviceError> {
         self.bound("cuEventSynchronize")?;
         // The newest recorded event at or before `event`; stream order covers the rest.
-        let Some(&(_, ev)) = self.events.iter().rev().find(|(id, _)| *id <= event) else {
+        let Some(ev) = self.events.target(event) else {
             return Ok(()); // passed already
         };
         // SAFETY: a recorded, live event.
         unsafe { cu::event::synchronize(ev) }.map_err(|e| failed("cuEventSynchronize", e))?;
-        while self.events.front().is_some_and(|(id, _)| *id <= event) {
-            let (_, e) = self.events.pop_front().expect("checked");
-            self.spare_events.push(e);
-        }
+        self.events.passed(event);
         Ok(())
     }
 }
@@ -541,15 +525,10 @@ impl Drop for CudaBackend {
             for &p in &self.allocs {
                 let _ = cu::free_sync(p);
             }
-            for p in self.staging.drain(..).flatten().chain(self.spare.drain(..)) {
+            for p in self.staging.drain().chain(self.spare.drain(..)) {
                 let _ = cu::free_host(p.ptr.cast());
             }
-            for e in self
-                .events
-                .drain(..)
-                .map(|(_, e)| e)
-                .chain(self.spare_events.drain(..))
-            {
+            for e in self.events.drain() {
                 let _ = cu::event::destroy(e);
             }
             if !self.module.is_null() {

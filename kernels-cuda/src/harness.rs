@@ -7,7 +7,7 @@ use std::ffi::{CString, c_char, c_int, c_void};
 
 use powerinfer_ops::device::DeviceError;
 
-use crate::backend::{Arg, Backend, DevPtr, Dims, Staged};
+use crate::backend::{Arg, Backend, DevPtr, Dims, Slots, Staged};
 
 unsafe extern "C" {
     fn pi_harness_launch_w32(
@@ -77,7 +77,7 @@ pub struct HarnessBackend {
     used: u64,
     /// Allocations by address, 16-byte aligned.
     allocs: HashMap<DevPtr, Vec<u128>>,
-    staging: Vec<Option<Vec<u8>>>,
+    staging: Slots<Vec<u8>>,
     events: u64,
 }
 
@@ -88,7 +88,7 @@ impl HarnessBackend {
             capacity,
             used: 0,
             allocs: HashMap::new(),
-            staging: Vec::new(),
+            staging: Slots::default(),
             events: 0,
         }
     }
@@ -166,25 +166,16 @@ impl Backend for HarnessBackend {
 
     fn download(&mut self, src: DevPtr, bytes: usize) -> Result<Staged, DeviceError> {
         let data = self.region(src, bytes)?.to_vec();
-        let id = match self.staging.iter().position(Option::is_none) {
-            Some(i) => i,
-            None => {
-                self.staging.push(None);
-                self.staging.len() - 1
-            }
-        };
-        self.staging[id] = Some(data);
+        let id = self.staging.insert(data);
         Ok(Staged { id, bytes })
     }
 
     fn staged(&self, s: &Staged) -> &[u8] {
-        self.staging[s.id].as_deref().unwrap_or(&[])
+        self.staging.get(s.id).map_or(&[], Vec::as_slice)
     }
 
     fn release(&mut self, s: Staged) {
-        if let Some(slot) = self.staging.get_mut(s.id) {
-            *slot = None;
-        }
+        self.staging.take(s.id);
     }
 
     fn record(&mut self) -> Result<u64, DeviceError> {

@@ -16,6 +16,6 @@ mod device;
 pub mod harness;
 mod source;
 
-pub use backend::{Arg, Backend, DevPtr, Dims, Staged};
+pub use backend::{Arg, Backend, DevPtr, Dims, EventQueue, Slots, Staged};
 pub use device::KernelDevice;
 pub use source::{KERNEL_NAMES, kernel_source, source_hash};

@@ -14,12 +14,14 @@
 //! - Every method first makes the device current on the calling thread (HIP's current
 //!   device is per thread), so the backend may move between threads.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
 use std::path::{Path, PathBuf};
 
 use hip_sys as _; // links libamdhip64
-use powerinfer_kernels_cuda::{Arg, Backend, DevPtr, Dims, KERNEL_NAMES, Staged};
+use powerinfer_kernels_cuda::{
+    Arg, Backend, DevPtr, Dims, EventQueue, KERNEL_NAMES, Slots, Staged,
+};
 use powerinfer_kernels_cuda::{kernel_source, source_hash};
 use powerinfer_ops::device::DeviceError;
 
@@ -323,11 +325,9 @@ pub struct HipBackend {
     arch: String,
     wave: u32,
     allocs: HashSet<DevPtr>,
-    staging: Vec<Option<Pinned>>,
+    staging: Slots<Pinned>,
     spare: Vec<Pinned>,
-    events: VecDeque<(u64, Handle)>,
-    spare_events: Vec<Handle>,
-    next_event: u64,
+    events: EventQueue<Handle>,
 }
 
 // SAFETY: the handles are runtime handles, valid on any thread once the device is
@@ -401,11 +401,9 @@ impl HipBackend {
             arch,
             wave,
             allocs: HashSet::new(),
-            staging: Vec::new(),
+            staging: Slots::default(),
             spare: Vec::new(),
-            events: VecDeque::new(),
-            spare_events: Vec::new(),
-            next_event: 0,
+            events: EventQueue::default(),
         };
         // SAFETY: the device is current; the handles are destroyed in Drop.
         unsafe {
@@ -622,19 +620,12 @@ impl Backend for HipBackend {
                 return Err(failed("hipMemcpyDtoHAsync", r));
             }
         }
-        let id = match self.staging.iter().position(Option::is_none) {
-            Some(i) => i,
-            None => {
-                self.staging.push(None);
-                self.staging.len() - 1
-            }
-        };
-        self.staging[id] = Some(p);
+        let id = self.staging.insert(p);
         Ok(Staged { id, bytes })
     }
 
     fn staged(&self, s: &Staged) -> &[u8] {
-        match self.staging.get(s.id).and_then(Option::as_ref) {
+        match self.staging.get(s.id) {
             // SAFETY: the buffer holds `len` bytes the finished copy wrote.
             Some(p) if p.len > 0 => unsafe { std::slice::from_raw_parts(p.ptr, p.len) },
             _ => &[],
@@ -642,14 +633,14 @@ impl Backend for HipBackend {
     }
 
     fn release(&mut self, s: Staged) {
-        if let Some(p) = self.staging.get_mut(s.id).and_then(Option::take) {
+        if let Some(p) = self.staging.take(s.id) {
             self.spare.push(p);
         }
     }
 
     fn record(&mut self) -> Result<u64, DeviceError> {
         self.bound("hipEventRecord")?;
-        let ev = match self.spare_events.pop() {
+        let ev = match self.events.spare() {
             Some(e) => e,
             None => {
                 let mut e: Handle = std::ptr::null_mut();
@@ -663,26 +654,21 @@ impl Backend for HipBackend {
         // SAFETY: a live event and the backend's stream.
         let r = unsafe { hipEventRecord(ev, self.stream) };
         if r != consts::SUCCESS {
-            self.spare_events.push(ev);
+            self.events.unused(ev);
             return Err(failed("hipEventRecord", r));
         }
-        self.next_event += 1;
-        self.events.push_back((self.next_event, ev));
-        Ok(self.next_event)
+        Ok(self.events.recorded(ev))
     }
 
     fn wait(&mut self, event: u64) -> Result<(), DeviceError> {
         self.bound("hipEventSynchronize")?;
         // The newest recorded event at or before `event`; stream order covers the rest.
-        let Some(&(_, ev)) = self.events.iter().rev().find(|(id, _)| *id <= event) else {
+        let Some(ev) = self.events.target(event) else {
             return Ok(()); // passed already
         };
         // SAFETY: a recorded, live event.
         ok("hipEventSynchronize", unsafe { hipEventSynchronize(ev) })?;
-        while self.events.front().is_some_and(|(id, _)| *id <= event) {
-            let (_, e) = self.events.pop_front().expect("checked");
-            self.spare_events.push(e);
-        }
+        self.events.passed(event);
         Ok(())
     }
 }
@@ -701,15 +687,10 @@ impl Drop for HipBackend {
             for &p in &self.allocs {
                 hipFree(p as *mut c_void);
             }
-            for p in self.staging.drain(..).flatten().chain(self.spare.drain(..)) {
+            for p in self.staging.drain().chain(self.spare.drain(..)) {
                 hipHostFree(p.ptr.cast());
             }
-            for e in self
-                .events
-                .drain(..)
-                .map(|(_, e)| e)
-                .chain(self.spare_events.drain(..))
-            {
+            for e in self.events.drain() {
                 hipEventDestroy(e);
             }
             if !self.module.is_null() {
