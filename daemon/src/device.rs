@@ -97,61 +97,61 @@ fn open_hip(spec: &str, _ordinal: usize, _budget: u64) -> Result<Box<dyn Device>
 #[cfg(any(feature = "cuda", feature = "hip"))]
 const GPU_RESERVE: u64 = 512 << 20;
 
-/// The budget a GPU with `free` of `total` bytes offers: `budget`, or without one its
-/// free memory less the reserve.
+/// A GPU backend opened by `open` (given the kernel cache directory) as the kernel
+/// device of `kind`, offering `budget` bytes, or without one its free memory less the
+/// reserve.
 #[cfg(any(feature = "cuda", feature = "hip"))]
-fn gpu_budget(budget: u64, free: u64, total: u64) -> Result<u64, String> {
-    match budget {
-        0 => Ok(free.saturating_sub(GPU_RESERVE.max(free / 20))),
-        b if b > total => Err(format!(
-            "a budget of {b} bytes is more than the device's {total}"
-        )),
-        b => Ok(b),
-    }
-}
-
-#[cfg(feature = "hip")]
-fn open_hip(spec: &str, ordinal: usize, budget: u64) -> Result<Box<dyn Device>, DeviceOpenError> {
-    use powerinfer_kernels_cuda::{Backend, KernelDevice};
-    use powerinfer_kernels_hip::hip::HipBackend;
-    use powerinfer_ops::device::DeviceKind;
+fn open_gpu<B, E>(
+    spec: &str,
+    kind: powerinfer_ops::device::DeviceKind,
+    budget: u64,
+    open: impl FnOnce(&std::path::Path) -> Result<B, E>,
+) -> Result<Box<dyn Device>, DeviceOpenError>
+where
+    B: powerinfer_kernels_cuda::Backend + 'static,
+    E: std::fmt::Display,
+{
     let failed = |reason: String| DeviceOpenError::Failed {
         device: spec.to_owned(),
         reason,
     };
-    let cache = kernel_cache_dir();
-    let backend = HipBackend::open(ordinal, Some(&cache)).map_err(|e| failed(e.to_string()))?;
+    let backend = open(&kernel_cache_dir()).map_err(|e| failed(e.to_string()))?;
     let (free, total) = backend.memory().map_err(|e| failed(e.to_string()))?;
-    let budget = gpu_budget(budget, free, total).map_err(failed)?;
+    let budget = match budget {
+        0 => free.saturating_sub(GPU_RESERVE.max(free / 20)),
+        b if b > total => {
+            return Err(failed(format!(
+                "a budget of {b} bytes is more than the device's {total}"
+            )));
+        }
+        b => b,
+    };
     let name = backend.name();
-    Ok(Box::new(KernelDevice::new(
-        backend,
-        DeviceKind::Hip,
-        name,
-        budget,
+    Ok(Box::new(powerinfer_kernels_cuda::KernelDevice::new(
+        backend, kind, name, budget,
     )))
+}
+
+#[cfg(feature = "hip")]
+fn open_hip(spec: &str, ordinal: usize, budget: u64) -> Result<Box<dyn Device>, DeviceOpenError> {
+    use powerinfer_kernels_hip::hip::HipBackend;
+    open_gpu(
+        spec,
+        powerinfer_ops::device::DeviceKind::Hip,
+        budget,
+        |cache| HipBackend::open(ordinal, Some(cache)),
+    )
 }
 
 #[cfg(feature = "cuda")]
 fn open_cuda(spec: &str, ordinal: usize, budget: u64) -> Result<Box<dyn Device>, DeviceOpenError> {
     use powerinfer_kernels_cuda::cuda::CudaBackend;
-    use powerinfer_kernels_cuda::{Backend, KernelDevice};
-    use powerinfer_ops::device::DeviceKind;
-    let failed = |reason: String| DeviceOpenError::Failed {
-        device: spec.to_owned(),
-        reason,
-    };
-    let cache = kernel_cache_dir();
-    let backend = CudaBackend::open(ordinal, Some(&cache)).map_err(|e| failed(e.to_string()))?;
-    let (free, total) = backend.memory().map_err(|e| failed(e.to_string()))?;
-    let budget = gpu_budget(budget, free, total).map_err(failed)?;
-    let name = backend.name();
-    Ok(Box::new(KernelDevice::new(
-        backend,
-        DeviceKind::Cuda,
-        name,
+    open_gpu(
+        spec,
+        powerinfer_ops::device::DeviceKind::Cuda,
         budget,
-    )))
+        |cache| CudaBackend::open(ordinal, Some(cache)),
+    )
 }
 
 /// Where compiled kernels are cached: `$POWERINFER_HOME/cache/kernels`, else
