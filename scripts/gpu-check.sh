@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The checks that need an NVIDIA GPU, in one pass of a few minutes on one GPU.
+# The checks that need an NVIDIA GPU, in one pass meant to fit in 8 minutes on one GPU
+# (not yet timed on one: no GPU has been available).
 #
 #   scripts/gpu-check.sh pack [DIR]  where the Rust toolchain is: builds powerinferd and
 #                                    the GPU tests with the cuda feature (release, stripped)
