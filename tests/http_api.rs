@@ -765,6 +765,9 @@ fn metrics_parse_with_prometheus_s_own_parser_and_match_the_requests() {
         4.0
     );
     assert_eq!(get("powerinfer_running_requests", &[("model", m)]), 0.0);
+    assert_eq!(get("powerinfer_kv_cache_tokens", &[("model", m)]), 0.0);
+    assert_eq!(get("powerinfer_kv_cache_usage_ratio", &[("model", m)]), 0.0);
+    assert!(get("powerinfer_model_memory_bytes", &[("model", m)]) > 98e6);
     assert!(get("powerinfer_model_load_seconds", &[("model", m)]) > 0.0);
     assert!(get("powerinfer_active_neuron_fraction", &[("model", m)]) > 0.99);
     let layers = samples
@@ -855,4 +858,41 @@ fn idle_models_unload_when_their_keep_alive_runs_out() {
     assert_eq!(complete(Value::Null).status, 200);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(loaded(), "a model loaded on purpose was unloaded");
+}
+
+#[test]
+fn health_is_503_loading_until_the_preloads_are_done() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = powerinfer_tests::TempDir::new("http-health-loading");
+    // The catalog model is not in this models directory, so preloading it fetches it:
+    // with a "Python" that takes three seconds to fail.
+    let python = dir.join("slow-python");
+    std::fs::write(&python, "#!/bin/sh\nsleep 3\nexit 1\n").unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = test_config(&dir.join("models"));
+    config.python = python.to_string_lossy().into_owned();
+    config.preload = vec![powerinfer_daemon::server::Preload {
+        model: DEFAULT_MODEL.into(),
+        ..Default::default()
+    }];
+    let server = TestServer::start_with_http(config);
+    let addr = server.http_addr.unwrap();
+    let r = http(addr, "GET", "/health", None);
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (503, json!("loading"))
+    );
+    let r = http(addr, "GET", &format!("/health?model={DEFAULT_MODEL}"), None);
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (503, json!("loading"))
+    );
+    // The preload fails: the server serves (what it has), the model is not loaded.
+    let t = Instant::now();
+    while http(addr, "GET", "/health", None).status != 200 {
+        assert!(t.elapsed() < Duration::from_secs(30), "still loading");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = http(addr, "GET", &format!("/health?model={DEFAULT_MODEL}"), None);
+    assert_eq!(r.status, 404);
 }

@@ -20,6 +20,7 @@ pub fn test_config(models_dir: &Path) -> ServeConfig {
         http_listen: None,
         api_keys: Default::default(),
         keep_alive: Default::default(),
+        memory_budget: None,
         models_dir: models_dir.to_owned(),
         allow_paths: false,
         engine: EngineOptions {

@@ -62,6 +62,8 @@ pub(crate) fn model_json(m: &proto::ModelInfo) -> Value {
         "loaded_at_unix_ms": m.loaded_at_unix_ms,
         "state": state_name(m.state),
         "failure": m.failure,
+        "memory_bytes": m.memory_bytes,
+        "kv_cache_tokens": m.kv_cache_tokens,
     })
 }
 
@@ -78,6 +80,7 @@ pub async fn status(client: &Client, a: &StatusArgs, out: &mut dyn Write) -> Cmd
                 "memory_used_bytes": d.memory_used_bytes,
             })).collect::<Vec<_>>(),
             "models": s.models.iter().map(model_json).collect::<Vec<_>>(),
+            "memory_budget_bytes": s.memory_budget_bytes,
         });
         writeln!(out, "{v}")?;
         return Ok(());
@@ -109,6 +112,17 @@ pub async fn status(client: &Client, a: &StatusArgs, out: &mut dyn Write) -> Cmd
         table(&["DEVICE", "NAME", "MEMORY USED"], &devices)
     )?;
     writeln!(out)?;
+    let held: u64 = s.models.iter().map(|m| m.memory_bytes).sum();
+    if s.memory_budget_bytes > 0 {
+        writeln!(
+            out,
+            "host memory: {} of the {} budget\n",
+            bytes(held),
+            bytes(s.memory_budget_bytes)
+        )?;
+    } else {
+        writeln!(out, "host memory: {} (no budget)\n", bytes(held))?;
+    }
     if s.models.is_empty() {
         writeln!(out, "no models loaded")?;
         return Ok(());
@@ -120,6 +134,7 @@ pub async fn status(client: &Client, a: &StatusArgs, out: &mut dyn Write) -> Cmd
             vec![
                 m.name.clone(),
                 bytes(m.hot_bytes + m.cold_bytes),
+                bytes(m.memory_bytes),
                 processor(m.hot_share),
                 format!("{:.0}%", 100.0 * m.hot_hit_rate),
                 m.context_size.to_string(),
@@ -141,6 +156,7 @@ pub async fn status(client: &Client, a: &StatusArgs, out: &mut dyn Write) -> Cmd
             &[
                 "NAME",
                 "SIZE",
+                "MEMORY",
                 "PROCESSOR",
                 "HOT HITS",
                 "CONTEXT",

@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// How long idle models stay loaded: 30s, 5m, 1h, 0 or -1 (forever) [default: 5m].
     #[arg(long, allow_hyphen_values = true)]
     pub keep_alive: Option<String>,
+    /// Host memory the loaded models may take together (12GiB, 8GB, bytes, off); idle
+    /// models are unloaded, least recently used first, to make room [default: off].
+    #[arg(long)]
+    pub max_memory: Option<String>,
     /// Models directory [default: $POWERINFER_HOME/models].
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
@@ -70,6 +74,7 @@ impl ServeArgs {
             api_key_file: self.api_key_file.clone(),
             insecure_no_auth: self.insecure_no_auth,
             keep_alive: self.keep_alive.clone(),
+            max_memory: self.max_memory.clone(),
             models_dir: self.models_dir.clone(),
             config: self.config.clone(),
             allow_paths: self.allow_paths,

@@ -66,6 +66,9 @@ pub struct EngineInfo {
     pub parameters: u64,
     pub quantization: String,
     pub weight_bytes: u64,
+    /// Host memory the model takes: its file and its KV cache
+    /// ([`crate::model::resident_bytes`]).
+    pub memory_bytes: u64,
     pub options: EngineOptions,
     /// Share of the FFN neurons placed on the device.
     pub hot_share: f32,
@@ -234,6 +237,17 @@ impl Engine {
         })
     }
 
+    /// Host memory the model takes ([`crate::model::resident_bytes`]).
+    pub fn memory_bytes(&self) -> u64 {
+        crate::model::resident_bytes(
+            self.file_size,
+            &self.model.config,
+            self.opts.n_ctx,
+            self.opts.max_sequences,
+            self.opts.kv_type,
+        )
+    }
+
     /// Whether the engine's actors are well (see [`Health`]).
     pub fn health(&self) -> &Health {
         &self.health
@@ -366,6 +380,7 @@ impl Engine {
                 .map_or("?", |l| l.wq.wtype().ggml().name())
                 .to_owned(),
             weight_bytes: w.bytes_per_token() as u64,
+            memory_bytes: self.memory_bytes(),
             options: self.opts.clone(),
             hot_share: self.model.hot_share(),
             hot: self.hot.info(),

@@ -86,6 +86,41 @@ pub fn weight_memory() -> FileMemory {
     }
 }
 
+/// Host memory a model of `config` stored in a file of `file_size` bytes takes when loaded
+/// for `n_seq` sequences of `n_ctx` positions: the file (its weights are read or mapped
+/// whole) and the KV cache. An estimate, from the dimensions alone: the same before the
+/// load (for a memory budget) as after it.
+pub fn resident_bytes(
+    file_size: u64,
+    config: &super::ModelConfig,
+    n_ctx: usize,
+    n_seq: usize,
+    kv_type: KvType,
+) -> u64 {
+    let kv = powerinfer_ops::kv::KvCache::bytes_for(
+        config.n_layer,
+        n_seq.max(1),
+        n_ctx.max(1),
+        config.n_head_kv,
+        config.head_dim,
+        kv_type,
+    );
+    file_size.saturating_add(kv as u64)
+}
+
+/// [`resident_bytes`] of the model in `path`, reading only its header.
+pub fn memory_estimate(
+    path: &Path,
+    n_ctx: usize,
+    n_seq: usize,
+    kv_type: KvType,
+) -> Result<u64, LoadError> {
+    let file = GgufFile::open(path)?;
+    let config = super::ModelConfig::from_metadata(file.metadata(), file.header().magic)?;
+    let size = file.storage().len() as u64;
+    Ok(resident_bytes(size, &config, n_ctx, n_seq, kv_type))
+}
+
 /// A model file loaded for inference: weights, vocabulary and, when placed on a device,
 /// the device holding its hot half.
 pub struct LoadedModel {

@@ -19,7 +19,10 @@ mod weights;
 pub use config::{Arch, FfnKind, ModelConfig};
 pub(crate) use forward::NeuronSide;
 pub use forward::{BatchToken, Capture, MASKED_MIN_ENV, MASKED_MIN_FRACTION, Scratch};
-pub use load::{LoadOptions, LoadedModel, PlacedDevice, Tuning, open, open_on, weight_memory};
+pub use load::{
+    LoadOptions, LoadedModel, PlacedDevice, Tuning, memory_estimate, open, open_on, resident_bytes,
+    weight_memory,
+};
 pub use partition::{LayerPartition, Partition, Side};
 pub use powerinfer_ops::kv::{KvAllocError, KvCache, KvShape, KvType};
 pub use powerinfer_ops::profile::{Profile, Stage};

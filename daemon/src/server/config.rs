@@ -74,6 +74,8 @@ pub struct FileConfig {
     pub insecure_no_auth: Option<bool>,
     /// How long idle models stay loaded: "5m", "30s", "0", "-1" (forever).
     pub keep_alive: Option<String>,
+    /// Host memory the loaded models may take together ("12GiB", "8GB", bytes; "off").
+    pub max_memory: Option<String>,
     pub models_dir: Option<PathBuf>,
     pub allow_paths: Option<bool>,
     pub threads: Option<usize>,
@@ -101,6 +103,7 @@ pub struct FlagConfig {
     pub api_key_file: Option<PathBuf>,
     pub insecure_no_auth: bool,
     pub keep_alive: Option<String>,
+    pub max_memory: Option<String>,
     pub models_dir: Option<PathBuf>,
     pub config: Option<PathBuf>,
     pub allow_paths: bool,
@@ -123,6 +126,9 @@ pub struct ServeConfig {
     pub api_keys: ApiKeys,
     /// How long an idle model stays loaded unless a request sets its own.
     pub keep_alive: KeepAlive,
+    /// Host memory the loaded models may take together (`None`: no limit); idle models
+    /// are unloaded, least recently used first, to make room for a load.
+    pub memory_budget: Option<u64>,
     pub models_dir: PathBuf,
     /// Whether clients may name model files by path.
     pub allow_paths: bool,
@@ -248,6 +254,22 @@ impl ServeConfig {
                 )
             })?,
         };
+        let memory_budget = match flags
+            .max_memory
+            .clone()
+            .or_else(|| env("POWERINFER_MAX_MEMORY"))
+            .or(file.max_memory.clone())
+        {
+            None => None,
+            Some(s) if matches!(s.trim(), "off" | "none" | "0") => None,
+            Some(s) => Some(crate::settings::parse_bytes(&s).map_err(|_| {
+                invalid(
+                    "max_memory",
+                    &s,
+                    "expected a size (12GiB, 8GB, bytes) or off",
+                )
+            })?),
+        };
         let models_dir = flags
             .models_dir
             .clone()
@@ -363,6 +385,7 @@ impl ServeConfig {
             http_listen,
             api_keys,
             keep_alive,
+            memory_budget,
             models_dir,
             allow_paths,
             engine: EngineOptions {
@@ -532,6 +555,31 @@ mod tests {
         };
         let err = ServeConfig::resolve_with(&bad, &env(&[]), FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("http_listen"), "{err}");
+    }
+
+    #[test]
+    fn the_memory_budget_comes_from_flag_env_or_file() {
+        let file: FileConfig = toml::from_str(r#"max_memory = "2GiB""#).unwrap();
+        let none = FlagConfig::default();
+        let c = ServeConfig::resolve_with(&none, &env(&[]), FileConfig::default()).unwrap();
+        assert_eq!(c.memory_budget, None);
+        let c = ServeConfig::resolve_with(&none, &env(&[]), file.clone()).unwrap();
+        assert_eq!(c.memory_budget, Some(2 << 30));
+        let e = [("POWERINFER_MAX_MEMORY", "500MB")];
+        let c = ServeConfig::resolve_with(&none, &env(&e), file.clone()).unwrap();
+        assert_eq!(c.memory_budget, Some(500_000_000));
+        let off = FlagConfig {
+            max_memory: Some("off".into()),
+            ..FlagConfig::default()
+        };
+        let c = ServeConfig::resolve_with(&off, &env(&e), file).unwrap();
+        assert_eq!(c.memory_budget, None);
+        let bad = FlagConfig {
+            max_memory: Some("plenty".into()),
+            ..FlagConfig::default()
+        };
+        let err = ServeConfig::resolve_with(&bad, &env(&[]), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("max_memory"), "{err}");
     }
 
     #[test]

@@ -222,6 +222,8 @@ pub fn model_info(s: &ModelSnapshot) -> v1::ModelInfo {
         }
         .into(),
         failure: i.failure.clone().unwrap_or_default(),
+        memory_bytes: i.memory_bytes,
+        kv_cache_tokens: i.sched.kv_tokens as u64,
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Shared {
     pub started: Instant,
     /// Set when shutdown begins: new work is refused while running streams drain.
     pub draining: AtomicBool,
+    /// Set while the models to load at start are loading (`/health` answers 503).
+    pub preloading: AtomicBool,
 }
 
 impl Shared {
@@ -270,6 +272,7 @@ impl v1::control_service_server::ControlService for ControlApi {
             uptime_seconds: self.0.started.elapsed().as_secs_f64(),
             devices,
             models: snaps.iter().map(convert::model_info).collect(),
+            memory_budget_bytes: self.0.manager.memory_budget().unwrap_or(0),
         }))
     }
 

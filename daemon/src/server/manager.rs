@@ -87,6 +87,20 @@ pub struct ModelManager {
     keep_alive: KeepAlive,
     /// Per loaded model: when it was last used, and its keep-alive.
     idle: std::sync::Mutex<BTreeMap<String, (Instant, KeepAlive)>>,
+    /// Host memory the loaded models may take together ([`Engine::memory_bytes`]); idle
+    /// ones are unloaded, least recently used first, to make room for a load.
+    memory_budget: Option<u64>,
+    /// Names being loaded now.
+    loading: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// Takes a name out of the loading set when its load ends, however it ends.
+struct Loading<'a>(&'a ModelManager, String);
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        self.0.loading_set().remove(&self.1);
+    }
 }
 
 /// The name a model is served under: the reference itself, or a path's file stem.
@@ -128,7 +142,35 @@ impl ModelManager {
             load_seconds: std::sync::Mutex::new(BTreeMap::new()),
             keep_alive: KeepAlive::default(),
             idle: std::sync::Mutex::new(BTreeMap::new()),
+            memory_budget: None,
+            loading: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         }
+    }
+
+    /// Limits the host memory the loaded models take together (`None`: no limit).
+    pub fn with_memory_budget(mut self, budget: Option<u64>) -> Self {
+        self.memory_budget = budget;
+        self
+    }
+
+    pub fn memory_budget(&self) -> Option<u64> {
+        self.memory_budget
+    }
+
+    fn loading_set(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.loading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `name` is being loaded now.
+    pub fn is_loading(&self, name: &str) -> bool {
+        self.loading_set().contains(name)
+    }
+
+    /// Whether any model is being loaded now.
+    pub fn any_loading(&self) -> bool {
+        !self.loading_set().is_empty()
     }
 
     /// The keep-alive of models that no request set one for.
@@ -347,6 +389,8 @@ impl ModelManager {
         opts: EngineOptions,
     ) -> Result<Arc<Engine>, ServerError> {
         tracing::info!(%reference, "loading");
+        self.loading_set().insert(name.clone());
+        let _loading = Loading(self, name.clone());
         let started = std::time::Instant::now();
         self.set_health(&name, ServingStatus::NotServing).await;
         self.emit(ModelEvent::Loading {
@@ -395,6 +439,16 @@ impl ModelManager {
         let path = tokio::task::spawn_blocking(move || store::resolve(&r, &dir, paths, &python))
             .await
             .map_err(|e| ServerError::Internal(format!("resolving the model: {e}")))??;
+        if let Some(budget) = self.memory_budget {
+            let (p, z) = (path.clone(), (opts.n_ctx, opts.max_sequences, opts.kv_type));
+            let need = tokio::task::spawn_blocking(move || {
+                crate::model::memory_estimate(&p, z.0, z.1, z.2)
+            })
+            .await
+            .map_err(|e| ServerError::Internal(format!("reading the model: {e}")))?
+            .map_err(|e| ServerError::Engine(e.into()))?;
+            self.make_room(name, need, budget).await?;
+        }
         self.emit(ModelEvent::Loading {
             model: name.to_owned(),
             progress: 0.5,
@@ -405,6 +459,59 @@ impl ModelManager {
             .await
             .map_err(|e| ServerError::Internal(format!("loading the model: {e}")))??;
         Ok(engine)
+    }
+
+    /// Unloads idle models, least recently used first, until `need` more bytes fit in
+    /// `budget` (the caller holds the load lock).
+    async fn make_room(&self, name: &str, need: u64, budget: u64) -> Result<(), ServerError> {
+        if need > budget {
+            return Err(ServerError::LargerThanBudget {
+                model: name.to_owned(),
+                need,
+                budget,
+            });
+        }
+        loop {
+            let loaded = self.loaded();
+            let held: u64 = loaded.iter().map(|e| e.memory_bytes()).sum();
+            if held.saturating_add(need) <= budget {
+                return Ok(());
+            }
+            // Oldest use first; a model the idle map does not know counts as oldest.
+            let mut by_use: Vec<(Option<Instant>, Arc<Engine>)> = {
+                let idle = self.idle_map();
+                loaded
+                    .into_iter()
+                    .map(|e| (idle.get(e.name()).map(|u| u.0), e))
+                    .collect()
+            };
+            by_use.sort_by_key(|(used, _)| *used);
+            let mut busy = Vec::new();
+            let mut victim = None;
+            for (_, engine) in by_use {
+                let in_use = match engine.info().await {
+                    Ok(i) => i.sched.active + i.sched.queued > 0,
+                    Err(_) => false,
+                };
+                if in_use {
+                    busy.push(engine.name().to_owned());
+                } else {
+                    victim = Some(engine.name().to_owned());
+                    break;
+                }
+            }
+            let Some(victim) = victim else {
+                return Err(ServerError::OverMemoryBudget {
+                    model: name.to_owned(),
+                    need,
+                    budget,
+                    held,
+                    busy,
+                });
+            };
+            tracing::info!(model = %victim, for_model = %name, "unloaded: least recently used, to make room");
+            self.unload_locked(&victim).await?;
+        }
     }
 
     /// When `engine` fails (an actor panicked, its device failed), its name reports
@@ -439,8 +546,13 @@ impl ModelManager {
     /// Unloads a model: new requests no longer reach it; streams already running finish,
     /// and its memory is freed when the last one ends.
     pub async fn unload(&self, reference: &str) -> Result<(), ServerError> {
-        let name = model_name(reference);
         let _guard = self.load_lock.lock().await;
+        self.unload_locked(reference).await
+    }
+
+    /// [`Self::unload`] by a caller holding the load lock.
+    async fn unload_locked(&self, reference: &str) -> Result<(), ServerError> {
+        let name = model_name(reference);
         let removed = self.loaded_map_mut().remove(&name);
         self.idle_map().remove(&name);
         if removed.is_none() {

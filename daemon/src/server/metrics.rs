@@ -160,7 +160,7 @@ impl Metrics {
 
 fn gauges(out: &mut String, models: &[ModelSnapshot]) {
     type Get = fn(&ModelSnapshot) -> Option<f64>;
-    let per_model: [(&str, &str, Get); 9] = [
+    let per_model: [(&str, &str, Get); 12] = [
         (
             "powerinfer_running_requests",
             "Requests holding a sequence slot.",
@@ -209,6 +209,24 @@ fn gauges(out: &mut String, models: &[ModelSnapshot]) {
             "powerinfer_model_weight_bytes",
             "Bytes of the model's weights in host memory.",
             |s| Some(s.info.weight_bytes as f64),
+        ),
+        (
+            "powerinfer_model_memory_bytes",
+            "Host memory the model takes: its file and its KV cache.",
+            |s| Some(s.info.memory_bytes as f64),
+        ),
+        (
+            "powerinfer_kv_cache_tokens",
+            "Positions the running sequences hold in the KV cache.",
+            |s| Some(s.info.sched.kv_tokens as f64),
+        ),
+        (
+            "powerinfer_kv_cache_usage_ratio",
+            "Share of the KV cache's positions (context size x sequences) in use.",
+            |s| {
+                let cap = s.info.options.n_ctx * s.info.options.max_sequences;
+                (cap > 0).then(|| s.info.sched.kv_tokens as f64 / cap as f64)
+            },
         ),
     ];
     for (name, help, get) in per_model {

@@ -80,7 +80,8 @@ pub async fn serve_all(
             config.python.clone(),
             health.clone(),
         )
-        .with_keep_alive(config.keep_alive),
+        .with_keep_alive(config.keep_alive)
+        .with_memory_budget(config.memory_budget),
     );
     // Idle models go when their keep-alive runs out.
     let reaper = tokio::spawn({
@@ -99,6 +100,7 @@ pub async fn serve_all(
         metrics: Arc::default(),
         started: Instant::now(),
         draining: AtomicBool::new(false),
+        preloading: AtomicBool::new(!config.preload.is_empty()),
     });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(powerinfer_proto::FILE_DESCRIPTOR_SET)
@@ -150,7 +152,13 @@ pub async fn serve_all(
     });
 
     // Preloads run once the server answers, so clients can watch them.
-    let preloads = tokio::spawn(preload(manager.clone(), config.preload.clone()));
+    let preloads = tokio::spawn({
+        let (shared, list) = (shared.clone(), config.preload.clone());
+        async move {
+            preload(shared.manager.clone(), list).await;
+            shared.preloading.store(false, Ordering::Release);
+        }
+    });
 
     let early = tokio::select! {
         () = shutdown => None,

@@ -30,10 +30,39 @@ pub enum ServerError {
         setting: &'static str,
         current: String,
     },
+    /// Loading the model would take the loaded models past the memory budget, and the
+    /// models that could make room are busy (or none could).
+    #[error(
+        "model {model:?} needs {} of memory; the budget is {}, and {} of it is held by \
+         models in use ({}); try again when they are idle, or unload one",
+        gib(*need), gib(*budget), gib(*held), busy.join(", ")
+    )]
+    OverMemoryBudget {
+        model: String,
+        need: u64,
+        budget: u64,
+        held: u64,
+        busy: Vec<String>,
+    },
+    /// The model alone is larger than the memory budget.
+    #[error("model {model:?} needs {} of memory, more than the whole budget of {}", gib(*need), gib(*budget))]
+    LargerThanBudget {
+        model: String,
+        need: u64,
+        budget: u64,
+    },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("{0}")]
     Internal(String),
+}
+
+/// Bytes as GiB with two decimals (and the exact count), for messages.
+fn gib(bytes: u64) -> String {
+    format!(
+        "{:.2} GiB ({bytes} bytes)",
+        bytes as f64 / (1u64 << 30) as f64
+    )
 }
 
 impl ServerError {
@@ -67,6 +96,8 @@ impl ServerError {
             Self::InvalidArgument(_) | Self::PathRefused(_) => Code::InvalidArgument,
             Self::NotLoaded(_) => Code::NotFound,
             Self::LoadedDifferently { .. } => Code::FailedPrecondition,
+            Self::OverMemoryBudget { .. } => Code::ResourceExhausted,
+            Self::LargerThanBudget { .. } => Code::FailedPrecondition,
             Self::ShuttingDown => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }

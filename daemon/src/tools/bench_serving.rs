@@ -101,6 +101,7 @@ async fn local_server(
         http_listen: None,
         api_keys: Default::default(),
         keep_alive: Default::default(),
+        memory_budget: None,
         models_dir: path.parent().unwrap_or_else(|| Path::new(".")).to_owned(),
         allow_paths: true,
         engine,

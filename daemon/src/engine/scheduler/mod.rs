@@ -168,6 +168,13 @@ impl Scheduler {
             queued: self.queue.len(),
             generated_total: self.generated_total,
             steps_total: self.steps_total,
+            // A sequence's cache holds its prompt as far as computed, and every streamed
+            // token but the last (fed back in the next step).
+            kv_tokens: self
+                .running
+                .iter()
+                .map(|s| s.prefilled + s.generation.generated().saturating_sub(1))
+                .sum(),
         }
     }
 

@@ -26,6 +26,8 @@ pub struct SchedStatus {
     pub tokens_per_second: f64,
     pub generated_total: u64,
     pub steps_total: u64,
+    /// Positions the running sequences hold in the KV cache.
+    pub kv_tokens: usize,
 }
 
 /// The scheduler's counters at one moment.
@@ -35,6 +37,7 @@ pub(crate) struct SchedCounts {
     pub queued: usize,
     pub generated_total: u64,
     pub steps_total: u64,
+    pub kv_tokens: usize,
 }
 
 /// Tokens streamed per step over the last [`RATE_WINDOW`].
@@ -117,6 +120,7 @@ impl StatsBoard {
             tokens_per_second: b.rate.per_second(Instant::now()),
             generated_total: c.generated_total,
             steps_total: c.steps_total,
+            kv_tokens: c.kv_tokens,
         })
     }
 
@@ -176,12 +180,14 @@ mod tests {
             queued: 2,
             generated_total: 3,
             steps_total: 1,
+            kv_tokens: 7,
         };
         // Two tokens over two layers: 4 and 6 of 10 neurons in layer 0, all in layer 1;
         // 5 of the 30 active ones hot.
         board.publish_step(counts, 1, &[4, 10, 6, 10, 1, 2, 0, 2]);
         let s = board.status().unwrap();
         assert_eq!((s.active, s.queued, s.generated_total), (1, 2, 3));
+        assert_eq!(s.kv_tokens, 7);
         assert!(s.tokens_per_second > 0.0);
         let a = board.activity().unwrap();
         assert_eq!(a.active_fraction, [0.5, 1.0]);

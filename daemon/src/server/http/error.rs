@@ -50,6 +50,11 @@ impl From<ServerError> for ApiError {
                 "invalid_request_error",
                 Some("context_length_exceeded"),
             ),
+            ServerError::OverMemoryBudget { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("memory_budget"),
+            ),
             ServerError::Engine(EngineError::QueueFull { .. }) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",

@@ -529,9 +529,25 @@ async fn health(State(shared): State<Arc<Shared>>, Query(q): Query<HealthQuery>)
             .into_response();
     }
     let Some(name) = q.model else {
+        // Not ready for a balancer until the models it was told to load are loaded.
+        if shared.preloading.load(std::sync::atomic::Ordering::Acquire) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"status": "loading"})),
+            )
+                .into_response();
+        }
         return axum::Json(json!({"status": "ok"})).into_response();
     };
-    match shared.manager.get(&model_name(&name)) {
+    let loaded = shared.manager.get(&model_name(&name));
+    if loaded.is_none() && shared.manager.is_loading(&model_name(&name)) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading", "model": name})),
+        )
+            .into_response();
+    }
+    match loaded {
         None => (
             StatusCode::NOT_FOUND,
             axum::Json(json!({"status": "not loaded", "model": name})),
