@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 /// The `openai` package the test runs (pinned, so a new release cannot change it).
 const OPENAI: &str = "openai==3.60.0";
 const PROMETHEUS_CLIENT: &str = "prometheus-client==0.26.0";
+const SELENIUM: &str = "selenium==4.38.0";
 const QUESTION: &str = "What is the capital of France?";
 const PROMPT: &str = "The capital of France is";
 
@@ -895,4 +896,92 @@ fn health_is_503_loading_until_the_preloads_are_done() {
     }
     let r = http(addr, "GET", &format!("/health?model={DEFAULT_MODEL}"), None);
     assert_eq!(r.status, 404);
+}
+
+/// Debian's Chromium and its WebDriver (`.ci/run` installs them).
+fn browser() -> (PathBuf, PathBuf) {
+    let find = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| PathBuf::from("/usr/bin").join(n))
+            .find(|p| p.is_file())
+    };
+    let chromium = find(&["chromium", "chromium-browser"]);
+    let driver = find(&["chromedriver"]);
+    match (chromium, driver) {
+        (Some(c), Some(d)) => (c, d),
+        _ => panic!(
+            "the status page test needs headless Chromium and its driver: \
+             apt-get install chromium chromium-driver (.ci/run does)"
+        ),
+    }
+}
+
+#[test]
+fn the_status_page_in_a_real_browser_shows_the_model_and_streams_a_chat_answer() {
+    let server = server();
+    let addr = server.http_addr.unwrap();
+    // The page itself: one embedded file.
+    let page = http(addr, "GET", "/", None);
+    assert_eq!(page.status, 200);
+    assert!(
+        page.headers.contains("content-type: text/html"),
+        "{}",
+        page.headers
+    );
+    assert!(page.body.contains("/v1/chat/completions"));
+    // Loaded by a request, so the page has a row to show.
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": DEFAULT_MODEL, "prompt": PROMPT, "max_tokens": 4}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let status = http(addr, "GET", "/v1/status", None).json();
+    let m = &status["models"][0];
+    assert_eq!(m["name"], DEFAULT_MODEL);
+    assert_eq!(m["layers"].as_array().unwrap().len(), 30);
+    assert!(m["memory_bytes"].as_u64().unwrap() > 98_000_000);
+
+    let (chromium, driver) = browser();
+    let selenium = python_package(SELENIUM, "selenium");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/status_page.py");
+    let n = 16;
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("http://{addr}/"))
+        .arg(DEFAULT_MODEL)
+        .arg(QUESTION)
+        .arg(n.to_string())
+        .arg(&chromium)
+        .arg(&driver)
+        .env("PYTHONPATH", selenium)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["title"], "powerinferd");
+    let row: Vec<&str> = seen["row"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(row[0], DEFAULT_MODEL, "{row:?}");
+    assert_eq!(row[1], "llama", "{row:?}");
+    assert!(row.contains(&"dense"), "{row:?}");
+    // Each of the 30 layers: a frame, the computed share, the hot share.
+    assert_eq!(seen["layer_bars"], 90);
+    assert_eq!(seen["user"], QUESTION);
+    assert!(
+        !seen["answer_class"].as_str().unwrap().contains("error"),
+        "{seen}"
+    );
+    // Streamed into the page, the greedy answer is `powerinferd run --chat`'s.
+    assert_eq!(seen["answer"], run_chat(n), "{seen}");
 }

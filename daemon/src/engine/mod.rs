@@ -72,6 +72,8 @@ pub struct EngineInfo {
     pub options: EngineOptions,
     /// Share of the FFN neurons placed on the device.
     pub hot_share: f32,
+    /// The same, per layer.
+    pub layer_hot_share: Vec<f32>,
     pub hot: HotInfo,
     pub sched: SchedStatus,
     pub loaded_at: SystemTime,
@@ -383,6 +385,12 @@ impl Engine {
             memory_bytes: self.memory_bytes(),
             options: self.opts.clone(),
             hot_share: self.model.hot_share(),
+            layer_hot_share: self
+                .model
+                .partition
+                .hot()
+                .map(|h| h as f32 / c.n_ff.max(1) as f32)
+                .collect(),
             hot: self.hot.info(),
             sched: self.stats.status()?,
             loaded_at: self.loaded_at,

@@ -1,6 +1,6 @@
 //! The OpenAI-compatible HTTP API, on the same models, manager and engines as gRPC:
 //! `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-//! `GET /v1/models/{id}` and `GET /health`, shaped as OpenAI's and llama-server's so their
+//! `GET /v1/models/{id}`, `GET /health` and `GET /metrics`, shaped as OpenAI's and llama-server's so their
 //! clients work unchanged. Streams are Server-Sent Events ending with `data: [DONE]`.
 //! Errors are OpenAI's JSON error object with the matching status: 400 (naming the
 //! field), 404 (unknown model), 413 (prompt too long), 429 (queue full, with
@@ -9,7 +9,8 @@
 //! and a request may choose its `sparsity`.
 //!
 //! With API keys configured, every `/v1` route needs `Authorization: Bearer KEY` (401
-//! otherwise); `/health` stays open.
+//! otherwise); `/health`, `/metrics` and the status page at `/` stay open (the page
+//! reads `/v1/status`, so it asks for the key).
 //!
 //! A client that disconnects drops its response: the engine's stream goes with it and
 //! the sequence is cancelled at its next step, as on gRPC.
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod error;
+mod page;
 mod request;
 
 use axum::Router;
@@ -52,9 +54,11 @@ pub fn router(shared: Arc<Shared>, keys: Arc<ApiKeys>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route("/v1/status", get(page::status))
         .route_layer(axum::middleware::from_fn_with_state(keys, require_key));
     Router::new()
         .merge(v1)
+        .route("/", get(page::index))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
