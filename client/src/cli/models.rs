@@ -1,4 +1,4 @@
-//! `pictl load`, `pictl unload` and `pictl tokenize`.
+//! `pictl load`, `pictl pull`, `pictl unload` and `pictl tokenize`.
 
 use std::io::Write;
 
@@ -49,6 +49,15 @@ pub struct LoadArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct PullArgs {
+    /// A catalog alias (`pictl list` shows the catalog).
+    model: String,
+    /// One JSON object per progress message, as the daemon sends them.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct UnloadArgs {
     model: String,
 }
@@ -90,6 +99,81 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?} is out of range"));
     }
     Ok(v as u64)
+}
+
+pub async fn pull(
+    client: &Client,
+    a: &PullArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> CmdResult {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut stream = client.pull(&a.model).await?;
+    let mut last_status = String::new();
+    let mut finished = false;
+    while let Some(item) = stream.next().await {
+        let p = item?;
+        finished |= p.done;
+        if a.json {
+            writeln!(
+                out,
+                "{}",
+                json!({
+                    "status": p.status,
+                    "completed_bytes": p.completed_bytes,
+                    "total_bytes": p.total_bytes,
+                    "done": p.done,
+                    "file": p.file,
+                    "size_bytes": p.size_bytes,
+                    "already_present": p.already_present,
+                })
+            )?;
+        } else if p.done {
+            if tty && !last_status.is_empty() {
+                writeln!(err)?;
+            }
+            let how = if p.already_present {
+                "already present"
+            } else {
+                "pulled"
+            };
+            writeln!(
+                out,
+                "{} {how}: {} ({})",
+                a.model,
+                p.file,
+                bytes(p.size_bytes)
+            )?;
+        } else if !tty {
+            // A log: a line as each stage starts.
+            if p.status != last_status {
+                writeln!(err, "{} ...", p.status)?;
+                last_status = p.status;
+            }
+        } else {
+            // One line per stage, redrawn in place.
+            if p.status != last_status && !last_status.is_empty() {
+                writeln!(err)?;
+            }
+            let amount = if p.total_bytes > 0 {
+                format!(
+                    "{} / {} ({:.0}%)",
+                    bytes(p.completed_bytes),
+                    bytes(p.total_bytes),
+                    100.0 * p.completed_bytes as f64 / p.total_bytes as f64
+                )
+            } else {
+                bytes(p.completed_bytes)
+            };
+            write!(err, "\r{}: {amount}\x1b[K", p.status)?;
+            err.flush()?;
+            last_status = p.status;
+        }
+    }
+    if !finished {
+        return Err(crate::ClientError::Truncated.into());
+    }
+    Ok(())
 }
 
 pub async fn load(

@@ -1,5 +1,6 @@
 //! The gRPC services of `powerinfer.v1`: InferenceService (Generate, Tokenize, Detokenize)
-//! and ControlService (LoadModel, UnloadModel, ListModels, Status, WatchModels). Thin:
+//! and ControlService (LoadModel, UnloadModel, ListModels, Status, WatchModels,
+//! PullModel). Thin:
 //! requests are converted in `convert`, work is done by the manager and the engines,
 //! errors are mapped in `status`.
 
@@ -276,6 +277,17 @@ impl v1::control_service_server::ControlService for ControlApi {
         }))
     }
 
+    type PullModelStream = ResponseStream<v1::PullModelResponse>;
+
+    async fn pull_model(
+        &self,
+        req: Request<v1::PullModelRequest>,
+    ) -> Result<Response<Self::PullModelStream>, Status> {
+        self.0.check_open()?;
+        let model = req.into_inner().model;
+        Ok(Response::new(pull(&self.0, model.trim())?))
+    }
+
     type WatchModelsStream = ResponseStream<v1::WatchModelsResponse>;
 
     async fn watch_models(
@@ -291,6 +303,70 @@ impl v1::control_service_server::ControlService for ControlApi {
         });
         Ok(Response::new(Box::pin(events)))
     }
+}
+
+/// Streams a catalog model's fetch (see `PullModel` in the proto). The fetch runs on a
+/// blocking thread and finishes even if the client leaves (the next pull or load then
+/// finds the file); progress a slow client cannot take is skipped, the end never is.
+fn pull(shared: &Shared, model: &str) -> Result<ResponseStream<v1::PullModelResponse>, Status> {
+    let entry = store::catalog::lookup(model).ok_or_else(|| {
+        let aliases: Vec<&str> = store::CATALOG.iter().map(|e| e.alias).collect();
+        Status::not_found(format!(
+            "{model:?} is not a catalog model (the catalog has: {})",
+            aliases.join(", ")
+        ))
+    })?;
+    let dest = shared.manager.models_dir().join(entry.file_name());
+    let python = shared.manager.python().to_owned();
+    let (tx, rx) = tokio::sync::mpsc::channel(32);
+    tokio::spawn(async move {
+        let present = std::fs::metadata(&dest).is_ok_and(|m| m.len() == entry.size);
+        if !present {
+            let progress = tx.clone();
+            let fetched = tokio::task::spawn_blocking(move || {
+                crate::progress::reporting_to(
+                    move |r| {
+                        let _ = progress.try_send(Ok(v1::PullModelResponse {
+                            status: r.label.to_owned(),
+                            completed_bytes: r.done,
+                            total_bytes: r.total,
+                            ..Default::default()
+                        }));
+                    },
+                    || store::fetch(entry, &dest, &python),
+                )
+            })
+            .await;
+            let failed = match fetched {
+                Ok(Ok(())) => None,
+                Ok(Err(source)) => Some(Status::from(ServerError::Resolve(
+                    store::ResolveError::Fetch {
+                        alias: entry.alias.to_owned(),
+                        source,
+                    },
+                ))),
+                Err(e) => Some(Status::internal(format!("the fetch failed: {e}"))),
+            };
+            if let Some(status) = failed {
+                tracing::warn!(model = entry.alias, error = %status.message(), "pull failed");
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+            tracing::info!(model = entry.alias, "pulled");
+        }
+        let _ = tx
+            .send(Ok(v1::PullModelResponse {
+                status: "success".into(),
+                completed_bytes: entry.size,
+                total_bytes: entry.size,
+                done: true,
+                file: entry.file_name(),
+                size_bytes: entry.size,
+                already_present: present,
+            }))
+            .await;
+    });
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
 
 /// GGUF files in the models directory, and catalog models (downloaded or not).

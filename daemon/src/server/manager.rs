@@ -246,6 +246,11 @@ impl ModelManager {
         self.health.set_service_status(name, status).await;
     }
 
+    /// The Python that fetches catalog models.
+    pub fn python(&self) -> &str {
+        &self.python
+    }
+
     pub fn models_dir(&self) -> &Path {
         &self.models_dir
     }

