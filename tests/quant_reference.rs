@@ -41,6 +41,10 @@ fn dequantization_matches_gguf_py_for_every_type() {
             GgmlType::Q4_K => ours::<BlockQ4K>(&input, t),
             GgmlType::Q5_K => ours::<BlockQ5K>(&input, t),
             GgmlType::Q6_K => ours::<BlockQ6K>(&input, t),
+            GgmlType::Q2_K => ours::<BlockQ2K>(&input, t),
+            GgmlType::Q3_K => ours::<BlockQ3K>(&input, t),
+            GgmlType::IQ4_NL => ours::<BlockIQ4NL>(&input, t),
+            GgmlType::IQ4_XS => ours::<BlockIQ4XS>(&input, t),
             other => panic!("unexpected type {other}"),
         };
         seen.insert(t.dtype);

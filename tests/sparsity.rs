@@ -26,13 +26,20 @@ fn tokens(n: usize) -> Vec<u32> {
 
 #[test]
 fn gate_mode_is_dense_mode_bit_for_bit_on_relu_gated_models() {
-    for (arch, magic) in [("llama", Magic::PowerInfer), ("bamboo", Magic::Gguf)] {
+    // A 32-element type, and a k-quant (whole 256-value rows) for its row-sparse dot and
+    // neuron-major axpy.
+    for (arch, magic, wtype, n_embd, n_ff) in [
+        ("llama", Magic::PowerInfer, WeightType::Q4_0, 64, 320),
+        ("bamboo", Magic::Gguf, WeightType::Q4_0, 64, 320),
+        ("llama", Magic::PowerInfer, WeightType::Q3_K, 256, 512),
+    ] {
         let spec = Spec {
             arch,
             magic,
             down_t: true,
-            wtype: WeightType::Q4_0,
-            n_ff: 320,
+            wtype,
+            n_embd,
+            n_ff,
             seed: 71,
             ..Spec::default()
         };
@@ -44,7 +51,7 @@ fn gate_mode_is_dense_mode_bit_for_bit_on_relu_gated_models() {
         let (gate, gate_counts) = run(&model, &toks, SparsityMode::Gate);
         assert_eq!(
             dense, gate,
-            "{arch}: gate mode must equal dense mode exactly"
+            "{arch} {wtype:?}: gate mode must equal dense mode exactly"
         );
         let n_ff = spec.n_ff as u32;
         assert!(dense_counts.iter().flatten().all(|&c| c == n_ff));
@@ -53,7 +60,7 @@ fn gate_mode_is_dense_mode_bit_for_bit_on_relu_gated_models() {
         // Random ReLU gates fire about half the time (dReLU: the gate alone decides here).
         assert!(
             active > all / 5 && active < all * 4 / 5,
-            "{arch}: {active} of {all}"
+            "{arch} {wtype:?}: {active} of {all}"
         );
     }
 }

@@ -52,7 +52,7 @@ fn engine_logits(file: &GgufFile, toks: &[u32], kv_type: KvType, batched: bool) 
 /// Largest |engine − reference| relative to the reference logits' spread. F32 weights
 /// meet f32 activations (float rounding only); F16 and BF16 weights meet activations
 /// rounded to their own type as GGML does (2^-11 and 2^-8 per value); the 32-element
-/// quant types meet two-level 8-bit activations (~2^-15); k-quants still meet GGML's
+/// quant types meet two-level 8-bit activations (~2^-15); k-quants and IQ4_XS still meet GGML's
 /// Q8_K (one 8-bit scale per 256 values), whose rounding this random network amplifies to
 /// several percent of the logit spread.
 fn tolerance(t: WeightType) -> f64 {
@@ -60,7 +60,12 @@ fn tolerance(t: WeightType) -> f64 {
         WeightType::F32 => 1e-5,
         WeightType::F16 => 4e-3,
         WeightType::BF16 => 3e-2,
-        WeightType::Q4_K | WeightType::Q5_K | WeightType::Q6_K => 1e-1,
+        WeightType::Q2_K
+        | WeightType::Q3_K
+        | WeightType::Q4_K
+        | WeightType::Q5_K
+        | WeightType::Q6_K
+        | WeightType::IQ4_XS => 1e-1,
         _ => 1e-3,
     }
 }
@@ -161,11 +166,8 @@ fn odd_sizes_partial_rope_and_tied_output() {
 #[test]
 fn every_weight_type() {
     for (i, wtype) in WeightType::ALL.into_iter().enumerate() {
-        // k-quant rows are whole 256-value super-blocks.
-        let wide = matches!(
-            wtype,
-            WeightType::Q4_K | WeightType::Q5_K | WeightType::Q6_K
-        );
+        // k-quant (and IQ4_XS) rows are whole 256-value super-blocks.
+        let wide = wtype.ggml().block_len() == 256;
         check(&Spec {
             n_embd: if wide { 256 } else { 64 },
             n_ff: if wide { 512 } else { 96 },
@@ -253,6 +255,31 @@ fn broken_models_are_refused_with_the_reason() {
     ));
     let e = err(&rebuild("", Some("gpt-j"), None));
     assert!(e.to_string().contains("gpt-j"), "{e}");
+
+    // A weight in a type GGUF knows and the CPU kernels do not compute with.
+    let mut w = GgufWriter::new();
+    for (k, v) in file.metadata().iter() {
+        w.add_metadata(k, v.clone()).unwrap();
+    }
+    let retyped = "blk.0.attn_k.weight";
+    let foreign = powerinfer_ops::GgmlType::MXFP4;
+    assert!(WeightType::from_ggml(foreign).is_none());
+    for t in file.tensors() {
+        if t.name == retyped {
+            let n: u64 = t.dims.iter().product();
+            let bytes = vec![0u8; foreign.bytes_for(n).unwrap() as usize];
+            w.add_tensor(&t.name, foreign, &t.dims, bytes).unwrap();
+        } else {
+            w.add_tensor(&t.name, t.dtype, &t.dims, file.tensor_bytes(t))
+                .unwrap();
+        }
+    }
+    let e = err(&GgufFile::from_bytes(&w.to_bytes()).unwrap());
+    let msg = e.to_string();
+    assert!(
+        msg.contains(retyped) && msg.contains("MXFP4"),
+        "refusal names the tensor and its type: {msg}"
+    );
 }
 
 #[test]

@@ -12,6 +12,7 @@ use powerinfer_ops::device::{
 use powerinfer_ops::ids::LayerId;
 use powerinfer_ops::kv::KvType;
 use powerinfer_ops::nn::{Glu, Rope, RopeStyle};
+use powerinfer_ops::quant::WeightType;
 use powerinfer_ops::sparse::ActiveSet;
 use powerinfer_ops::tensor::Matrix;
 use powerinfer_ops::transformer::{SparsityMode, StepToken};
@@ -24,6 +25,34 @@ const ROW_BLOCK: u32 = 128;
 const AXPY_ROWS_PER_SPLIT: usize = 256;
 /// The most attention-score scratch one launch uses; longer batches go in chunks.
 const SCORE_SCRATCH_BYTES: usize = 64 << 20;
+
+/// Whether `kernels/quant.cuh` decodes weights of type `w` (its `pi_unit`). The kernels
+/// read a type they do not know as zeros, so every other type is refused at upload.
+pub fn computes_with(w: WeightType) -> bool {
+    match w {
+        WeightType::F32
+        | WeightType::F16
+        | WeightType::BF16
+        | WeightType::Q4_0
+        | WeightType::Q4_1
+        | WeightType::Q5_0
+        | WeightType::Q5_1
+        | WeightType::Q8_0
+        | WeightType::Q4_K
+        | WeightType::Q5_K
+        | WeightType::Q6_K => true,
+        WeightType::Q2_K | WeightType::Q3_K | WeightType::IQ4_NL | WeightType::IQ4_XS => false,
+    }
+}
+
+/// Refuses a part holding a matrix of a type the kernels do not decode, before anything of
+/// it is reserved or uploaded.
+fn refuse_unknown_types(ms: &[&Matrix]) -> Result<(), DeviceError> {
+    match ms.iter().find(|m| !computes_with(m.wtype())) {
+        Some(m) => Err(DeviceError::UnsupportedType(m.wtype().ggml())),
+        None => Ok(()),
+    }
+}
 
 fn invalid(why: impl Into<String>) -> DeviceError {
     DeviceError::Invalid(why.into())
@@ -255,6 +284,7 @@ impl<B: Backend> KernelDevice<B> {
     }
 
     fn upload_matrix(&mut self, m: &Matrix) -> Result<DevMatrix, DeviceError> {
+        refuse_unknown_types(&[m])?;
         let bytes = m.bytes();
         if m.n_rows() == 0 || !bytes.len().is_multiple_of(m.n_rows()) {
             return Err(invalid(format!("matrix {m:?} has a malformed buffer")));
@@ -974,6 +1004,7 @@ impl<B: Backend> Device for KernelDevice<B> {
         let kv = self.spec()?.kv;
         self.layer_mut(layer)?;
         let w = [part.wq, part.wk, part.wv, part.wo];
+        refuse_unknown_types(&w)?;
         let kv_bytes = kv.layer_bytes();
         let bytes = w.iter().map(|m| m.n_bytes() as u64).sum::<u64>()
             + vector_bytes(part.attn_norm)
@@ -1018,6 +1049,7 @@ impl<B: Backend> Device for KernelDevice<B> {
         if part.up.n_rows() != n || part.down_t.n_rows() != n {
             return Err(invalid("hot gate, up and down_t differ in rows"));
         }
+        refuse_unknown_types(&[part.gate, part.up, part.down_t])?;
         let bytes = [part.gate, part.up, part.down_t]
             .iter()
             .map(|m| m.n_bytes() as u64)
@@ -1053,6 +1085,7 @@ impl<B: Backend> Device for KernelDevice<B> {
             return Err(invalid(format!("layer {layer}'s attention is not placed")));
         }
         let p = part.predictor;
+        refuse_unknown_types(&[&p.fc1, &p.fc2])?;
         let bytes = p.n_bytes() as u64;
         self.reserve(bytes)?;
         let made = (|| {
@@ -1085,6 +1118,7 @@ impl<B: Backend> Device for KernelDevice<B> {
     fn place_head(&mut self, part: &HeadUpload<'_>) -> Result<(), DeviceError> {
         self.check()?;
         self.spec()?;
+        refuse_unknown_types(&[part.output])?;
         let bytes = part.output.n_bytes() as u64 + vector_bytes(part.output_norm);
         self.reserve(bytes)?;
         let made = (|| {

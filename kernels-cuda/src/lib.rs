@@ -17,5 +17,5 @@ pub mod harness;
 mod source;
 
 pub use backend::{Arg, Backend, DevPtr, Dims, EventQueue, Slots, Staged};
-pub use device::KernelDevice;
+pub use device::{KernelDevice, computes_with};
 pub use source::{KERNEL_NAMES, kernel_source, source_hash};

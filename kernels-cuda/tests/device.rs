@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 use powerinfer_kernels_cuda::harness::HarnessBackend;
-use powerinfer_kernels_cuda::{Backend, KernelDevice};
+use powerinfer_kernels_cuda::{Backend, KernelDevice, computes_with};
 use powerinfer_ops::device::{
     AttentionUpload, Device, DeviceError, DeviceKind, FfnInput, HeadUpload, HotUpload, ModelSpec,
     Op, PredictorUpload, Readback, RopeSpec, SimulatedDevice,
@@ -616,6 +616,51 @@ fn budgets_and_bad_calls_are_typed_errors_that_leave_the_device_usable() {
     place(&mut sim, &c, &w.exact()).unwrap();
     let (got, want) = (step(&mut dev2, &steps[0]), step(&mut sim, &steps[0]));
     assert_close("after errors", &got.logits, &want.logits, LOGIT_TOL);
+}
+
+#[test]
+fn weight_types_the_kernels_do_not_decode_are_refused_before_any_upload() {
+    let unsupported: Vec<WeightType> = WeightType::ALL
+        .into_iter()
+        .filter(|&t| !computes_with(t))
+        .collect();
+    assert!(!unsupported.is_empty());
+    let mut rng = Rng::new(105);
+    for t in unsupported {
+        // Rows of 256 values, whole blocks of every type; the unsupported type in wq
+        // (the first upload) and in the hot down_t (after a placed attention).
+        for at in [0, 6] {
+            let mut types = [WeightType::Q4_K; 8];
+            types[at] = t;
+            let c = Case {
+                name: "unsupported",
+                n_embd: 256,
+                n_head: 4,
+                n_head_kv: 1,
+                head_dim: 64,
+                types,
+                ..q4_case()
+            };
+            let w = weights(&c, &mut rng);
+            let mut dev = KernelDevice::new(
+                HarnessBackend::new(32, 1 << 28),
+                DeviceKind::Cuda,
+                "dev".into(),
+                1 << 26,
+            );
+            let e = place(&mut dev, &c, &w).unwrap_err();
+            assert_eq!(e, DeviceError::UnsupportedType(t.ggml()), "{t:?} at {at}");
+            if at == 0 {
+                assert_eq!(dev.info().memory_used, 0, "{t:?}: nothing taken");
+            }
+            // Not a device failure: the same device takes a model it can compute.
+            let ok = Case {
+                types: [WeightType::Q4_K; 8],
+                ..c
+            };
+            place(&mut dev, &ok, &weights(&ok, &mut rng)).unwrap();
+        }
+    }
 }
 
 /// The same op sequences on a CUDA device, when the machine has one (warp 32 there).

@@ -3,9 +3,9 @@
 //! bandwidth measured by the same harness.
 //!
 //! Shapes are GGUF `[n_cols, n_rows]`: `576x1536` (ffn_gate/up), `1536x576` (ffn_down),
-//! `576x49152` (the output head). Rows of the k-quants are whole 256-element super-blocks,
-//! so they run `512x1536` and `512x49152` in place of the 576-column shapes (llama.cpp
-//! cannot store such rows as k-quants either). The `prepare` group times the activation
+//! `576x49152` (the output head). Rows of the k-quants and IQ4_XS are whole 256-element
+//! super-blocks, so they run `512x1536` and `512x49152` in place of the 576-column shapes
+//! (llama.cpp cannot store such rows in those types either). The `prepare` group times the activation
 //! preparation every product starts with. Filter with e.g.
 //! `cargo bench -p powerinfer-ops -- q4_1`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -73,6 +73,10 @@ fn matvec_all(c: &mut Criterion) {
     bench_type::<BlockQ4K>(c, "q4_k", &pools);
     bench_type::<BlockQ5K>(c, "q5_k", &pools);
     bench_type::<BlockQ6K>(c, "q6_k", &pools);
+    bench_type::<BlockQ2K>(c, "q2_k", &pools);
+    bench_type::<BlockQ3K>(c, "q3_k", &pools);
+    bench_type::<BlockIQ4NL>(c, "iq4_nl", &pools);
+    bench_type::<BlockIQ4XS>(c, "iq4_xs", &pools);
 }
 
 /// Copy (bytes copied per second) and read (bytes summed per second) bandwidth over the

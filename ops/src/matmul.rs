@@ -116,7 +116,10 @@ mod tests {
     use half::f16;
 
     use super::*;
-    use crate::quant::{Block, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_1, BlockQ6K, BlockQ8_0};
+    use crate::quant::{
+        Block, BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K,
+        BlockQ5_1, BlockQ6K, BlockQ8_0,
+    };
     use crate::rng::Rng;
 
     fn quantized<B: Block>(rng: &mut Rng, n: usize) -> Vec<B> {
@@ -187,6 +190,10 @@ mod tests {
         check::<BlockQ8_0>(30, 96, 10);
         check::<BlockQ4K>(33, 512, 3);
         check::<BlockQ6K>(70, 256, 4);
+        check::<BlockQ2K>(37, 512, 11);
+        check::<BlockQ3K>(45, 256, 12);
+        check::<BlockIQ4NL>(41, 160, 13);
+        check::<BlockIQ4XS>(29, 768, 14);
         check::<f32>(31, 45, 5);
         check::<f16>(1000, 16, 6);
     }

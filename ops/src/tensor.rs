@@ -105,6 +105,22 @@ macro_rules! with_block {
                 type $W = BlockQ6K;
                 $body
             }
+            WeightType::Q2_K => {
+                type $W = BlockQ2K;
+                $body
+            }
+            WeightType::Q3_K => {
+                type $W = BlockQ3K;
+                $body
+            }
+            WeightType::IQ4_NL => {
+                type $W = BlockIQ4NL;
+                $body
+            }
+            WeightType::IQ4_XS => {
+                type $W = BlockIQ4XS;
+                $body
+            }
         }
     };
 }
@@ -550,9 +566,13 @@ slot! {
     BlockQ4_1 => nib_q8_1, 4;
     BlockQ5_1 => nib_q8_1, 4;
     BlockQ8_0 => q8, 5;
+    BlockIQ4NL => q8, 5;
     BlockQ4K => q8k, 6;
     BlockQ5K => q8k, 6;
     BlockQ6K => q8k, 6;
+    BlockQ2K => q8k, 6;
+    BlockQ3K => q8k, 6;
+    BlockIQ4XS => q8k, 6;
 }
 
 impl Activations {

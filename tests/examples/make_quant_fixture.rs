@@ -73,6 +73,18 @@ fn main() {
     add("q4_k", GgmlType::Q4_K, as_bytes(&quantized::<BlockQ4K>(&x)));
     add("q5_k", GgmlType::Q5_K, as_bytes(&quantized::<BlockQ5K>(&x)));
     add("q6_k", GgmlType::Q6_K, as_bytes(&quantized::<BlockQ6K>(&x)));
+    add("q2_k", GgmlType::Q2_K, as_bytes(&quantized::<BlockQ2K>(&x)));
+    add("q3_k", GgmlType::Q3_K, as_bytes(&quantized::<BlockQ3K>(&x)));
+    add(
+        "iq4_nl",
+        GgmlType::IQ4_NL,
+        as_bytes(&quantized::<BlockIQ4NL>(&x)),
+    );
+    add(
+        "iq4_xs",
+        GgmlType::IQ4_XS,
+        as_bytes(&quantized::<BlockIQ4XS>(&x)),
+    );
 
     let q40 = random_bits(&mut rng, |b: &mut BlockQ4_0, r| b.d = scale(r));
     add("bits.q4_0", GgmlType::Q4_0, as_bytes(&q40));
@@ -98,6 +110,16 @@ fn main() {
     add("bits.q5_k", GgmlType::Q5_K, as_bytes(&q5k));
     let q6k = random_bits(&mut rng, |b: &mut BlockQ6K, r| b.d = scale(r));
     add("bits.q6_k", GgmlType::Q6_K, as_bytes(&q6k));
+    let q2k = random_bits(&mut rng, |b: &mut BlockQ2K, r| {
+        (b.d, b.dmin) = (scale(r), scale(r))
+    });
+    add("bits.q2_k", GgmlType::Q2_K, as_bytes(&q2k));
+    let q3k = random_bits(&mut rng, |b: &mut BlockQ3K, r| b.d = scale(r));
+    add("bits.q3_k", GgmlType::Q3_K, as_bytes(&q3k));
+    let iq4nl = random_bits(&mut rng, |b: &mut BlockIQ4NL, r| b.d = scale(r));
+    add("bits.iq4_nl", GgmlType::IQ4_NL, as_bytes(&iq4nl));
+    let iq4xs = random_bits(&mut rng, |b: &mut BlockIQ4XS, r| b.d = scale(r));
+    add("bits.iq4_xs", GgmlType::IQ4_XS, as_bytes(&iq4xs));
 
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/quant_blocks.gguf");
     w.write_file(&out).expect("write fixture");

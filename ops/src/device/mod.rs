@@ -81,6 +81,10 @@ pub enum DeviceError {
     /// that do not match the configuration): a fault of the caller.
     #[error("invalid device call: {0}")]
     Invalid(String),
+    /// A matrix of a weight type the device's kernels do not compute with, refused before
+    /// anything of it is uploaded.
+    #[error("the device's kernels do not compute with {0} weights")]
+    UnsupportedType(crate::GgmlType),
     /// The device failed (a driver error, a lost device).
     #[error("device failure: {0}")]
     Failed(String),

@@ -8,7 +8,8 @@
 use half::{bf16, f16};
 
 use super::{
-    Block, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
+    Block, BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0,
+    BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
 };
 use crate::dtype::QK_K;
 use crate::simd::SimdLevel;
@@ -125,6 +126,10 @@ impl AxpyBlock for BlockQ8_0 {
 impl AxpyBlock for BlockQ4K {}
 impl AxpyBlock for BlockQ5K {}
 impl AxpyBlock for BlockQ6K {}
+impl AxpyBlock for BlockQ2K {}
+impl AxpyBlock for BlockQ3K {}
+impl AxpyBlock for BlockIQ4NL {}
+impl AxpyBlock for BlockIQ4XS {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -365,5 +370,9 @@ mod tests {
         check::<BlockQ4K>(9);
         check::<BlockQ5K>(10);
         check::<BlockQ6K>(11);
+        check::<BlockQ2K>(12);
+        check::<BlockQ3K>(13);
+        check::<BlockIQ4NL>(14);
+        check::<BlockIQ4XS>(15);
     }
 }

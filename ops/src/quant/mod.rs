@@ -9,13 +9,18 @@
 pub mod axpy;
 mod blocks;
 mod float;
+mod iq4;
 mod kquant;
+mod kquant_low;
 mod legacy;
 pub mod prep;
 
 pub use axpy::{AxpyBlock, AxpyFn, axpy_scalar};
 pub use blocks::*;
+pub use iq4::dot_iq4nl_prep_scalar;
+pub(crate) use iq4::iq4xs_scale;
 pub(crate) use kquant::kquant_scales;
+pub(crate) use kquant_low::q3_scales;
 pub use prep::{Numerics, PrepNib, PrepQ8};
 
 use crate::dtype::GgmlType;
@@ -145,10 +150,14 @@ pub enum WeightType {
     Q4_K,
     Q5_K,
     Q6_K,
+    Q2_K,
+    Q3_K,
+    IQ4_NL,
+    IQ4_XS,
 }
 
 impl WeightType {
-    pub const ALL: [WeightType; 11] = [
+    pub const ALL: [WeightType; 15] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -160,6 +169,10 @@ impl WeightType {
         Self::Q4_K,
         Self::Q5_K,
         Self::Q6_K,
+        Self::Q2_K,
+        Self::Q3_K,
+        Self::IQ4_NL,
+        Self::IQ4_XS,
     ];
 
     pub fn from_ggml(t: GgmlType) -> Option<Self> {
@@ -175,6 +188,10 @@ impl WeightType {
             GgmlType::Q4_K => Self::Q4_K,
             GgmlType::Q5_K => Self::Q5_K,
             GgmlType::Q6_K => Self::Q6_K,
+            GgmlType::Q2_K => Self::Q2_K,
+            GgmlType::Q3_K => Self::Q3_K,
+            GgmlType::IQ4_NL => Self::IQ4_NL,
+            GgmlType::IQ4_XS => Self::IQ4_XS,
             _ => return None,
         })
     }
@@ -192,6 +209,10 @@ impl WeightType {
             Self::Q4_K => GgmlType::Q4_K,
             Self::Q5_K => GgmlType::Q5_K,
             Self::Q6_K => GgmlType::Q6_K,
+            Self::Q2_K => GgmlType::Q2_K,
+            Self::Q3_K => GgmlType::Q3_K,
+            Self::IQ4_NL => GgmlType::IQ4_NL,
+            Self::IQ4_XS => GgmlType::IQ4_XS,
         }
     }
 
@@ -201,9 +222,11 @@ impl WeightType {
             Self::F32 => ActType::F32,
             Self::F16 => ActType::F16,
             Self::BF16 => ActType::BF16,
-            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => ActType::Q8_0,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 | Self::IQ4_NL => ActType::Q8_0,
             Self::Q4_1 | Self::Q5_1 => ActType::Q8_1,
-            Self::Q4_K | Self::Q5_K | Self::Q6_K => ActType::Q8_K,
+            Self::Q2_K | Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::IQ4_XS => {
+                ActType::Q8_K
+            }
         }
     }
 }

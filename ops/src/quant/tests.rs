@@ -26,10 +26,17 @@ fn roundtrip_tol(t: GgmlType) -> f64 {
         GgmlType::F32 => 0.0,
         GgmlType::F16 => 1e-3,
         GgmlType::BF16 => 5e-3,
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => 0.11,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::IQ4_NL | GgmlType::IQ4_XS => {
+            0.11
+        }
         GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => 0.055,
         GgmlType::Q6_K => 0.03,
         GgmlType::Q8_0 | GgmlType::Q8_1 | GgmlType::Q8_K => 0.007,
+        // Levels 0..=3 over each 16 values' range (step ≈ 0.63 on uniform [-1, 1): 0.32),
+        // plus 4-bit scales and minimums (measured 0.28).
+        GgmlType::Q2_K => 0.4,
+        // Levels -4..=3 of amax / 4 (0.125), plus 6-bit scales (measured 0.13).
+        GgmlType::Q3_K => 0.2,
         other => panic!("no round-trip tolerance for {other}"),
     }
 }
@@ -255,6 +262,10 @@ fn row_kernels_match_one_row_kernels_bit_for_bit() {
     check_row_kernels::<BlockQ5_1>(3002);
     check_row_kernels::<BlockQ8_0>(3003);
     check_row_kernels::<BlockQ6K>(3004);
+    check_row_kernels::<BlockQ2K>(3005);
+    check_row_kernels::<BlockQ3K>(3006);
+    check_row_kernels::<BlockIQ4NL>(3007);
+    check_row_kernels::<BlockIQ4XS>(3008);
 }
 
 #[test]
@@ -264,6 +275,7 @@ fn precise_numerics_are_near_exact_at_every_level() {
     check_precise::<BlockQ5_0>(2002);
     check_precise::<BlockQ5_1>(2003);
     check_precise::<BlockQ8_0>(2004);
+    check_precise::<BlockIQ4NL>(2005);
 }
 
 macro_rules! type_tests {
@@ -294,6 +306,10 @@ type_tests! {
     q4_k: BlockQ4K, Q8_K, 900;
     q5_k: BlockQ5K, Q8_K, 1000;
     q6_k: BlockQ6K, Q8_K, 1100;
+    q2_k: BlockQ2K, Q8_K, 1700;
+    q3_k: BlockQ3K, Q8_K, 1800;
+    iq4_nl: BlockIQ4NL, Q8_0, 1900;
+    iq4_xs: BlockIQ4XS, Q8_K, 2100;
 }
 
 #[test]
@@ -319,7 +335,12 @@ fn weight_types_pair_with_their_activation_types() {
         (WeightType::Q4_K, act_of::<BlockQ4K>()),
         (WeightType::Q5_K, act_of::<BlockQ5K>()),
         (WeightType::Q6_K, act_of::<BlockQ6K>()),
+        (WeightType::Q2_K, act_of::<BlockQ2K>()),
+        (WeightType::Q3_K, act_of::<BlockQ3K>()),
+        (WeightType::IQ4_NL, act_of::<BlockIQ4NL>()),
+        (WeightType::IQ4_XS, act_of::<BlockIQ4XS>()),
     ];
+    assert_eq!(pairs.len(), WeightType::ALL.len());
     for (wt, act) in pairs {
         let expected = match wt.act_type() {
             ActType::F32 => GgmlType::F32,
@@ -342,6 +363,75 @@ fn k_scale_packing_roundtrips_every_value() {
         let packed = kquant::pack_scale_min_k4_for_tests(&sc, &mn);
         assert_eq!(kquant_scales(&packed), (sc, mn));
     }
+}
+
+#[test]
+fn q3_k_scale_packing_roundtrips_every_value() {
+    for v in 0..64i16 {
+        let sc: [i8; 16] = std::array::from_fn(|i| ((v + 5 * i as i16) % 64 - 32) as i8);
+        assert_eq!(
+            kquant_low::q3_scales(&kquant_low::pack_q3_scales_for_tests(&sc)),
+            sc
+        );
+    }
+}
+
+/// Blocks of random bits (finite scales): every level, scale and mask bit a file may hold,
+/// which quantizers reach only in part (Q3_K's scale -32, IQ4_XS's every sub-block
+/// scale), through every kernel against the twin.
+fn check_random_bits<W: WeightBlock + crate::pod::Pod>(seed: u64, fix: impl Fn(&mut W, &mut Rng)) {
+    let mut rng = Rng::new(seed);
+    for n in [1, 2, 3, 7] {
+        let mut w = vec![W::default(); n];
+        rng.fill_bytes(crate::pod::as_bytes_mut(&mut w));
+        for b in &mut w {
+            fix(b, &mut rng);
+        }
+        let a: Vec<W::Act> = quantize_vec(&rng.varied(n * W::LEN, 32));
+        let (wd, ad) = (dequantize_vec(&w), dequantize_vec(&a));
+        let mag: f64 = wd
+            .iter()
+            .zip(&ad)
+            .map(|(p, q)| f64::from(p * q).abs())
+            .sum();
+        let exact: f64 = wd
+            .iter()
+            .zip(&ad)
+            .map(|(p, q)| f64::from(*p) * f64::from(*q))
+            .sum();
+        let twin = f64::from(W::dot_scalar(&w, &a));
+        let ctx = format!("{} random bits n={n}", W::DTYPE);
+        let tol = TWIN_VS_F64_TOL * mag + 1e-9;
+        assert!(
+            (twin - exact).abs() <= tol,
+            "{ctx}: twin {twin} vs f64 {exact}"
+        );
+        let mut prepared = vec![W::Prep::default(); prep_len::<W>(a.len())];
+        W::prepare_ggml(&a, &mut prepared);
+        for level in supported_levels() {
+            let fast = f64::from(W::dot_kernel(level)(&w, &prepared));
+            let tol = REASSOC_TOL * mag + 1e-9;
+            assert!(
+                (fast - twin).abs() <= tol,
+                "{ctx} {level}: kernel {fast} vs twin {twin}"
+            );
+        }
+    }
+}
+
+#[test]
+fn random_block_bits_match_the_twin_at_every_level() {
+    let scale = |r: &mut Rng| f16::from_f32(r.normal() * 0.05);
+    check_random_bits(3100, |b: &mut BlockQ2K, r| {
+        (b.d, b.dmin) = (scale(r), scale(r))
+    });
+    check_random_bits(3101, |b: &mut BlockQ3K, r| b.d = scale(r));
+    check_random_bits(3102, |b: &mut BlockIQ4NL, r| b.d = scale(r));
+    check_random_bits(3103, |b: &mut BlockIQ4XS, r| b.d = scale(r));
+    check_random_bits(3104, |b: &mut BlockQ4K, r| {
+        (b.d, b.dmin) = (scale(r), scale(r))
+    });
+    check_random_bits(3105, |b: &mut BlockQ6K, r| b.d = scale(r));
 }
 
 #[test]

@@ -25,6 +25,9 @@ macro_rules! entry {
     };
 }
 
+mod lowbit;
+pub use lowbit::{dot_iq4_nl, dot_iq4_xs_q8_k, dot_q2_k_q8_k, dot_q3_k_q8_k};
+
 entry!(dot_f32, dot_f32_impl, f32, f32);
 entry!(dot_f16, dot_f16_impl, f16, f16);
 entry!(dot_bf16, dot_bf16_impl, bf16, bf16);

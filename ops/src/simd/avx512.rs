@@ -27,6 +27,9 @@ macro_rules! entry {
     };
 }
 
+mod lowbit;
+pub use lowbit::{dot_iq4_nl, dot_iq4_xs_q8_k, dot_q2_k_q8_k, dot_q3_k_q8_k};
+
 entry!(dot_f32, dot_f32_impl, f32, f32, Avx512);
 entry!(dot_f16, dot_f16_impl, f16, f16, Avx512);
 entry!(dot_bf16, dot_bf16_impl, bf16, bf16, Avx512);
@@ -354,18 +357,30 @@ pub fn dot_nib<W: NibBlock>(w: &[W], a: &[PrepNib]) -> f32 {
     out[0]
 }
 
-/// Two Q8_0 blocks against their prepared activation. Weights are made unsigned by
-/// flipping the sign bit (x + 128); `neg_corr` removes the offset exactly, -128 included.
+/// Two Q8_0 blocks against their prepared activation.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
 fn q8_pair(w: &[BlockQ8_0; 2], p: &PrepQ8, acc: &mut __m512) {
-    // SAFETY: 32 readable bytes per block; PrepQ8 is 64-byte aligned.
-    let (q, aq, aq2, ad, corr) = unsafe {
+    // SAFETY: 32 readable bytes per block.
+    let q = unsafe {
+        join(
+            _mm256_loadu_si256(w[0].qs.as_ptr().cast()),
+            _mm256_loadu_si256(w[1].qs.as_ptr().cast()),
+        )
+    };
+    let d_bits = i32::from(w[0].d.to_bits()) | (i32::from(w[1].d.to_bits()) << 16);
+    q8_pair_levels(q, d_bits, p, acc);
+}
+
+/// Two blocks of signed 8-bit levels `q` (32 each) with f16 scales `d_bits` (`d0 | d1 <<
+/// 16`) against their prepared activation. Levels are made unsigned by flipping the sign
+/// bit (x + 128); `neg_corr` removes the offset exactly, -128 included.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+fn q8_pair_levels(q: __m512i, d_bits: i32, p: &PrepQ8, acc: &mut __m512) {
+    // SAFETY: PrepQ8 is 64-byte aligned.
+    let (aq, aq2, ad, corr) = unsafe {
         (
-            join(
-                _mm256_loadu_si256(w[0].qs.as_ptr().cast()),
-                _mm256_loadu_si256(w[1].qs.as_ptr().cast()),
-            ),
             _mm512_load_si512(p.qs.as_ptr().cast()),
             _mm512_load_si512(p.qs2.as_ptr().cast()),
             _mm512_load_ps(p.d.as_ptr()),
@@ -377,9 +392,7 @@ fn q8_pair(w: &[BlockQ8_0; 2], p: &PrepQ8, acc: &mut __m512) {
     // 256·Σ(w+128)·q1 + Σ(w+128)·q2 - 128·(256·Σq1 + Σq2): below 2^26 per lane.
     let isum = _mm512_add_epi32(_mm512_slli_epi32::<LEVEL2_SHIFT>(isum1), corr);
     let isum = _mm512_dpbusd_epi32(isum, x, aq2);
-    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(
-        i32::from(w[0].d.to_bits()) | (i32::from(w[1].d.to_bits()) << 16),
-    ));
+    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(d_bits));
     let idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     let scale = _mm512_mul_ps(_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(d)), ad);
     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);

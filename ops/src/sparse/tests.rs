@@ -158,6 +158,8 @@ fn fused_ffn_equals_its_parts_for_every_glu_and_gate_source() {
         (WeightType::Q4_1, WeightType::Q4_1),
         (WeightType::Q4_0, WeightType::Q8_0),
         (WeightType::Q4_K, WeightType::Q6_K),
+        (WeightType::Q3_K, WeightType::IQ4_NL),
+        (WeightType::IQ4_XS, WeightType::Q2_K),
         (WeightType::F16, WeightType::F32),
     ] {
         for n_tok in [1, 2] {
