@@ -985,3 +985,94 @@ fn the_status_page_in_a_real_browser_shows_the_model_and_streams_a_chat_answer()
     // Streamed into the page, the greedy answer is `powerinferd run --chat`'s.
     assert_eq!(seen["answer"], run_chat(n), "{seen}");
 }
+
+#[test]
+fn limits_are_refused_naming_the_limit_on_both_apis() {
+    default_model();
+    let mut config = test_config(&store::default_models_dir());
+    config.max_request_bytes = 64 << 10;
+    let server = TestServer::start_with_http(config);
+    let addr = server.http_addr.unwrap();
+    let client = server.client();
+    let big = "word ".repeat(20_000); // 100 kB, over the 64 KiB limit
+
+    // Request size: HTTP 413 in OpenAI's shape; gRPC's own OUT_OF_RANGE with the limit.
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": DEFAULT_MODEL, "prompt": big}),
+    );
+    assert_eq!(r.status, 413, "{}", r.body);
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "request_too_large");
+    assert!(e["message"].as_str().unwrap().contains("65536"), "{e}");
+    let grpc = |req: powerinfer_client::proto::GenerateRequest| {
+        server.block_on(client.generate_all(req)).unwrap_err()
+    };
+    let text = |p: &str| powerinfer_client::text_request(DEFAULT_MODEL, p);
+    let err = grpc(text(&big));
+    assert_eq!(err.code(), Some(tonic::Code::OutOfRange), "{err}");
+    assert!(err.to_string().contains("65536"), "{err}");
+
+    // Stop strings: count and length; max_tokens beyond the context; top_logprobs.
+    let stops: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+    let long_stop = "x".repeat(300);
+    let cases: [(Value, &str); 4] = [
+        (json!({"stop": stops}), "16"),
+        (json!({"stop": long_stop}), "256"),
+        (json!({"max_tokens": 100_000}), "context size 256"),
+        (json!({"logprobs": 21}), "20"),
+    ];
+    for (extra, limit) in cases {
+        let mut body = json!({"model": DEFAULT_MODEL, "prompt": PROMPT});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = post(addr, "/v1/completions", &body);
+        assert_eq!(r.status, 400, "{extra}: {}", r.body);
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(msg.contains(limit), "{extra}: {msg}");
+    }
+    let refused = [
+        (
+            powerinfer_client::proto::GenerateRequest {
+                stop: (0..17).map(|i| format!("s{i}")).collect(),
+                ..text(PROMPT)
+            },
+            "16",
+        ),
+        (
+            powerinfer_client::proto::GenerateRequest {
+                stop: vec!["x".repeat(300)],
+                ..text(PROMPT)
+            },
+            "256",
+        ),
+        (
+            powerinfer_client::proto::GenerateRequest {
+                max_tokens: 100_000,
+                ..text(PROMPT)
+            },
+            "context size 256",
+        ),
+        (
+            powerinfer_client::proto::GenerateRequest {
+                top_logprobs: 21,
+                ..text(PROMPT)
+            },
+            "20",
+        ),
+    ];
+    for (req, limit) in refused {
+        let err = grpc(req);
+        assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+        assert!(err.to_string().contains(limit), "{limit}: {err}");
+    }
+    // Under every limit, the same server answers.
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": DEFAULT_MODEL, "prompt": PROMPT, "max_tokens": 2, "stop": ["\n"]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}

@@ -55,6 +55,11 @@ use powerinfer_ops::pool::ThreadPool;
 
 /// Largest `top_logprobs` a request may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// The most stop strings a request may give.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// The longest stop string, in bytes (a stop string is matched against the text's tail
+/// after every token).
+pub const MAX_STOP_BYTES: usize = 256;
 
 /// A snapshot of a loaded model.
 #[derive(Clone, Debug)]
@@ -294,6 +299,24 @@ impl Engine {
             return Err(EngineError::InvalidArgument(
                 "stop strings must not be empty".into(),
             ));
+        }
+        if spec.stop.len() > MAX_STOP_STRINGS {
+            return Err(EngineError::InvalidArgument(format!(
+                "at most {MAX_STOP_STRINGS} stop strings, not {}",
+                spec.stop.len()
+            )));
+        }
+        if let Some(s) = spec.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(EngineError::InvalidArgument(format!(
+                "a stop string is {} bytes; the limit is {MAX_STOP_BYTES}",
+                s.len()
+            )));
+        }
+        if let Some(n) = spec.max_tokens.filter(|&n| n > self.opts.n_ctx) {
+            return Err(EngineError::InvalidArgument(format!(
+                "max_tokens {n} is more than the context size {} (the limit)",
+                self.opts.n_ctx
+            )));
         }
         let sparsity = spec.sparsity.unwrap_or(self.opts.sparsity);
         if let Some(why) = self.model.sparsity_unavailable(sparsity) {

@@ -20,6 +20,9 @@ pub const SYSTEM_CONFIG: &str = "/etc/powerinfer/powerinferd.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// The OpenAI-compatible HTTP API's default address (llama-server's port).
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+/// The largest request a client may send by default: gRPC's usual limit, and far more
+/// than any context of text (a 128k-token prompt is about 0.5 MB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -76,6 +79,8 @@ pub struct FileConfig {
     pub keep_alive: Option<String>,
     /// Host memory the loaded models may take together ("12GiB", "8GB", bytes; "off").
     pub max_memory: Option<String>,
+    /// The largest request body or message, gRPC and HTTP ("4MiB", bytes).
+    pub max_request_bytes: Option<String>,
     pub models_dir: Option<PathBuf>,
     pub allow_paths: Option<bool>,
     pub threads: Option<usize>,
@@ -129,6 +134,8 @@ pub struct ServeConfig {
     /// Host memory the loaded models may take together (`None`: no limit); idle models
     /// are unloaded, least recently used first, to make room for a load.
     pub memory_budget: Option<u64>,
+    /// The largest gRPC message or HTTP body a client may send.
+    pub max_request_bytes: usize,
     pub models_dir: PathBuf,
     /// Whether clients may name model files by path.
     pub allow_paths: bool,
@@ -270,6 +277,21 @@ impl ServeConfig {
                 )
             })?),
         };
+        let max_request_bytes =
+            match env("POWERINFER_MAX_REQUEST_BYTES").or(file.max_request_bytes.clone()) {
+                None => DEFAULT_MAX_REQUEST_BYTES,
+                Some(s) => crate::settings::parse_bytes(&s)
+                    .ok()
+                    .filter(|&n| n >= 1024)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| {
+                        invalid(
+                            "max_request_bytes",
+                            &s,
+                            "expected a size of at least 1KiB (4MiB, bytes)",
+                        )
+                    })?,
+            };
         let models_dir = flags
             .models_dir
             .clone()
@@ -386,6 +408,7 @@ impl ServeConfig {
             api_keys,
             keep_alive,
             memory_budget,
+            max_request_bytes,
             models_dir,
             allow_paths,
             engine: EngineOptions {
@@ -580,6 +603,19 @@ mod tests {
         };
         let err = ServeConfig::resolve_with(&bad, &env(&[]), FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("max_memory"), "{err}");
+    }
+
+    #[test]
+    fn the_request_size_limit_comes_from_env_or_file() {
+        let none = FlagConfig::default();
+        let c = ServeConfig::resolve_with(&none, &env(&[]), FileConfig::default()).unwrap();
+        assert_eq!(c.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        let file: FileConfig = toml::from_str(r#"max_request_bytes = "1MiB""#).unwrap();
+        let c = ServeConfig::resolve_with(&none, &env(&[]), file).unwrap();
+        assert_eq!(c.max_request_bytes, 1 << 20);
+        let e = [("POWERINFER_MAX_REQUEST_BYTES", "12")];
+        let err = ServeConfig::resolve_with(&none, &env(&e), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("max_request_bytes"), "{err}");
     }
 
     #[test]

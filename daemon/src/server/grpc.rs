@@ -35,6 +35,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Set while the models to load at start are loading (`/health` answers 503).
     pub preloading: AtomicBool,
+    /// The largest request body (HTTP) or message (gRPC) a client may send.
+    pub max_request_bytes: usize,
 }
 
 impl Shared {

@@ -101,6 +101,7 @@ pub async fn serve_all(
         started: Instant::now(),
         draining: AtomicBool::new(false),
         preloading: AtomicBool::new(!config.preload.is_empty()),
+        max_request_bytes: config.max_request_bytes,
     });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(powerinfer_proto::FILE_DESCRIPTOR_SET)
@@ -125,12 +126,14 @@ pub async fn serve_all(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(InferenceServiceServer::with_interceptor(
-            InferenceApi(shared.clone()),
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            InferenceServiceServer::new(InferenceApi(shared.clone()))
+                .max_decoding_message_size(config.max_request_bytes),
             check.clone(),
         ))
-        .add_service(ControlServiceServer::with_interceptor(
-            ControlApi(shared.clone()),
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ControlServiceServer::new(ControlApi(shared.clone()))
+                .max_decoding_message_size(config.max_request_bytes),
             check,
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {

@@ -102,6 +102,7 @@ async fn local_server(
         api_keys: Default::default(),
         keep_alive: Default::default(),
         memory_budget: None,
+        max_request_bytes: crate::server::config::DEFAULT_MAX_REQUEST_BYTES,
         models_dir: path.parent().unwrap_or_else(|| Path::new(".")).to_owned(),
         allow_paths: true,
         engine,

@@ -62,7 +62,36 @@ pub fn router(shared: Arc<Shared>, keys: Arc<ApiKeys>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            shared.max_request_bytes,
+        ))
         .with_state(shared)
+}
+
+/// The request's body, or OpenAI's error for one that could not be read (413 naming the
+/// limit for one too large).
+fn read_body(
+    shared: &Shared,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        let status = r.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!(
+                "the request body is larger than the limit of {} bytes (max_request_bytes)",
+                shared.max_request_bytes
+            )
+        } else {
+            format!("the request body could not be read: {}", r.body_text())
+        };
+        ApiError {
+            status,
+            message,
+            kind: "invalid_request_error",
+            param: Some("body".into()),
+            code: (status == StatusCode::PAYLOAD_TOO_LARGE).then_some("request_too_large"),
+        }
+    })
 }
 
 async fn require_key(
@@ -193,9 +222,12 @@ enum Kind {
     Completion,
 }
 
-async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
     let run = async {
-        let f = Fields::parse(&body)?;
+        let f = Fields::parse(&read_body(&shared, body)?)?;
         let messages = chat_messages(&f)?;
         let logprobs = f.boolean("logprobs")?.unwrap_or(false);
         let top = f.integer("top_logprobs", 0..=MAX_TOP_LOGPROBS)?;
@@ -211,9 +243,12 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Res
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn completions(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
     let run = async {
-        let f = Fields::parse(&body)?;
+        let f = Fields::parse(&read_body(&shared, body)?)?;
         let bad_prompt =
             || ApiError::bad("prompt", "prompt must be a string or a list of token ids");
         let input = match f.get("prompt") {

@@ -9,10 +9,9 @@ use crate::generation::sampler::{SamplerConfig, random_seed};
 use crate::server::keep_alive::KeepAlive;
 use crate::tokenizer::ChatMessage;
 
-/// The most stop strings a request may give.
-pub(super) const MAX_STOP: usize = 16;
 /// The most alternatives per token `top_logprobs` (and a completion's `logprobs`) asks.
-pub(super) const MAX_TOP_LOGPROBS: u64 = 20;
+pub(super) const MAX_TOP_LOGPROBS: u64 = crate::engine::MAX_TOP_LOGPROBS as u64;
+use crate::engine::{MAX_STOP_BYTES, MAX_STOP_STRINGS as MAX_STOP};
 
 /// The request's JSON object, with typed access that names the field in its errors.
 pub(super) struct Fields(Map<String, Value>);
@@ -204,6 +203,15 @@ pub(super) fn common(f: &Fields, input: Input, top_logprobs: usize) -> Result<Co
     }
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::bad("stop", "a stop string is empty"));
+    }
+    if let Some(s) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad(
+            "stop",
+            format!(
+                "a stop string is {} bytes; the limit is {MAX_STOP_BYTES}",
+                s.len()
+            ),
+        ));
     }
     let sparsity = match f.string("sparsity")? {
         None => None,
