@@ -1076,3 +1076,66 @@ fn limits_are_refused_naming_the_limit_on_both_apis() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+#[test]
+fn streams_per_api_key_are_limited_on_both_apis() {
+    use tokio_stream::StreamExt;
+    default_model();
+    let mut config = test_config(&store::default_models_dir());
+    config.api_keys =
+        powerinfer_daemon::server::auth::ApiKeys::new(["first-key-0001", "second-key-0002"])
+            .unwrap();
+    config.max_streams_per_key = 1;
+    let server = TestServer::start_with_http(config);
+    let addr = server.http_addr.unwrap();
+    let complete = |key: &str| {
+        let body = json!({"model": DEFAULT_MODEL, "prompt": PROMPT, "max_tokens": 2}).to_string();
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    };
+    let first = server.client().with_api_key("first-key-0001").unwrap();
+    let mut running = server.block_on(async {
+        let mut s = first
+            .generate(powerinfer_client::proto::GenerateRequest {
+                max_tokens: 200,
+                ..powerinfer_client::text_request(DEFAULT_MODEL, PROMPT)
+            })
+            .await
+            .unwrap();
+        s.next().await.unwrap().unwrap();
+        s
+    });
+    // The same key: refused on both APIs while its stream runs, naming the limit.
+    let e = server
+        .block_on(first.generate_all(powerinfer_client::text_request(DEFAULT_MODEL, PROMPT)))
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::ResourceExhausted), "{e}");
+    assert!(e.to_string().contains("max_streams_per_key"), "{e}");
+    let r = complete("first-key-0001");
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+    assert!(r.contains("too_many_streams"), "{r}");
+    // Another key is served meanwhile.
+    assert!(complete("second-key-0002").starts_with("HTTP/1.1 200"));
+    // The stream ends (its client goes): the key may stream again.
+    server.block_on(async { while running.next().await.is_some() {} });
+    drop(running);
+    let t = Instant::now();
+    loop {
+        let r = complete("first-key-0001");
+        if r.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

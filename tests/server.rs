@@ -22,6 +22,7 @@ pub fn test_config(models_dir: &Path) -> ServeConfig {
         keep_alive: Default::default(),
         memory_budget: None,
         max_request_bytes: powerinfer_daemon::server::config::DEFAULT_MAX_REQUEST_BYTES,
+        max_streams_per_key: 0,
         models_dir: models_dir.to_owned(),
         allow_paths: false,
         engine: EngineOptions {

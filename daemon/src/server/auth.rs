@@ -74,26 +74,32 @@ impl ApiKeys {
     /// Whether an `Authorization` value (`Bearer KEY`) carries an accepted key; always
     /// true without keys.
     pub fn allows(&self, authorization: Option<&[u8]>) -> bool {
-        if self.0.is_empty() {
-            return true;
-        }
-        let Some(value) = authorization else {
-            return false;
-        };
+        self.0.is_empty() || self.identify(authorization).is_some()
+    }
+
+    /// Which accepted key an `Authorization` value (`Bearer KEY`) carries, if any.
+    pub fn identify(&self, authorization: Option<&[u8]>) -> Option<ClientKey> {
+        let value = authorization?;
         let key = match value.get(..7) {
             Some(p) if p.eq_ignore_ascii_case(b"bearer ") => &value[7..],
-            _ => return false,
+            _ => return None,
         };
         let d = digest(key.trim_ascii());
         // Every key compared, every byte: no early exit.
-        let mut matched = 0u8;
-        for k in &self.0 {
+        let mut found = usize::MAX;
+        for (i, k) in self.0.iter().enumerate() {
             let diff = k.iter().zip(&d).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            matched |= u8::from(diff == 0);
+            let hit = usize::from(diff == 0).wrapping_neg(); // all ones on a match
+            found = (found & !hit) | (i & hit);
         }
-        matched == 1
+        (found != usize::MAX).then_some(ClientKey(found))
     }
 }
+
+/// The API key a request was let in with (its index among the accepted keys), carried in
+/// the request's extensions for the per-key limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientKey(pub usize);
 
 #[cfg(test)]
 mod tests {
@@ -114,5 +120,14 @@ mod tests {
         assert!(ApiKeys::new(["short"]).is_err());
         assert!(ApiKeys::new(["has a space"]).is_err());
         assert_eq!(format!("{keys:?}"), "ApiKeys(2 keys)");
+        assert_eq!(
+            keys.identify(Some(b"Bearer second-key-456")),
+            Some(ClientKey(1))
+        );
+        assert_eq!(
+            keys.identify(Some(b"Bearer first-key-123")),
+            Some(ClientKey(0))
+        );
+        assert_eq!(keys.identify(Some(b"Bearer nobody-at-all")), None);
     }
 }

@@ -81,6 +81,8 @@ pub struct FileConfig {
     pub max_memory: Option<String>,
     /// The largest request body or message, gRPC and HTTP ("4MiB", bytes).
     pub max_request_bytes: Option<String>,
+    /// Concurrent generation streams per API key (0: no limit).
+    pub max_streams_per_key: Option<usize>,
     pub models_dir: Option<PathBuf>,
     pub allow_paths: Option<bool>,
     pub threads: Option<usize>,
@@ -136,6 +138,8 @@ pub struct ServeConfig {
     pub memory_budget: Option<u64>,
     /// The largest gRPC message or HTTP body a client may send.
     pub max_request_bytes: usize,
+    /// Concurrent generation streams per API key (0: no limit).
+    pub max_streams_per_key: usize,
     pub models_dir: PathBuf,
     /// Whether clients may name model files by path.
     pub allow_paths: bool,
@@ -409,6 +413,9 @@ impl ServeConfig {
             keep_alive,
             memory_budget,
             max_request_bytes,
+            max_streams_per_key: env_num("POWERINFER_MAX_STREAMS_PER_KEY")?
+                .or(file.max_streams_per_key)
+                .unwrap_or(0),
             models_dir,
             allow_paths,
             engine: EngineOptions {

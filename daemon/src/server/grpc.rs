@@ -37,6 +37,8 @@ pub struct Shared {
     pub preloading: AtomicBool,
     /// The largest request body (HTTP) or message (gRPC) a client may send.
     pub max_request_bytes: usize,
+    /// Concurrent streams per API key.
+    pub streams: super::limits::StreamLimits,
 }
 
 impl Shared {
@@ -61,8 +63,13 @@ impl v1::inference_service_server::InferenceService for InferenceApi {
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         self.0.check_open()?;
+        let key = request
+            .extensions()
+            .get::<super::auth::ClientKey>()
+            .copied();
         let req = request.into_inner();
         let spec = convert::generate_spec(&req)?;
+        let permit = self.0.streams.acquire(key)?;
         let keep_alive = match req.keep_alive.trim() {
             "" => None,
             s => Some(super::keep_alive::KeepAlive::parse(s).ok_or_else(|| {
@@ -111,7 +118,7 @@ impl v1::inference_service_server::InferenceService for InferenceApi {
         let manager = self.0.manager.clone();
         let model = req.model.clone();
         let out = stream.map(move |item| {
-            let _serving = &engine;
+            let _serving = (&engine, &permit);
             match item {
                 Ok(item @ (StreamItem::Token(_) | StreamItem::Final(_))) => {
                     match &item {

@@ -12,6 +12,7 @@ pub mod convert;
 pub mod grpc;
 pub mod http;
 pub mod keep_alive;
+pub mod limits;
 pub mod manager;
 pub mod metrics;
 pub mod status;
@@ -102,6 +103,7 @@ pub async fn serve_all(
         draining: AtomicBool::new(false),
         preloading: AtomicBool::new(!config.preload.is_empty()),
         max_request_bytes: config.max_request_bytes,
+        streams: limits::StreamLimits::new(config.max_streams_per_key),
     });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(powerinfer_proto::FILE_DESCRIPTOR_SET)
@@ -111,9 +113,13 @@ pub async fn serve_all(
     let keys = Arc::new(config.api_keys.clone());
     let check = {
         let keys = keys.clone();
-        move |req: tonic::Request<()>| {
+        move |mut req: tonic::Request<()>| {
             let given = req.metadata().get("authorization").map(|v| v.as_bytes());
-            if keys.allows(given) {
+            let key = keys.identify(given);
+            if keys.is_empty() || key.is_some() {
+                if let Some(k) = key {
+                    req.extensions_mut().insert(k);
+                }
                 Ok(req)
             } else {
                 Err(tonic::Status::unauthenticated(

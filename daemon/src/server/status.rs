@@ -51,6 +51,11 @@ pub enum ServerError {
         need: u64,
         budget: u64,
     },
+    /// The request's API key already has this many streams running.
+    #[error(
+        "this API key already has {limit} streams running (max_streams_per_key); wait for one to end"
+    )]
+    TooManyStreams { limit: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("{0}")]
@@ -96,7 +101,7 @@ impl ServerError {
             Self::InvalidArgument(_) | Self::PathRefused(_) => Code::InvalidArgument,
             Self::NotLoaded(_) => Code::NotFound,
             Self::LoadedDifferently { .. } => Code::FailedPrecondition,
-            Self::OverMemoryBudget { .. } => Code::ResourceExhausted,
+            Self::OverMemoryBudget { .. } | Self::TooManyStreams { .. } => Code::ResourceExhausted,
             Self::LargerThanBudget { .. } => Code::FailedPrecondition,
             Self::ShuttingDown => Code::Unavailable,
             Self::Internal(_) => Code::Internal,

@@ -103,6 +103,7 @@ async fn local_server(
         keep_alive: Default::default(),
         memory_budget: None,
         max_request_bytes: crate::server::config::DEFAULT_MAX_REQUEST_BYTES,
+        max_streams_per_key: 0,
         models_dir: path.parent().unwrap_or_else(|| Path::new(".")).to_owned(),
         allow_paths: true,
         engine,

@@ -55,6 +55,11 @@ impl From<ServerError> for ApiError {
                 "server_error",
                 Some("memory_budget"),
             ),
+            ServerError::TooManyStreams { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("too_many_streams"),
+            ),
             ServerError::Engine(EngineError::QueueFull { .. }) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",

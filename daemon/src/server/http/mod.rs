@@ -34,7 +34,7 @@ use serde_json::{Map, Value, json};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::auth::ApiKeys;
+use super::auth::{ApiKeys, ClientKey};
 use super::grpc::{Shared, available_models};
 use super::manager::model_name;
 use super::metrics::outcome;
@@ -96,14 +96,18 @@ fn read_body(
 
 async fn require_key(
     State(keys): State<Arc<ApiKeys>>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    if keys.allows(given) {
+    let key = keys.identify(given);
+    if keys.is_empty() || key.is_some() {
+        if let Some(k) = key {
+            req.extensions_mut().insert(k);
+        }
         return next.run(req).await;
     }
     let mut r = ApiError {
@@ -222,8 +226,12 @@ enum Kind {
     Completion,
 }
 
+/// The API key the request came with (none on a server without keys).
+type Key = Option<axum::Extension<ClientKey>>;
+
 async fn chat_completions(
     State(shared): State<Arc<Shared>>,
+    key: Key,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let run = async {
@@ -238,13 +246,14 @@ async fn chat_completions(
             ));
         }
         let c = common(&f, Input::Chat(messages), top.unwrap_or(0) as usize)?;
-        generate(&shared, c, Kind::Chat, logprobs).await
+        generate(&shared, key, c, Kind::Chat, logprobs).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn completions(
     State(shared): State<Arc<Shared>>,
+    key: Key,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let run = async {
@@ -283,18 +292,21 @@ async fn completions(
         }
         let logprobs = f.integer("logprobs", 0..=MAX_TOP_LOGPROBS)?;
         let c = common(&f, input, logprobs.unwrap_or(0) as usize)?;
-        generate(&shared, c, Kind::Completion, logprobs.is_some()).await
+        generate(&shared, key, c, Kind::Completion, logprobs.is_some()).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn generate(
     shared: &Arc<Shared>,
+    key: Key,
     c: Common,
     kind: Kind,
     logprobs: bool,
 ) -> Result<Response, ApiError> {
     shared.check_open()?;
+    // Held while the request runs: to its reply, or in the streaming task.
+    let permit = shared.streams.acquire(key.map(|k| k.0))?;
     let name = model_name(&c.model);
     let mut tracker = shared.metrics.track(&name, "http");
     let started = async {
@@ -408,7 +420,7 @@ async fn generate(
     let manager = shared.manager.clone();
     let model = c.model.clone();
     tokio::spawn(async move {
-        let _serving = &engine;
+        let _serving = (&engine, &permit);
         let send = |e: Event| {
             let tx = tx.clone();
             async move { tx.send(Ok(e)).await.is_ok() }
