@@ -391,8 +391,7 @@ impl ModelConfig {
 /// A soft-capping value: absent, or 0 (as converters write "none"), means no capping.
 fn softcap(k: &Keys<'_>, name: &str) -> Result<Option<f32>, LoadError> {
     match k.float_opt(name)? {
-        None => Ok(None),
-        Some(c) if c == 0.0 => Ok(None),
+        None | Some(0.0) => Ok(None),
         Some(c) if c > 0.0 => Ok(Some(c)),
         Some(c) => Err(LoadError::BadKey {
             key: k.full(name),
