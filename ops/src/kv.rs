@@ -148,8 +148,19 @@ impl LayerKv {
 
     /// KV head `head` of `slot` at positions `0..n_pos`.
     pub fn head(&self, slot: SeqSlot, head: usize, n_pos: usize) -> KvHead<'_> {
-        let base = self.head_offset(slot, head);
-        let span = base..base + n_pos * self.shape.head_dim;
+        self.head_range(slot, head, 0..n_pos)
+    }
+
+    /// KV head `head` of `slot` at positions `positions` (a sliding window's).
+    pub fn head_range(
+        &self,
+        slot: SeqSlot,
+        head: usize,
+        positions: std::ops::Range<usize>,
+    ) -> KvHead<'_> {
+        assert!(positions.start <= positions.end && positions.end <= self.shape.n_ctx);
+        let (base, hd) = (self.head_offset(slot, head), self.shape.head_dim);
+        let span = base + positions.start * hd..base + positions.end * hd;
         match &self.data {
             KvData::F16 { k, v } => KvHead::F16 {
                 k: &k[span.clone()],

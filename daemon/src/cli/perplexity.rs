@@ -50,7 +50,10 @@ pub fn run(a: &PerplexityArgs, s: &Settings, out: &mut dyn Write, err: &mut dyn 
         Ok(m) => m,
         Err(code) => return code,
     };
-    let tokens = loaded.tokenizer.encode(&text, true, true);
+    // As llama-perplexity reads it: one trailing newline dropped, special tokens not
+    // parsed (text that spells a control token is text).
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let tokens = loaded.tokenizer.encode(text, true, false);
     let mut session = match Session::new(&loaded, session_opts) {
         Ok(s) => s,
         Err(e) => {

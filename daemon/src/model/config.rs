@@ -1,6 +1,6 @@
 //! Hyper-parameters of a model, read from GGUF metadata and validated.
 
-use powerinfer_ops::gguf::{Magic, Metadata, Value};
+use powerinfer_ops::gguf::{Array, Magic, Metadata, Value};
 use powerinfer_ops::nn::RopeStyle;
 
 use super::LoadError;
@@ -13,13 +13,21 @@ pub enum Arch {
     Llama,
     /// Bamboo / TurboSparse: the LLaMA layout with a dReLU FFN.
     Bamboo,
+    /// Gemma 3: scaled embeddings, RMS norms before and after attention and FFN, q/k
+    /// norms, a GELU FFN, sliding-window attention on most layers (with their own RoPE
+    /// base), NeoX RoPE.
+    Gemma3,
 }
+
+/// Every architecture [`Arch::parse`] knows, as GGUF names them.
+pub const SUPPORTED_ARCHS: &[&str] = &["llama", "bamboo", "gemma3"];
 
 impl Arch {
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "llama" => Some(Self::Llama),
             "bamboo" => Some(Self::Bamboo),
+            "gemma3" => Some(Self::Gemma3),
             _ => None,
         }
     }
@@ -29,7 +37,14 @@ impl Arch {
         match self {
             Self::Llama => "llama",
             Self::Bamboo => "bamboo",
+            Self::Gemma3 => "gemma3",
         }
+    }
+
+    /// Whether layers have RMS-normed queries and keys and their attention and FFN
+    /// outputs RMS-normed before the residual add.
+    pub fn has_sandwich_norms(self) -> bool {
+        matches!(self, Self::Gemma3)
     }
 }
 
@@ -98,7 +113,36 @@ pub struct ModelConfig {
     pub rope_style: RopeStyle,
     pub rms_eps: f32,
     pub ffn: FfnKind,
+    /// What the token embedding is multiplied by (Gemma: `sqrt(n_embd)`; else 1).
+    pub embd_scale: f32,
+    /// What query·key products are multiplied by before the softmax.
+    pub attn_scale: f32,
+    /// Attention scores become `cap · tanh(score / cap)` when set.
+    pub attn_softcap: Option<f32>,
+    /// Logits become `cap · tanh(logit / cap)` when set.
+    pub final_softcap: Option<f32>,
+    /// Local attention on some layers, when the model has it.
+    pub sliding: Option<SlidingWindow>,
 }
+
+/// Sliding-window attention: on the layers it covers, a token at position `p` attends to
+/// positions `p - window + 1 ..= p` only, and RoPE has its own base and scale there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlidingWindow {
+    pub window: usize,
+    /// Per layer, whether it is local (sliding) rather than global.
+    pub layers: Vec<bool>,
+    pub rope_base: f32,
+    pub rope_freq_scale: f32,
+}
+
+/// Gemma 3's default layer pattern: of every 6 layers the first 5 are local.
+const GEMMA3_SWA_PERIOD: u64 = 6;
+/// RoPE base of Gemma 3's local layers when the file does not say.
+const GEMMA3_LOCAL_ROPE_BASE: f32 = 10000.0;
+/// Gemma 3 27B: its `query_pre_attn_scalar` is `n_embd / n_head`, not the head size
+/// (as llama.cpp recognises it, by its layer count).
+const GEMMA3_27B_LAYERS: usize = 62;
 
 /// Sanity bounds: larger values are refused as corrupt before anything is allocated.
 const MAX_DIM: u64 = 1 << 20;
@@ -176,7 +220,10 @@ impl ModelConfig {
                 key: key::ARCHITECTURE.into(),
             })?;
         let arch = Arch::parse(arch_name).ok_or_else(|| LoadError::Unsupported {
-            what: format!("architecture {arch_name:?} (supported: llama, bamboo)"),
+            what: format!(
+                "architecture {arch_name:?} (supported: {})",
+                SUPPORTED_ARCHS.join(", ")
+            ),
         })?;
         let k = Keys {
             md,
@@ -237,6 +284,13 @@ impl ModelConfig {
         }
         let n_ctx_train = k.uint_opt(key::CONTEXT_LENGTH, 1 << 31)?.unwrap_or(4096) as usize;
         let rope_base = k.float_opt(key::ROPE_FREQ_BASE)?.unwrap_or(10000.0);
+        if rope_base <= 0.0 {
+            return Err(LoadError::BadKey {
+                key: k.full(key::ROPE_FREQ_BASE),
+                value: rope_base.to_string(),
+                expected: "a positive float".into(),
+            });
+        }
         let rope_freq_scale = rope_scale(&k)?;
         let rms_eps = k.float_opt(key::RMS_EPS)?.unwrap_or(1e-5);
         let n_vocab = match k.uint_opt(key::VOCAB_SIZE, MAX_VOCAB)? {
@@ -270,10 +324,52 @@ impl ModelConfig {
             n_rot,
             rope_base,
             rope_freq_scale,
-            rope_style: RopeStyle::Normal,
+            rope_style: match arch {
+                Arch::Llama | Arch::Bamboo => RopeStyle::Normal,
+                Arch::Gemma3 => RopeStyle::Neox,
+            },
             rms_eps,
             ffn: ffn_kind(arch, magic, md)?,
+            embd_scale: match arch {
+                Arch::Llama | Arch::Bamboo => 1.0,
+                Arch::Gemma3 => (n_embd as f32).sqrt(),
+            },
+            attn_scale: match arch {
+                Arch::Gemma3 if n_layer == GEMMA3_27B_LAYERS => {
+                    1.0 / ((n_embd / n_head) as f32).sqrt()
+                }
+                _ => 1.0 / (head_dim as f32).sqrt(),
+            },
+            attn_softcap: softcap(&k, key::ATTN_SOFTCAP)?,
+            final_softcap: softcap(&k, key::FINAL_SOFTCAP)?,
+            sliding: match arch {
+                Arch::Llama | Arch::Bamboo => None,
+                Arch::Gemma3 => sliding_window(&k, n_layer)?,
+            },
         })
+    }
+
+    /// The attention window of `layer`: `Some(window)` on a local layer.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        let s = self.sliding.as_ref()?;
+        s.layers
+            .get(layer)
+            .copied()
+            .unwrap_or(false)
+            .then_some(s.window)
+    }
+
+    /// Why the model's layers cannot run on a device, if they cannot: the device ops
+    /// implement the llama layer only.
+    pub fn device_unsupported(&self) -> Option<String> {
+        match self.arch {
+            Arch::Llama | Arch::Bamboo => None,
+            Arch::Gemma3 => Some(format!(
+                "placing {} layers on a device (q/k norms, post-norms and sliding windows \
+                 are computed on the host only; load it with --device cpu)",
+                self.arch.prefix()
+            )),
+        }
     }
 
     /// Query heads per key/value head.
@@ -290,6 +386,68 @@ impl ModelConfig {
     pub fn n_embd_q(&self) -> usize {
         self.n_head * self.head_dim
     }
+}
+
+/// A soft-capping value: absent, or 0 (as converters write "none"), means no capping.
+fn softcap(k: &Keys<'_>, name: &str) -> Result<Option<f32>, LoadError> {
+    match k.float_opt(name)? {
+        None | Some(0.0) => Ok(None),
+        Some(c) if c > 0.0 => Ok(Some(c)),
+        Some(c) => Err(LoadError::BadKey {
+            key: k.full(name),
+            value: c.to_string(),
+            expected: "a positive float (or 0 for none)".into(),
+        }),
+    }
+}
+
+/// Gemma 3's local layers, as llama.cpp reads them: a window from
+/// `attention.sliding_window` (none, or 0: every layer global); which layers are local
+/// from `attention.sliding_window_pattern`, an array of booleans or a period `n` (the
+/// last layer of every `n` is global; 0: all local), by default 6; the local layers'
+/// RoPE base from `rope.freq_base_swa` (default 10000) and no position scaling there.
+fn sliding_window(k: &Keys<'_>, n_layer: usize) -> Result<Option<SlidingWindow>, LoadError> {
+    let window = match k.uint_opt(key::SLIDING_WINDOW, 1 << 31)? {
+        None | Some(0) => return Ok(None),
+        Some(w) => w as usize,
+    };
+    let pattern_key = k.full(key::SLIDING_WINDOW_PATTERN);
+    let layers = match k.value(key::SLIDING_WINDOW_PATTERN) {
+        Some(Value::Array(a)) => match a {
+            Array::Bool(b) if b.len() == n_layer => b.clone(),
+            _ => {
+                return Err(LoadError::BadKey {
+                    key: pattern_key,
+                    value: format!("an array of {} values", a.len()),
+                    expected: format!("{n_layer} booleans, one per layer"),
+                });
+            }
+        },
+        _ => {
+            let period = k
+                .uint_opt(key::SLIDING_WINDOW_PATTERN, MAX_LAYERS)?
+                .unwrap_or(GEMMA3_SWA_PERIOD) as usize;
+            (0..n_layer)
+                .map(|l| period == 0 || l % period < period - 1)
+                .collect()
+        }
+    };
+    let rope_base = k
+        .float_opt(key::ROPE_FREQ_BASE_SWA)?
+        .unwrap_or(GEMMA3_LOCAL_ROPE_BASE);
+    if rope_base <= 0.0 {
+        return Err(LoadError::BadKey {
+            key: k.full(key::ROPE_FREQ_BASE_SWA),
+            value: rope_base.to_string(),
+            expected: "a positive float".into(),
+        });
+    }
+    Ok(Some(SlidingWindow {
+        window,
+        layers,
+        rope_base,
+        rope_freq_scale: 1.0,
+    }))
 }
 
 fn rope_scale(k: &Keys<'_>) -> Result<f32, LoadError> {
@@ -327,7 +485,97 @@ fn ffn_kind(arch: Arch, magic: Magic, md: &Metadata) -> Result<FfnKind, LoadErro
     }
     Ok(match (arch, magic) {
         (Arch::Bamboo, _) => FfnKind::DRelu,
+        (Arch::Gemma3, _) => FfnKind::GeGlu,
         (Arch::Llama, Magic::PowerInfer) => FfnKind::ReGlu,
         (Arch::Llama, Magic::Gguf) => FfnKind::SwiGlu,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use powerinfer_ops::gguf::{Array, Magic, Metadata, Value};
+
+    use super::*;
+
+    /// Gemma 3 270M's hyper-parameters as its GGUF states them.
+    fn gemma3() -> Metadata {
+        let mut md = Metadata::new();
+        md.set(key::ARCHITECTURE, Value::String("gemma3".into()));
+        for (k, v) in [
+            (key::EMBEDDING_LENGTH, 640),
+            (key::BLOCK_COUNT, 18),
+            (key::FEED_FORWARD_LENGTH, 2048),
+            (key::HEAD_COUNT, 4),
+            (key::HEAD_COUNT_KV, 1),
+            (key::KEY_LENGTH, 256),
+            (key::VALUE_LENGTH, 256),
+            (key::SLIDING_WINDOW, 512),
+            (key::VOCAB_SIZE, 262_144),
+        ] {
+            md.set(&format!("gemma3.{k}"), Value::U32(v));
+        }
+        md.set("gemma3.rope.freq_base", Value::F32(1e6));
+        md.set("gemma3.attention.layer_norm_rms_epsilon", Value::F32(1e-6));
+        md
+    }
+
+    #[test]
+    fn gemma3_has_local_layers_with_their_rope_and_global_ones_every_sixth() {
+        let c = ModelConfig::from_metadata(&gemma3(), Magic::Gguf).unwrap();
+        assert_eq!(c.arch, Arch::Gemma3);
+        assert_eq!((c.n_embd_q(), c.n_embd_kv(), c.n_rot), (1024, 256, 256));
+        assert_eq!(c.rope_style, RopeStyle::Neox);
+        assert_eq!(c.ffn, FfnKind::GeGlu);
+        assert_eq!(c.embd_scale, 640f32.sqrt());
+        assert_eq!(c.attn_scale, 1.0 / 16.0);
+        assert_eq!((c.attn_softcap, c.final_softcap), (None, None));
+        let global: Vec<usize> = (0..18).filter(|&l| c.window(l).is_none()).collect();
+        assert_eq!(global, [5, 11, 17]);
+        assert_eq!(c.window(0), Some(512));
+        let sw = c.sliding.as_ref().unwrap();
+        assert_eq!(
+            (sw.rope_base, sw.rope_freq_scale, c.rope_base),
+            (1e4, 1.0, 1e6)
+        );
+        assert!(c.device_unsupported().is_some());
+    }
+
+    #[test]
+    fn gemma3_keys_that_change_the_layers_are_read_and_bad_ones_named() {
+        let mut md = gemma3();
+        md.set(
+            "gemma3.attention.sliding_window_pattern",
+            Value::Array(Array::Bool((0..18).map(|l| l % 2 == 0).collect())),
+        );
+        md.set("gemma3.rope.freq_base_swa", Value::F32(5e4));
+        md.set("gemma3.final_logit_softcapping", Value::F32(30.0));
+        md.set("gemma3.attn_logit_softcapping", Value::F32(0.0));
+        let c = ModelConfig::from_metadata(&md, Magic::Gguf).unwrap();
+        assert_eq!((c.window(0), c.window(1)), (Some(512), None));
+        assert_eq!(c.sliding.as_ref().unwrap().rope_base, 5e4);
+        assert_eq!((c.attn_softcap, c.final_softcap), (None, Some(30.0)));
+
+        md.set(
+            "gemma3.attention.sliding_window_pattern",
+            Value::Array(Array::Bool(vec![true; 3])),
+        );
+        let e = ModelConfig::from_metadata(&md, Magic::Gguf).unwrap_err();
+        assert!(e.to_string().contains("sliding_window_pattern"), "{e}");
+
+        let mut md = gemma3();
+        md.set("gemma3.attention.sliding_window_pattern", Value::U32(3));
+        let c = ModelConfig::from_metadata(&md, Magic::Gguf).unwrap();
+        assert_eq!((c.window(1), c.window(2)), (Some(512), None));
+        md.set("gemma3.attention.sliding_window", Value::U32(0));
+        let c = ModelConfig::from_metadata(&md, Magic::Gguf).unwrap();
+        assert!(c.sliding.is_none() && c.window(0).is_none());
+
+        let mut md = gemma3();
+        md.set(key::ARCHITECTURE, Value::String("gemma4".into()));
+        let e = ModelConfig::from_metadata(&md, Magic::Gguf).unwrap_err();
+        assert!(
+            e.to_string().contains("supported: llama, bamboo, gemma3"),
+            "{e}"
+        );
+    }
 }

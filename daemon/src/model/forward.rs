@@ -1,4 +1,4 @@
-//! The llama-family forward pass on the host.
+//! The forward pass on the host (the llama family and Gemma 3).
 //!
 //! One call runs a batch of tokens through every layer: the tokens of a prompt (prefill),
 //! one token of each running sequence (decode), or a mix. Each token names its sequence's
@@ -10,6 +10,7 @@
 //! the host computes.
 
 use powerinfer_ops::kv::KvCache;
+use powerinfer_ops::nn;
 use powerinfer_ops::pool::ThreadPool;
 use powerinfer_ops::profile::{Profile, Stage};
 use powerinfer_ops::quant::Numerics;
@@ -49,6 +50,8 @@ pub struct Scratch {
     pub(crate) tokens: Vec<StepToken>,
     /// RoPE angles, `n_rot / 2` per token.
     pub(crate) cos_sin: Vec<[f32; 2]>,
+    /// The same for the local layers' RoPE, when the model has one.
+    pub(crate) cos_sin_local: Vec<[f32; 2]>,
     /// The tokens whose logits are wanted, in batch order.
     pub(crate) rows: Vec<u32>,
     attn: AttentionScratch,
@@ -73,6 +76,7 @@ impl Scratch {
             proj: Vec::new(),
             tokens: Vec::new(),
             cos_sin: Vec::new(),
+            cos_sin_local: Vec::new(),
             rows: Vec::new(),
             attn: AttentionScratch::new(numerics),
             head: HeadScratch::new(numerics),
@@ -94,6 +98,13 @@ impl Scratch {
 impl Default for Scratch {
     fn default() -> Self {
         Self::new(Numerics::Precise)
+    }
+}
+
+/// `x = cap · tanh(x / cap)` for every element.
+pub(crate) fn soft_cap(x: &mut [f32], cap: f32) {
+    for v in x {
+        *v = cap * (*v / cap).tanh();
     }
 }
 
@@ -155,6 +166,9 @@ impl Model {
         sized(&mut s.xn, n * e);
         sized(&mut s.proj, n * e);
         s.cos_sin.resize(n * half, [0.0; 2]);
+        let local = self.rope_local();
+        s.cos_sin_local
+            .resize(if local.is_some() { n * half } else { 0 }, [0.0; 2]);
         s.active_counts.clear();
         s.active_counts.resize(n * c.n_layer, 0);
         s.hot_counts.clear();
@@ -167,11 +181,16 @@ impl Model {
             if b.logits {
                 s.rows.push(t as u32);
             }
-            self.weights
-                .token_embd
-                .dequantize_row(b.token.index(), &mut s.x[t * e..(t + 1) * e]);
-            self.rope
-                .cos_sin(b.pos, &mut s.cos_sin[t * half..(t + 1) * half]);
+            let x = &mut s.x[t * e..(t + 1) * e];
+            self.weights.token_embd.dequantize_row(b.token.index(), x);
+            if c.embd_scale != 1.0 {
+                nn::scale(x, c.embd_scale);
+            }
+            let angles = t * half..(t + 1) * half;
+            self.rope().cos_sin(b.pos, &mut s.cos_sin[angles.clone()]);
+            if let Some(rope) = local {
+                rope.cos_sin(b.pos, &mut s.cos_sin_local[angles]);
+            }
         }
         s.profile.mark(Stage::Embed);
         Ok(())
@@ -188,10 +207,15 @@ impl Model {
         let kv = kv
             .layer_mut(layer)
             .ok_or(ForwardError::NotOnHost { layer })?;
+        let cos_sin = if self.is_local(layer) {
+            &s.cos_sin_local
+        } else {
+            &s.cos_sin
+        };
         self.attention_block(layer).run(
             pool,
             &s.tokens,
-            &s.cos_sin,
+            cos_sin,
             kv,
             &mut s.x,
             &mut s.xn,
@@ -205,6 +229,9 @@ impl Model {
     pub(crate) fn head(&self, pool: &ThreadPool, s: &mut Scratch, logits: &mut Vec<f32>) {
         self.head_block()
             .run(pool, &s.x, &s.rows, &mut s.head, logits);
+        if let Some(cap) = self.config.final_softcap {
+            soft_cap(logits, cap);
+        }
         s.profile.mark(Stage::Head);
     }
 

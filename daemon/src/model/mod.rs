@@ -1,5 +1,6 @@
 //! A model in memory, of the llama family (LLaMA, Mistral, SmolLM2, ReluLLaMA/ProSparse,
-//! Bamboo/TurboSparse): [`Model`] is defined here with what it is made of; its files
+//! Bamboo/TurboSparse) or Gemma 3 (the llama layer with q/k norms, post-norms and local
+//! layers): [`Model`] is defined here with what it is made of; its files
 //! loaded by [`open`] ([`load`]), its forward pass on the host ([`forward`]), the
 //! neuron-major form and renumbering ([`neurons`]), where its parts run
 //! ([`partition`], [`placement`]) and its hybrid step with a device ([`hybrid`]).
@@ -27,12 +28,12 @@ pub use partition::{LayerPartition, Partition, Side};
 pub use powerinfer_ops::kv::{KvAllocError, KvCache, KvShape, KvType};
 pub use powerinfer_ops::profile::{Profile, Stage};
 pub use sparsity::{Predictor, SparsityData, SparsityMode};
-pub use weights::{LayerWeights, Weights};
+pub use weights::{ExtraNorms, LayerWeights, Weights};
 
 use powerinfer_ops::gguf::{GgufError, GgufFile};
 use powerinfer_ops::nn::Rope;
 use powerinfer_ops::tensor::TensorError;
-use powerinfer_ops::transformer::{AttentionBlock, AttentionShape, Head};
+use powerinfer_ops::transformer::{AttentionBlock, AttentionExtras, AttentionShape, Head};
 
 use crate::ids::TokenId;
 
@@ -107,6 +108,8 @@ pub struct Model {
     /// [`MASKED_MIN_FRACTION`] (see `Tuning`); above 1, never.
     pub masked_min_fraction: f64,
     rope: Rope,
+    /// The RoPE of local (sliding-window) layers, when the model has them.
+    rope_local: Option<Rope>,
 }
 
 impl Model {
@@ -121,6 +124,15 @@ impl Model {
             config.rope_style,
             weights.rope_freqs.as_deref(),
         );
+        let rope_local = config.sliding.as_ref().map(|sw| {
+            Rope::new(
+                config.n_rot,
+                sw.rope_base,
+                sw.rope_freq_scale,
+                config.rope_style,
+                weights.rope_freqs.as_deref(),
+            )
+        });
         Ok(Self {
             partition: Partition::host(config.n_layer),
             neuron_order: None,
@@ -129,6 +141,7 @@ impl Model {
             weights,
             sparsity,
             rope,
+            rope_local,
         })
     }
 
@@ -142,8 +155,19 @@ impl Model {
         self.sparsity.unavailable(mode, self.config.ffn.is_relu())
     }
 
+    /// The RoPE of global layers (every layer of most models).
     pub fn rope(&self) -> &Rope {
         &self.rope
+    }
+
+    /// The RoPE of local layers, when the model has them.
+    pub fn rope_local(&self) -> Option<&Rope> {
+        self.rope_local.as_ref()
+    }
+
+    /// Whether `layer` rotates with [`Self::rope_local`].
+    pub fn is_local(&self, layer: usize) -> bool {
+        self.rope_local.is_some() && self.config.window(layer).is_some()
     }
 
     pub fn attention_shape(&self) -> AttentionShape {
@@ -159,16 +183,28 @@ impl Model {
 
     /// Layer `layer`'s attention block as the host holds it.
     pub fn attention_block(&self, layer: usize) -> AttentionBlock<'_> {
-        let w = &self.weights.layers[layer];
+        let (w, c) = (&self.weights.layers[layer], &self.config);
+        let extras = w.extra_norms.as_ref();
         AttentionBlock {
             shape: self.attention_shape(),
-            rope: &self.rope,
+            rope: match &self.rope_local {
+                Some(local) if self.is_local(layer) => local,
+                _ => &self.rope,
+            },
             attn_norm: &w.attn_norm,
             wq: &w.wq,
             wk: &w.wk,
             wv: &w.wv,
             wo: &w.wo,
             ffn_norm: &w.ffn_norm,
+            extras: AttentionExtras {
+                q_norm: extras.map(|e| e.q.as_slice()),
+                k_norm: extras.map(|e| e.k.as_slice()),
+                post_norm: extras.map(|e| e.attn_post.as_slice()),
+                window: c.window(layer),
+                scale: Some(c.attn_scale),
+                softcap: c.attn_softcap,
+            },
         }
     }
 

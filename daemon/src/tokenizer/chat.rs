@@ -27,6 +27,16 @@ impl Tokenizer {
     /// chat input both come here).
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, TokenizerError> {
         let template = self.chat_template().ok_or(TokenizerError::NoChatTemplate)?;
+        self.render_chat_with(template, messages)
+    }
+
+    /// `messages` rendered with `template` (a model's template from elsewhere than its
+    /// file), with this vocabulary's BOS and EOS, the assistant's turn opened.
+    pub fn render_chat_with(
+        &self,
+        template: &str,
+        messages: &[ChatMessage],
+    ) -> Result<String, TokenizerError> {
         let special =
             |t: Option<crate::ids::TokenId>| t.and_then(|t| self.token_text(t)).unwrap_or("");
         render_template(

@@ -271,8 +271,13 @@ impl Tokenizer {
 
         let mut types = types;
         for &id in &eog {
-            // llama.cpp treats end-of-generation tokens as control tokens.
-            if types[id.index()] == TokenType::Normal {
+            // llama.cpp makes end-of-generation tokens control tokens, user-defined ones
+            // too (Gemma's `</s>`, an HTML tag there): they are then matched in text only
+            // when special tokens are parsed.
+            if matches!(
+                types[id.index()],
+                TokenType::Normal | TokenType::UserDefined
+            ) {
                 types[id.index()] = TokenType::Control;
             }
         }
@@ -323,6 +328,11 @@ impl Tokenizer {
 
     pub fn eos(&self) -> Option<TokenId> {
         self.eos
+    }
+
+    /// Whether encoding with special tokens starts with BOS (`tokenizer.ggml.add_bos_token`).
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
     }
 
     /// Whether generation ends at this token (EOS, EOT, `<|im_end|>`...).

@@ -44,6 +44,7 @@ pub enum PerplexityError {
 }
 
 /// Scores `tokens` in chunks of the session's context; `on_chunk` sees the running result.
+/// A chunk's first token is replaced by BOS when the model adds one.
 pub fn perplexity(
     session: &mut Session<'_>,
     tokens: &[TokenId],
@@ -68,8 +69,20 @@ pub fn perplexity(
         nll: 0.0,
         nll2: 0.0,
     };
+    // A model that starts its texts with BOS sees one at the start of every chunk, in
+    // place of the chunk's first token (as llama-perplexity does).
+    let bos = session
+        .tokenizer
+        .adds_bos()
+        .then(|| session.tokenizer.bos())
+        .flatten();
+    let mut chunk = Vec::with_capacity(n_ctx);
     for c in 0..n_chunks {
-        let chunk = &tokens[c * n_ctx..(c + 1) * n_ctx];
+        chunk.clear();
+        chunk.extend_from_slice(&tokens[c * n_ctx..(c + 1) * n_ctx]);
+        if let Some(b) = bos {
+            chunk[0] = b;
+        }
         for (b, part) in chunk.chunks(PREFILL_BATCH).enumerate() {
             let start = b * PREFILL_BATCH;
             // Rows `first..n_ctx-1` predict tokens `first+1..n_ctx`.

@@ -12,8 +12,8 @@ use crate::quant::WeightType;
 use crate::rng::Rng;
 use crate::tensor::Activations;
 use crate::transformer::{
-    self, AttentionBlock, AttentionScratch, FfnScratch, Head, HeadScratch, NeuronFfn,
-    PredictorScratch, SparsityMode,
+    self, AttentionBlock, AttentionExtras, AttentionScratch, FfnScratch, Head, HeadScratch,
+    NeuronFfn, PredictorScratch, SparsityMode,
 };
 
 const N_EMBD: usize = 64;
@@ -160,6 +160,7 @@ fn a_hybrid_layer_on_the_simulated_device_has_the_bits_of_the_host() {
         wv: &w.attn[2],
         wo: &w.attn[3],
         ffn_norm: &w.ffn_norm,
+        extras: AttentionExtras::default(),
     };
     let (mut attn_s, mut pred_s) = (
         AttentionScratch::new(Numerics::Precise),

@@ -16,8 +16,8 @@ use crate::profile::Profile;
 use crate::sparse::ActiveSet;
 use crate::tensor::{Activations, Matrix};
 use crate::transformer::{
-    self, AttentionBlock, AttentionScratch, FfnScratch, Head, HeadScratch, NeuronFfn, Predictor,
-    PredictorScratch, SparsityMode, StepToken,
+    self, AttentionBlock, AttentionExtras, AttentionScratch, FfnScratch, Head, HeadScratch,
+    NeuronFfn, Predictor, PredictorScratch, SparsityMode, StepToken,
 };
 
 /// A layer's attention block in device memory.
@@ -375,6 +375,7 @@ impl Worker {
             wv: &a.w[2],
             wo: &a.w[3],
             ffn_norm: &a.ffn_norm,
+            extras: AttentionExtras::default(),
         };
         block.run(
             &self.pool,

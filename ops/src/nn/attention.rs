@@ -81,6 +81,20 @@ pub fn attend<K: KvElem>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    attend_capped(q, keys, values, scale, None, scores, out);
+}
+
+/// [`attend`] with the scores soft-capped when `softcap` is set: each scaled score `s`
+/// becomes `cap · tanh(s / cap)` before the softmax (Gemma 2's attention).
+pub fn attend_capped<K: KvElem>(
+    q: &[f32],
+    keys: &[K],
+    values: &[K],
+    scale: f32,
+    softcap: Option<f32>,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let head_dim = q.len();
     assert!(head_dim > 0 && keys.len().is_multiple_of(head_dim) && keys.len() == values.len());
     assert_eq!(out.len(), head_dim);
@@ -88,6 +102,11 @@ pub fn attend<K: KvElem>(
     let scores = &mut scores[..n];
     for (s, k) in scores.iter_mut().zip(keys.chunks_exact(head_dim)) {
         *s = K::dot(q, k) * scale;
+    }
+    if let Some(cap) = softcap {
+        for s in scores.iter_mut() {
+            *s = cap * (*s / cap).tanh();
+        }
     }
     softmax(scores);
     out.fill(0.0);
@@ -176,6 +195,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A cap far above every score changes nothing measurable; a small one flattens the
+    /// weights to those of the capped scores.
+    #[test]
+    fn soft_capping_caps_the_scores_before_the_softmax() {
+        let mut rng = Rng::new(9);
+        let (hd, n) = (16, 9);
+        let q: Vec<f32> = (0..hd).map(|_| rng.normal() * 3.0).collect();
+        let k: Vec<f32> = (0..hd * n).map(|_| rng.normal() * 3.0).collect();
+        let v: Vec<f32> = (0..hd * n).map(|_| rng.normal()).collect();
+        let (mut sc, mut plain, mut capped) = (vec![0.0; n], vec![0.0; hd], vec![0.0; hd]);
+        attend(&q, &k, &v, 0.25, &mut sc, &mut plain);
+        attend_capped(&q, &k, &v, 0.25, Some(1e6), &mut sc, &mut capped);
+        for d in 0..hd {
+            assert!((plain[d] - capped[d]).abs() < 1e-5);
+        }
+        let cap = 2.0f64;
+        attend_capped(&q, &k, &v, 0.25, Some(cap as f32), &mut sc, &mut capped);
+        let logits: Vec<f64> = (0..n)
+            .map(|p| {
+                let s: f64 = (0..hd)
+                    .map(|d| f64::from(q[d]) * f64::from(k[p * hd + d]))
+                    .sum::<f64>()
+                    * 0.25;
+                cap * (s / cap).tanh()
+            })
+            .collect();
+        let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let mut moved = 0.0f64;
+        for d in 0..hd {
+            let want: f64 = (0..n)
+                .map(|p| w[p] / total * f64::from(v[p * hd + d]))
+                .sum();
+            assert!((f64::from(capped[d]) - want).abs() < 2e-5, "d={d}");
+            moved = moved.max((f64::from(plain[d]) - want).abs());
+        }
+        assert!(moved > 1e-3, "a cap of 2 changes these scores");
     }
 
     #[test]

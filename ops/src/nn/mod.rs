@@ -11,7 +11,7 @@ pub use activation::{
     Glu, add, dual_relu_mul, gelu, gelu_mul, log_sum_exp, mul, relu, relu_mul, scale, silu,
     silu_mul, softmax,
 };
-pub use attention::{KvElem, attend};
+pub use attention::{KvElem, attend, attend_capped};
 pub use exp::{exp_approx, exp_approx_slice};
-pub use norm::rms_norm;
+pub use norm::{rms_norm, rms_norm_in_place};
 pub use rope::{Rope, RopeStyle};

@@ -12,7 +12,10 @@ mod ffn;
 mod head;
 mod predictor;
 
-pub use attention::{AttentionBlock, AttentionScratch, AttentionShape, rms_norm_rows};
+pub use attention::{
+    AttentionBlock, AttentionExtras, AttentionScratch, AttentionShape, rms_norm_rows,
+    rms_norm_rows_in_place,
+};
 pub use ffn::{FfnScratch, NeuronFfn, is_side_boundary};
 pub use head::{Head, HeadScratch};
 pub use predictor::{Predictor, PredictorScratch, add_rows, select};

@@ -119,7 +119,8 @@ impl FfnBuffers {
 }
 
 impl Model {
-    /// Layer `layer`'s FFN on the host, both sides: `s.x += ffn(s.xn)`.
+    /// Layer `layer`'s FFN on the host, both sides: `s.x += ffn(s.xn)` (`s.x +=
+    /// post_norm(ffn(s.xn))` on a layer with sandwich norms).
     pub(crate) fn ffn(
         &self,
         pool: &ThreadPool,
@@ -176,6 +177,10 @@ impl Model {
                     _ => s.proj.copy_from_slice(c),
                 }
             }
+        }
+        if let Some(norms) = &w.extra_norms {
+            transformer::rms_norm_rows_in_place(&mut s.proj, &norms.ffn_post, self.config.rms_eps); // [n][n_embd]
+            s.profile.mark(Stage::Norm);
         }
         nn::add(&mut s.x, &s.proj);
         s.profile.mark(Stage::Residual);

@@ -69,6 +69,9 @@ pub fn place_on(
     device: &mut dyn Device,
     sizing: DeviceSizing,
 ) -> Result<Placement, PlacementError> {
+    if let Some(what) = model.config.device_unsupported() {
+        return Err(PlacementError::Load(LoadError::Unsupported { what }));
+    }
     model.ensure_neuron_form();
     let info = device.info();
     let profile =
@@ -99,6 +102,9 @@ pub fn apply(
     plan: &Placement,
     sizing: DeviceSizing,
 ) -> Result<(), PlacementError> {
+    if let Some(what) = model.config.device_unsupported() {
+        return Err(PlacementError::Load(LoadError::Unsupported { what }));
+    }
     model.apply_placement(&plan.hot)?;
     let name = device.info().name;
     let dev_err = |error| PlacementError::Device {
