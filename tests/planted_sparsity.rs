@@ -169,7 +169,7 @@ fn synthesis_is_deterministic_across_thread_counts_and_refuses_bad_shapes() {
     let out = out.to_str().unwrap();
     for (args, says) in [
         (vec!["--shape", "70b"], "unknown shape"),
-        (vec!["--dtype", "q3_k"], "unknown weight type"),
+        (vec!["--dtype", "mxfp4"], "unknown weight type"),
         (vec!["--activation", "silu"], "unknown activation"),
         (
             vec!["--shape", "tiny", "--dtype", "q4_k", "--n-ff", "1000"],
