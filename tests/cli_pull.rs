@@ -121,3 +121,24 @@ fn insecure_and_unknown_sources_are_refused() {
     assert_eq!(out.status, 2);
     assert!(out.stderr.contains("smollm2-135m"), "{}", out.stderr);
 }
+
+#[test]
+fn without_a_source_pull_lists_the_catalog_with_sizes_and_architectures() {
+    let dir = TempDir::new("pull-list");
+    let out = powerinferd(&["pull", "--models-dir", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    for e in powerinfer_daemon::store::CATALOG {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(e.alias))
+            .unwrap_or_else(|| panic!("{} missing from\n{}", e.alias, out.stdout));
+        assert!(line.contains(e.architecture), "{line}");
+        assert!(
+            line.contains(&format!("{:.1} MB", e.size as f64 / 1e6)),
+            "{line}"
+        );
+        // Nothing was fetched into the empty directory.
+        assert!(!line.contains("downloaded"), "{line}");
+    }
+}

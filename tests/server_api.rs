@@ -859,6 +859,21 @@ fn pictl_commands_and_exit_codes() {
     let real = std::fs::metadata(dir.join("tiny2.gguf")).unwrap().len();
     assert_eq!(size("tiny2"), Some(real));
     assert_eq!(size("linked"), Some(real), "{v}");
+    // Each with its architecture: from the file's header, or from the catalog.
+    let arch = |name: &str| {
+        available
+            .iter()
+            .find(|m| m["name"] == name)
+            .map(|m| m["architecture"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(arch("tiny2").as_deref(), Some("llama"), "{v}");
+    assert_eq!(arch("gemma3-270m").as_deref(), Some("gemma3"), "{v}");
+    let out = server.pictl(&["list"]);
+    assert!(
+        out.stdout.contains("ARCHITECTURE") && out.stdout.contains("gemma3"),
+        "{}",
+        out.stdout
+    );
 
     let out = server.pictl(&["tokenize", "tiny", "hi", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();

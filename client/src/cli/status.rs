@@ -186,6 +186,8 @@ pub async fn list(client: &Client, a: &ListArgs, out: &mut dyn Write) -> CmdResu
                 "size_bytes": m.size_bytes,
                 "in_catalog": m.in_catalog,
                 "downloaded": m.downloaded,
+                "architecture": m.architecture,
+                "description": m.description,
                 "loaded": is_loaded(&m.name),
             })).collect::<Vec<_>>(),
         });
@@ -203,7 +205,12 @@ pub async fn list(client: &Client, a: &ListArgs, out: &mut dyn Write) -> CmdResu
             } else {
                 "catalog (fetched on load)"
             };
-            vec![m.name.clone(), bytes(m.size_bytes), state.to_owned()]
+            let arch = if m.architecture.is_empty() {
+                "?".to_owned()
+            } else {
+                m.architecture.clone()
+            };
+            vec![m.name.clone(), bytes(m.size_bytes), arch, state.to_owned()]
         })
         .collect();
     // Models loaded from paths outside the models directory.
@@ -212,8 +219,17 @@ pub async fn list(client: &Client, a: &ListArgs, out: &mut dyn Write) -> CmdResu
         .iter()
         .filter(|m| !l.available.iter().any(|a| a.name == m.name))
     {
-        rows.push(vec![m.name.clone(), bytes(m.size_bytes), "loaded".into()]);
+        rows.push(vec![
+            m.name.clone(),
+            bytes(m.size_bytes),
+            m.architecture.clone(),
+            "loaded".into(),
+        ]);
     }
-    write!(out, "{}", table(&["NAME", "SIZE", "STATE"], &rows))?;
+    write!(
+        out,
+        "{}",
+        table(&["NAME", "SIZE", "ARCHITECTURE", "STATE"], &rows)
+    )?;
     Ok(())
 }

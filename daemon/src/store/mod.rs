@@ -63,6 +63,16 @@ fn looks_like_path(reference: &str) -> bool {
     reference.contains('/') || reference.contains('\\') || reference.ends_with(".gguf")
 }
 
+/// `general.architecture` of a GGUF file, from its header (`None` for a file that is not
+/// a readable GGUF file or does not say).
+pub fn file_architecture(path: &Path) -> Option<String> {
+    let file = powerinfer_ops::gguf::GgufFile::open(path).ok()?;
+    file.metadata()
+        .get("general.architecture")
+        .and_then(powerinfer_ops::gguf::Value::as_str)
+        .map(str::to_owned)
+}
+
 /// Resolves a model reference to a file, fetching a catalog model into `models_dir` when
 /// it is not there yet.
 pub fn resolve(
