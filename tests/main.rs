@@ -10,6 +10,7 @@ mod gemma3_modes;
 mod gguf_hostile;
 mod gguf_roundtrip;
 mod http_api;
+mod http_lifecycle;
 mod hybrid;
 mod parity_gemma3;
 mod parity_model;
