@@ -4,6 +4,7 @@
 
 pub mod server;
 pub mod synth;
+pub mod synth_qwen;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -24,4 +24,5 @@ mod server_api;
 mod server_real;
 mod sparsity;
 mod synthetic_models;
+mod synthetic_qwen;
 mod telemetry;

@@ -17,10 +17,26 @@ pub enum Arch {
     /// norms, a GELU FFN, sliding-window attention on most layers (with their own RoPE
     /// base), NeoX RoPE.
     Gemma3,
+    /// Qwen 2 / 2.5: the LLaMA layer with biases on the q, k and v projections, NeoX RoPE.
+    Qwen2,
+    /// Qwen 3: the LLaMA layer with q/k norms (before RoPE), NeoX RoPE, and a head size
+    /// of its own (`attention.key_length`, not always `n_embd / n_head`).
+    Qwen3,
 }
 
 /// Every architecture [`Arch::parse`] knows, as GGUF names them.
-pub const SUPPORTED_ARCHS: &[&str] = &["llama", "bamboo", "gemma3"];
+pub const SUPPORTED_ARCHS: &[&str] = &["llama", "bamboo", "gemma3", "qwen2", "qwen3"];
+
+/// Whether a layer's q, k and v projections carry biases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkvBias {
+    /// The file has none (any there are not read).
+    Absent,
+    /// Used when the file has them (all three or none).
+    Optional,
+    /// The file must have all three.
+    Required,
+}
 
 impl Arch {
     pub fn parse(name: &str) -> Option<Self> {
@@ -28,6 +44,8 @@ impl Arch {
             "llama" => Some(Self::Llama),
             "bamboo" => Some(Self::Bamboo),
             "gemma3" => Some(Self::Gemma3),
+            "qwen2" => Some(Self::Qwen2),
+            "qwen3" => Some(Self::Qwen3),
             _ => None,
         }
     }
@@ -38,13 +56,29 @@ impl Arch {
             Self::Llama => "llama",
             Self::Bamboo => "bamboo",
             Self::Gemma3 => "gemma3",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
         }
     }
 
-    /// Whether layers have RMS-normed queries and keys and their attention and FFN
-    /// outputs RMS-normed before the residual add.
-    pub fn has_sandwich_norms(self) -> bool {
+    /// Whether every query and key head is RMS-normed (`[head_dim]` weights) before RoPE.
+    pub fn has_qk_norms(self) -> bool {
+        matches!(self, Self::Gemma3 | Self::Qwen3)
+    }
+
+    /// Whether the attention and FFN outputs are RMS-normed before their residual adds.
+    pub fn has_post_norms(self) -> bool {
         matches!(self, Self::Gemma3)
+    }
+
+    /// Biases on the q, k and v projections: Qwen 2 has them; Qwen 3 files may (llama.cpp
+    /// reads them when present).
+    pub fn qkv_bias(self) -> QkvBias {
+        match self {
+            Self::Qwen2 => QkvBias::Required,
+            Self::Qwen3 => QkvBias::Optional,
+            Self::Llama | Self::Bamboo | Self::Gemma3 => QkvBias::Absent,
+        }
     }
 }
 
@@ -326,12 +360,12 @@ impl ModelConfig {
             rope_freq_scale,
             rope_style: match arch {
                 Arch::Llama | Arch::Bamboo => RopeStyle::Normal,
-                Arch::Gemma3 => RopeStyle::Neox,
+                Arch::Gemma3 | Arch::Qwen2 | Arch::Qwen3 => RopeStyle::Neox,
             },
             rms_eps,
             ffn: ffn_kind(arch, magic, md)?,
             embd_scale: match arch {
-                Arch::Llama | Arch::Bamboo => 1.0,
+                Arch::Llama | Arch::Bamboo | Arch::Qwen2 | Arch::Qwen3 => 1.0,
                 Arch::Gemma3 => (n_embd as f32).sqrt(),
             },
             attn_scale: match arch {
@@ -343,7 +377,7 @@ impl ModelConfig {
             attn_softcap: softcap(&k, key::ATTN_SOFTCAP)?,
             final_softcap: softcap(&k, key::FINAL_SOFTCAP)?,
             sliding: match arch {
-                Arch::Llama | Arch::Bamboo => None,
+                Arch::Llama | Arch::Bamboo | Arch::Qwen2 | Arch::Qwen3 => None,
                 Arch::Gemma3 => sliding_window(&k, n_layer)?,
             },
         })
@@ -362,13 +396,18 @@ impl ModelConfig {
     /// Why the model's layers cannot run on a device, if they cannot: the device ops
     /// implement the llama layer only.
     pub fn device_unsupported(&self) -> Option<String> {
+        let host_only = |what: &str| {
+            Some(format!(
+                "placing {} layers on a device ({what} computed on the host only; load it \
+                 with --device cpu)",
+                self.arch.prefix()
+            ))
+        };
         match self.arch {
             Arch::Llama | Arch::Bamboo => None,
-            Arch::Gemma3 => Some(format!(
-                "placing {} layers on a device (q/k norms, post-norms and sliding windows \
-                 are computed on the host only; load it with --device cpu)",
-                self.arch.prefix()
-            )),
+            Arch::Gemma3 => host_only("q/k norms, post-norms and sliding windows are"),
+            Arch::Qwen2 => host_only("q, k and v biases are"),
+            Arch::Qwen3 => host_only("q/k norms are"),
         }
     }
 
@@ -486,6 +525,7 @@ fn ffn_kind(arch: Arch, magic: Magic, md: &Metadata) -> Result<FfnKind, LoadErro
     Ok(match (arch, magic) {
         (Arch::Bamboo, _) => FfnKind::DRelu,
         (Arch::Gemma3, _) => FfnKind::GeGlu,
+        (Arch::Qwen2 | Arch::Qwen3, _) => FfnKind::SwiGlu,
         (Arch::Llama, Magic::PowerInfer) => FfnKind::ReGlu,
         (Arch::Llama, Magic::Gguf) => FfnKind::SwiGlu,
     })
@@ -574,8 +614,54 @@ mod tests {
         md.set(key::ARCHITECTURE, Value::String("gemma4".into()));
         let e = ModelConfig::from_metadata(&md, Magic::Gguf).unwrap_err();
         assert!(
-            e.to_string().contains("supported: llama, bamboo, gemma3"),
+            e.to_string()
+                .contains("supported: llama, bamboo, gemma3, qwen2, qwen3"),
             "{e}"
         );
+    }
+
+    /// Qwen 3 0.6B's attention shape: 16 heads of `head_dim` (128 there) over an embedding
+    /// of 1024; no key length stated when `head_dim` is `None`.
+    fn qwen(arch: &str, head_dim: Option<u32>) -> Metadata {
+        let mut md = Metadata::new();
+        md.set(key::ARCHITECTURE, Value::String(arch.into()));
+        for (k, v) in [
+            (key::EMBEDDING_LENGTH, 1024),
+            (key::BLOCK_COUNT, 28),
+            (key::FEED_FORWARD_LENGTH, 3072),
+            (key::HEAD_COUNT, 16),
+            (key::HEAD_COUNT_KV, 8),
+            (key::VOCAB_SIZE, 151_936),
+        ] {
+            md.set(&format!("{arch}.{k}"), Value::U32(v));
+        }
+        if let Some(d) = head_dim {
+            md.set(&format!("{arch}.{}", key::KEY_LENGTH), Value::U32(d));
+            md.set(&format!("{arch}.{}", key::VALUE_LENGTH), Value::U32(d));
+        }
+        md
+    }
+
+    #[test]
+    fn qwen_heads_neox_rope_and_swiglu() {
+        let c = ModelConfig::from_metadata(&qwen("qwen3", Some(128)), Magic::Gguf).unwrap();
+        assert_eq!(c.arch, Arch::Qwen3);
+        assert_eq!((c.head_dim, c.n_embd_q(), c.n_embd_kv()), (128, 2048, 1024));
+        assert_eq!(
+            (c.n_rot, c.rope_style, c.ffn),
+            (128, RopeStyle::Neox, FfnKind::SwiGlu)
+        );
+        assert_eq!(c.attn_scale, 1.0 / 128f32.sqrt());
+        assert!(c.arch.has_qk_norms() && !c.arch.has_post_norms());
+        assert_eq!(c.arch.qkv_bias(), QkvBias::Optional);
+        assert!(c.device_unsupported().unwrap().contains("qwen3"));
+
+        let c = ModelConfig::from_metadata(&qwen("qwen2", None), Magic::Gguf).unwrap();
+        assert_eq!(
+            (c.arch, c.head_dim, c.rope_style),
+            (Arch::Qwen2, 64, RopeStyle::Neox)
+        );
+        assert!(!c.arch.has_qk_norms() && c.arch.qkv_bias() == QkvBias::Required);
+        assert_eq!((c.embd_scale, c.sliding.is_none()), (1.0, true));
     }
 }

@@ -1,4 +1,4 @@
-//! The forward pass on the host (the llama family and Gemma 3).
+//! The forward pass on the host (the llama family, Gemma 3, Qwen 2 and 3).
 //!
 //! One call runs a batch of tokens through every layer: the tokens of a prompt (prefill),
 //! one token of each running sequence (decode), or a mix. Each token names its sequence's

@@ -1,6 +1,6 @@
 //! A model in memory, of the llama family (LLaMA, Mistral, SmolLM2, ReluLLaMA/ProSparse,
-//! Bamboo/TurboSparse) or Gemma 3 (the llama layer with q/k norms, post-norms and local
-//! layers): [`Model`] is defined here with what it is made of; its files
+//! Bamboo/TurboSparse), Gemma 3 (the llama layer with q/k norms, post-norms and local
+//! layers) or Qwen 2 and 3 (with q/k/v biases, or q/k norms): [`Model`] is defined here with what it is made of; its files
 //! loaded by [`open`] ([`load`]), its forward pass on the host ([`forward`]), the
 //! neuron-major form and renumbering ([`neurons`]), where its parts run
 //! ([`partition`], [`placement`]) and its hybrid step with a device ([`hybrid`]).
@@ -28,7 +28,7 @@ pub use partition::{LayerPartition, Partition, Side};
 pub use powerinfer_ops::kv::{KvAllocError, KvCache, KvShape, KvType};
 pub use powerinfer_ops::profile::{Profile, Stage};
 pub use sparsity::{Predictor, SparsityData, SparsityMode};
-pub use weights::{ExtraNorms, LayerWeights, Weights};
+pub use weights::{LayerWeights, PostNorms, QkNorms, QkvBiases, Weights};
 
 use powerinfer_ops::gguf::{GgufError, GgufFile};
 use powerinfer_ops::nn::Rope;
@@ -184,7 +184,7 @@ impl Model {
     /// Layer `layer`'s attention block as the host holds it.
     pub fn attention_block(&self, layer: usize) -> AttentionBlock<'_> {
         let (w, c) = (&self.weights.layers[layer], &self.config);
-        let extras = w.extra_norms.as_ref();
+        let (qk, bias) = (w.qk_norms.as_ref(), w.qkv_bias.as_ref());
         AttentionBlock {
             shape: self.attention_shape(),
             rope: match &self.rope_local {
@@ -198,9 +198,12 @@ impl Model {
             wo: &w.wo,
             ffn_norm: &w.ffn_norm,
             extras: AttentionExtras {
-                q_norm: extras.map(|e| e.q.as_slice()),
-                k_norm: extras.map(|e| e.k.as_slice()),
-                post_norm: extras.map(|e| e.attn_post.as_slice()),
+                q_bias: bias.map(|b| b.q.as_slice()),
+                k_bias: bias.map(|b| b.k.as_slice()),
+                v_bias: bias.map(|b| b.v.as_slice()),
+                q_norm: qk.map(|n| n.q.as_slice()),
+                k_norm: qk.map(|n| n.k.as_slice()),
+                post_norm: w.post_norms.as_ref().map(|n| n.attn.as_slice()),
                 window: c.window(layer),
                 scale: Some(c.attn_scale),
                 softcap: c.attn_softcap,

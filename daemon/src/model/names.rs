@@ -25,6 +25,11 @@ pub enum Blk {
     AttnKNorm,
     AttnPostNorm,
     FfnPostNorm,
+    /// Qwen 2: biases of the q, k and v projections (`[n_head · head_dim]`,
+    /// `[n_head_kv · head_dim]`).
+    AttnQBias,
+    AttnKBias,
+    AttnVBias,
     /// The down projection stored neuron-major (`[n_embd, n_ff]` rows per neuron), as
     /// PowerInfer's files carry it.
     FfnDownT,
@@ -50,6 +55,9 @@ impl Blk {
             Self::AttnKNorm => "attn_k_norm.weight",
             Self::AttnPostNorm => "post_attention_norm.weight",
             Self::FfnPostNorm => "post_ffw_norm.weight",
+            Self::AttnQBias => "attn_q.bias",
+            Self::AttnKBias => "attn_k.bias",
+            Self::AttnVBias => "attn_v.bias",
             Self::Fc1 => "fc1.weight",
             Self::Fc2 => "fc2.weight",
         }

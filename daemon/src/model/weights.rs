@@ -6,7 +6,7 @@ use powerinfer_ops::gguf::{GgufFile, TensorInfo};
 use powerinfer_ops::tensor::Matrix;
 
 use super::LoadError;
-use super::config::{FfnKind, ModelConfig};
+use super::config::{FfnKind, ModelConfig, QkvBias};
 use super::names::{self, Blk};
 use super::sparsity::Predictor;
 use crate::ids::LayerId;
@@ -31,25 +31,53 @@ pub struct LayerWeights {
     /// The same map neuron-major: row `i` is neuron `i`'s `[n_embd]` contribution. From
     /// the file, or transposed from `down` when a sparse mode needs it.
     pub down_t: Option<Matrix>,
-    /// The norms of architectures with sandwich norms (Gemma 3), absent otherwise.
-    pub extra_norms: Option<ExtraNorms>,
+    /// Norms of every query and key head (Gemma 3, Qwen 3), absent otherwise.
+    pub qk_norms: Option<QkNorms>,
+    /// Norms of the attention and FFN outputs (Gemma 3), absent otherwise.
+    pub post_norms: Option<PostNorms>,
+    /// Biases of the q, k and v projections (Qwen 2), absent otherwise.
+    pub qkv_bias: Option<QkvBiases>,
 }
 
-/// A Gemma 3 layer's norms besides `attn_norm` and `ffn_norm`.
-pub struct ExtraNorms {
-    /// `[head_dim]`: every query head, before RoPE.
+/// RMS norm weights of every query and key head, applied before RoPE.
+pub struct QkNorms {
+    /// `[head_dim]`
     pub q: Vec<f32>,
-    /// `[head_dim]`: every key head, before RoPE.
+    /// `[head_dim]`
     pub k: Vec<f32>,
-    /// `[n_embd]`: the attention output, before its residual add.
-    pub attn_post: Vec<f32>,
-    /// `[n_embd]`: the FFN output, before its residual add.
-    pub ffn_post: Vec<f32>,
 }
 
-impl ExtraNorms {
-    fn n_params(&self) -> u64 {
-        (self.q.len() + self.k.len() + self.attn_post.len() + self.ffn_post.len()) as u64
+/// RMS norm weights of a layer's outputs, applied before their residual adds.
+pub struct PostNorms {
+    /// `[n_embd]`: the attention output.
+    pub attn: Vec<f32>,
+    /// `[n_embd]`: the FFN output.
+    pub ffn: Vec<f32>,
+}
+
+/// What is added to the q, k and v projections of every token.
+pub struct QkvBiases {
+    /// `[n_head · head_dim]`
+    pub q: Vec<f32>,
+    /// `[n_head_kv · head_dim]`
+    pub k: Vec<f32>,
+    /// `[n_head_kv · head_dim]`
+    pub v: Vec<f32>,
+}
+
+impl LayerWeights {
+    /// Norm and bias values besides `attn_norm` and `ffn_norm`.
+    fn n_extra_params(&self) -> u64 {
+        let qk = self.qk_norms.as_ref().map_or(0, |n| n.q.len() + n.k.len());
+        let post = self
+            .post_norms
+            .as_ref()
+            .map_or(0, |n| n.attn.len() + n.ffn.len());
+        let bias = self
+            .qkv_bias
+            .as_ref()
+            .map_or(0, |b| b.q.len() + b.k.len() + b.v.len());
+        (qk + post + bias) as u64
     }
 }
 
@@ -177,6 +205,30 @@ fn vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, LoadError
     }
 }
 
+/// Layer `l`'s q, k and v biases as its architecture has them: all three when required
+/// (a missing one is refused by name), all three or none when optional.
+fn qkv_biases(
+    file: &GgufFile,
+    c: &ModelConfig,
+    l: LayerId,
+) -> Result<Option<QkvBiases>, LoadError> {
+    let names = [Blk::AttnQBias, Blk::AttnKBias, Blk::AttnVBias].map(|b| b.name(l));
+    match c.arch.qkv_bias() {
+        QkvBias::Absent => return Ok(None),
+        QkvBias::Optional if names.iter().all(|n| file.tensor(n).is_none()) => return Ok(None),
+        QkvBias::Optional | QkvBias::Required => {}
+    }
+    if let Some(name) = names.iter().find(|n| file.tensor(n).is_none()) {
+        return Err(LoadError::MissingTensor { name: name.clone() });
+    }
+    let [q, k, v] = names;
+    Ok(Some(QkvBiases {
+        q: vector(file, &q, c.n_embd_q())?,
+        k: vector(file, &k, c.n_embd_kv())?,
+        v: vector(file, &v, c.n_embd_kv())?,
+    }))
+}
+
 impl Weights {
     pub fn load(file: &GgufFile, c: &ModelConfig) -> Result<Self, LoadError> {
         let token_embd = matrix(file, names::TOKEN_EMBD, c.n_embd, c.n_vocab)?;
@@ -196,16 +248,23 @@ impl Weights {
                 up: m(Blk::FfnUp, c.n_embd, c.n_ff)?,
                 down: optional(file, &Blk::FfnDown.name(l), c.n_ff, c.n_embd)?,
                 down_t: optional(file, &Blk::FfnDownT.name(l), c.n_embd, c.n_ff)?,
-                extra_norms: if c.arch.has_sandwich_norms() {
-                    Some(ExtraNorms {
+                qk_norms: if c.arch.has_qk_norms() {
+                    Some(QkNorms {
                         q: v(Blk::AttnQNorm, c.head_dim)?,
                         k: v(Blk::AttnKNorm, c.head_dim)?,
-                        attn_post: v(Blk::AttnPostNorm, c.n_embd)?,
-                        ffn_post: v(Blk::FfnPostNorm, c.n_embd)?,
                     })
                 } else {
                     None
                 },
+                post_norms: if c.arch.has_post_norms() {
+                    Some(PostNorms {
+                        attn: v(Blk::AttnPostNorm, c.n_embd)?,
+                        ffn: v(Blk::FfnPostNorm, c.n_embd)?,
+                    })
+                } else {
+                    None
+                },
+                qkv_bias: qkv_biases(file, c, l)?,
             });
             if layers
                 .last()
@@ -254,7 +313,7 @@ impl Weights {
                 .sum::<u64>();
             n += l.down.as_ref().or(l.down_t.as_ref()).map_or(0, m);
             n += (l.attn_norm.len() + l.ffn_norm.len()) as u64;
-            n += l.extra_norms.as_ref().map_or(0, ExtraNorms::n_params);
+            n += l.n_extra_params();
         }
         n
     }

@@ -38,11 +38,17 @@ impl AttentionShape {
     }
 }
 
-/// What a layer may add to the llama attention block (Gemma 3's); the default adds
-/// nothing. The device ops implement the llama block only: models whose layers set any
+/// What a layer may add to the llama attention block (Gemma 3's, Qwen 2's and Qwen 3's);
+/// the default adds nothing. The device ops implement the llama block only: models whose layers set any
 /// of this run on the host.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AttentionExtras<'a> {
+    /// `[n_head · head_dim]`: added to every query projection (Qwen 2).
+    pub q_bias: Option<&'a [f32]>,
+    /// `[n_head_kv · head_dim]`: added to every key projection.
+    pub k_bias: Option<&'a [f32]>,
+    /// `[n_head_kv · head_dim]`: added to every value projection.
+    pub v_bias: Option<&'a [f32]>,
     /// `[head_dim]`: RMS norm of every query head, before RoPE.
     pub q_norm: Option<&'a [f32]>,
     /// `[head_dim]`: RMS norm of every key head, before RoPE.
@@ -126,6 +132,13 @@ pub fn rms_norm_rows_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
+/// `x[t] += bias` for every row of `x`.
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        nn::add(row, bias);
+    }
+}
+
 impl AttentionBlock<'_> {
     /// For every token `t` of the batch: `x[t] += wo · attend(rope(wq · n), K, V)` with
     /// `n = attn_norm(x[t])`, after writing the token's rotated key and value at its
@@ -166,6 +179,15 @@ impl AttentionBlock<'_> {
         self.wq.matmul(pool, &mut s.acts, &mut s.q); // [n][n_head · head_dim]
         self.wk.matmul(pool, &mut s.acts, &mut s.k); // [n][n_head_kv · head_dim]
         self.wv.matmul(pool, &mut s.acts, &mut s.v); // [n][n_head_kv · head_dim]
+        for (proj, bias) in [
+            (&mut s.q, self.extras.q_bias),
+            (&mut s.k, self.extras.k_bias),
+            (&mut s.v, self.extras.v_bias),
+        ] {
+            if let Some(b) = bias {
+                add_rows(proj, b); // [n][width]
+            }
+        }
         profile.mark(Stage::QkvProj);
         if let Some(w) = self.extras.q_norm {
             rms_norm_rows_in_place(&mut s.q, w, sh.rms_eps); // per head
@@ -457,5 +479,54 @@ mod tests {
         assert!(close(&run(&doubled, normed2, &x), &got));
         let plain = run(&doubled, AttentionExtras::default(), &x);
         assert!(!close(&plain, &run(&l, AttentionExtras::default(), &x)));
+    }
+
+    #[test]
+    fn biases_shift_the_projections() {
+        let mut rng = Rng::new(23);
+        let l = layer(&mut rng);
+        let n = 5;
+        let x: Vec<f32> = (0..n * N_EMBD).map(|_| rng.normal()).collect();
+        let plain = run(&l, AttentionExtras::default(), &x);
+        // The softmax weights of every query sum to 1, so a value bias `b` adds `wo · b`
+        // to every token's output, whatever it attends to.
+        let bv: Vec<f32> = (0..HEAD_DIM).map(|_| rng.normal()).collect();
+        let with_v = run(
+            &l,
+            AttentionExtras {
+                v_bias: Some(&bv),
+                ..AttentionExtras::default()
+            },
+            &x,
+        );
+        // One KV head shared by both query heads: the attention output is `b` twice.
+        let att: Vec<f32> = bv.iter().chain(&bv).copied().collect();
+        let mut shift = vec![0.0; N_EMBD];
+        let mut acts = Activations::with_numerics(Numerics::Precise);
+        acts.set(&att, 1);
+        l.w[3].matmul(&ThreadPool::new(1, "t").unwrap(), &mut acts, &mut shift);
+        for (t, (g, p)) in with_v
+            .chunks_exact(N_EMBD)
+            .zip(plain.chunks_exact(N_EMBD))
+            .enumerate()
+        {
+            let want: Vec<f32> = p.iter().zip(&shift).map(|(a, b)| a + b).collect();
+            assert!(close(g, &want), "token {t}");
+        }
+        // Query and key biases change the scores (and so the output of every token but the
+        // first, which attends to itself alone).
+        let bq: Vec<f32> = (0..2 * HEAD_DIM).map(|_| rng.normal()).collect();
+        let bk: Vec<f32> = (0..HEAD_DIM).map(|_| rng.normal()).collect();
+        let with_qk = run(
+            &l,
+            AttentionExtras {
+                q_bias: Some(&bq),
+                k_bias: Some(&bk),
+                ..AttentionExtras::default()
+            },
+            &x,
+        );
+        assert!(close(&with_qk[..N_EMBD], &plain[..N_EMBD]));
+        assert!(!close(&with_qk[N_EMBD..], &plain[N_EMBD..]));
     }
 }

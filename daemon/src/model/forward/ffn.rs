@@ -178,8 +178,8 @@ impl Model {
                 }
             }
         }
-        if let Some(norms) = &w.extra_norms {
-            transformer::rms_norm_rows_in_place(&mut s.proj, &norms.ffn_post, self.config.rms_eps); // [n][n_embd]
+        if let Some(norms) = &w.post_norms {
+            transformer::rms_norm_rows_in_place(&mut s.proj, &norms.ffn, self.config.rms_eps); // [n][n_embd]
             s.profile.mark(Stage::Norm);
         }
         nn::add(&mut s.x, &s.proj);
