@@ -176,3 +176,44 @@ pub fn run_steps(
     }
     out
 }
+
+/// Logits after every token of `toks` from the engine's forward pass on `file` (dense,
+/// precise numerics, one sequence): one batch, or one token at a time.
+pub fn engine_logits(
+    file: &powerinfer_ops::gguf::GgufFile,
+    toks: &[u32],
+    kv_type: powerinfer_daemon::model::KvType,
+    batched: bool,
+) -> Vec<Vec<f32>> {
+    use powerinfer_daemon::ids::{SeqSlot, TokenId};
+    use powerinfer_daemon::model::{BatchToken, KvCache, Model, Scratch, SparsityMode};
+    let model = Model::load(file).unwrap_or_else(|e| panic!("the model loads: {e}"));
+    let c = &model.config;
+    let pool = powerinfer_ops::pool::ThreadPool::new(2, "test")
+        .unwrap_or_else(|e| panic!("a thread pool: {e}"));
+    let mut kv = KvCache::new(c.n_layer, 1, toks.len(), c.n_head_kv, c.head_dim, kv_type);
+    let mut s = Scratch::new(powerinfer_ops::quant::Numerics::Precise);
+    let entry = |i: usize| BatchToken {
+        token: TokenId(toks[i]),
+        slot: SeqSlot(0),
+        pos: i,
+        logits: true,
+        sparsity: SparsityMode::Dense,
+    };
+    if batched {
+        let batch: Vec<_> = (0..toks.len()).map(entry).collect();
+        let out = model
+            .forward(&pool, &batch, &mut kv, &mut s)
+            .unwrap_or_else(|e| panic!("the forward pass: {e}"));
+        out.chunks(c.n_vocab).map(<[f32]>::to_vec).collect()
+    } else {
+        (0..toks.len())
+            .map(|i| {
+                model
+                    .forward(&pool, &[entry(i)], &mut kv, &mut s)
+                    .unwrap_or_else(|e| panic!("the forward pass: {e}"))
+                    .to_vec()
+            })
+            .collect()
+    }
+}

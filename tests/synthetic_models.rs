@@ -2,14 +2,11 @@
 //! partial RoPE, tied embeddings, every weight type) against an independent float64
 //! reference forward pass, plus batch/sequential equality and load errors.
 
-use powerinfer_daemon::ids::{SeqSlot, TokenId};
-use powerinfer_daemon::model::{
-    BatchToken, FfnKind, KvCache, KvType, LoadError, Model, Scratch, SparsityMode,
-};
+use powerinfer_daemon::model::{FfnKind, KvType, LoadError, Model};
 use powerinfer_ops::gguf::{GgufFile, Magic};
-use powerinfer_ops::pool::ThreadPool;
-use powerinfer_ops::quant::{Numerics, WeightType};
+use powerinfer_ops::quant::WeightType;
 use powerinfer_ops::rng::Rng;
+use powerinfer_tests::engine_logits;
 use powerinfer_tests::synth::{Spec, reference_logits};
 
 fn tokens(spec: &Spec, n: usize, seed: u64) -> Vec<u32> {
@@ -17,36 +14,6 @@ fn tokens(spec: &Spec, n: usize, seed: u64) -> Vec<u32> {
     (0..n)
         .map(|_| rng.below(spec.n_vocab() as u64) as u32)
         .collect()
-}
-
-/// Logits after every token, from the engine: one batch, or one token at a time.
-fn engine_logits(file: &GgufFile, toks: &[u32], kv_type: KvType, batched: bool) -> Vec<Vec<f32>> {
-    let model = Model::load(file).unwrap();
-    let c = &model.config;
-    let pool = ThreadPool::new(2, "test").unwrap();
-    let mut kv = KvCache::new(c.n_layer, 1, toks.len(), c.n_head_kv, c.head_dim, kv_type);
-    let mut s = Scratch::new(Numerics::Precise);
-    let entry = |i: usize| BatchToken {
-        token: TokenId(toks[i]),
-        slot: SeqSlot(0),
-        pos: i,
-        logits: true,
-        sparsity: SparsityMode::Dense,
-    };
-    if batched {
-        let batch: Vec<_> = (0..toks.len()).map(entry).collect();
-        let out = model.forward(&pool, &batch, &mut kv, &mut s).unwrap();
-        out.chunks(c.n_vocab).map(<[f32]>::to_vec).collect()
-    } else {
-        (0..toks.len())
-            .map(|i| {
-                model
-                    .forward(&pool, &[entry(i)], &mut kv, &mut s)
-                    .unwrap()
-                    .to_vec()
-            })
-            .collect()
-    }
 }
 
 /// Largest |engine − reference| relative to the reference logits' spread. F32 weights

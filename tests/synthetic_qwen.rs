@@ -2,14 +2,10 @@
 //! independent float64 transcription of each architecture (`synth_qwen`), batched and
 //! token by token, and a Qwen 2 file missing a bias refused by name.
 
-use powerinfer_daemon::ids::{SeqSlot, TokenId};
-use powerinfer_daemon::model::{
-    BatchToken, KvCache, KvType, LoadError, Model, Scratch, SparsityMode,
-};
+use powerinfer_daemon::model::{KvType, LoadError, Model, SparsityMode};
 use powerinfer_ops::gguf::GgufFile;
-use powerinfer_ops::pool::ThreadPool;
-use powerinfer_ops::quant::Numerics;
 use powerinfer_ops::rng::Rng;
+use powerinfer_tests::engine_logits;
 use powerinfer_tests::synth_qwen::{Qwen, QwenSpec, qwen_reference};
 
 /// Largest |engine − reference| relative to the reference logits' spread allowed with F32
@@ -34,43 +30,6 @@ fn spec(arch: Qwen, seed: u64) -> QwenSpec {
     }
 }
 
-/// Logits after every token from the engine: one batch, or one token at a time.
-fn engine_logits(file: &GgufFile, toks: &[u32], batched: bool) -> Vec<Vec<f32>> {
-    let model = Model::load(file).unwrap();
-    let c = &model.config;
-    let pool = ThreadPool::new(2, "test").unwrap();
-    let mut kv = KvCache::new(
-        c.n_layer,
-        1,
-        toks.len(),
-        c.n_head_kv,
-        c.head_dim,
-        KvType::F32,
-    );
-    let mut s = Scratch::new(Numerics::Precise);
-    let entry = |i: usize| BatchToken {
-        token: TokenId(toks[i]),
-        slot: SeqSlot(0),
-        pos: i,
-        logits: true,
-        sparsity: SparsityMode::Dense,
-    };
-    if batched {
-        let batch: Vec<_> = (0..toks.len()).map(entry).collect();
-        let out = model.forward(&pool, &batch, &mut kv, &mut s).unwrap();
-        out.chunks(c.n_vocab).map(<[f32]>::to_vec).collect()
-    } else {
-        (0..toks.len())
-            .map(|i| {
-                model
-                    .forward(&pool, &[entry(i)], &mut kv, &mut s)
-                    .unwrap()
-                    .to_vec()
-            })
-            .collect()
-    }
-}
-
 /// Checks the engine against the reference, batched and token by token; returns the
 /// worst relative error.
 fn check(spec: &QwenSpec) -> f64 {
@@ -87,7 +46,7 @@ fn check(spec: &QwenSpec) -> f64 {
     let spread = (all.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / all.len() as f64).sqrt();
     let mut worst = 0.0f64;
     for batched in [true, false] {
-        let got = engine_logits(&file, &toks, batched);
+        let got = engine_logits(&file, &toks, KvType::F32, batched);
         assert_eq!(got.len(), want.len());
         for (g, r) in got.iter().zip(&want) {
             assert_eq!(g.len(), spec.n_vocab);
