@@ -12,6 +12,7 @@ mod gguf_roundtrip;
 mod http_api;
 mod http_lifecycle;
 mod hybrid;
+mod parity_common;
 mod parity_gemma3;
 mod parity_model;
 mod parity_tokenize;

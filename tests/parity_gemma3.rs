@@ -20,6 +20,8 @@ use powerinfer_daemon::tools::perplexity::perplexity;
 use powerinfer_ops::quant::Numerics;
 use powerinfer_tests::{fixture_json, fixture_text, gemma3_loaded, ids};
 
+use super::parity_common::{argmax, teacher_forced as teacher_forced_steps, tokens};
+
 /// First step: top-10 logits may differ by this much (correct runs: up to 1.71).
 const FIRST_STEP_LOGIT_TOL: f32 = 2.0;
 /// First step: the top-1 must agree where the reference's top-2 margin is at least this.
@@ -38,10 +40,6 @@ const NEAR_TIE_MARGIN: f64 = 1.25;
 const LLAMA_CPP_PPL: f64 = 13.9062;
 const PPL_REL_TOL: f64 = 0.03;
 
-fn tokens(v: &serde_json::Value) -> Vec<TokenId> {
-    ids(v).into_iter().map(TokenId).collect()
-}
-
 fn raw(t: &[TokenId]) -> Vec<u32> {
     t.iter().map(|t| t.0).collect()
 }
@@ -54,16 +52,6 @@ fn session(n_ctx: usize, numerics: Numerics) -> Session<'static> {
         ..SessionOptions::new(n_ctx, 2)
     };
     Session::new(gemma3_loaded(), opts).unwrap()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0
 }
 
 #[test]
@@ -323,36 +311,13 @@ fn gemma3_teacher_forced_agreement() {
 
 fn teacher_forced(numerics: Numerics) {
     let reference = fixture_json("reference/gemma3_greedy.json");
-    let (mut agree, mut total) = (0usize, 0usize);
-    let mut worst_gap = 0.0f32;
-    for c in reference["cases"].as_array().unwrap() {
-        let prompt = tokens(&c["prompt_token_ids"]);
-        let steps = c["steps"].as_array().unwrap();
-        let forced: Vec<TokenId> = steps
-            .iter()
-            .map(|st| TokenId(st["id"].as_u64().unwrap() as u32))
-            .collect();
-        let mut all = prompt.clone();
-        all.extend(&forced[..forced.len() - 1]);
-        let mut s = session(all.len() + 1, numerics);
-        let n_vocab = s.model.config.n_vocab;
-        let first = prompt.len() - 1;
-        let logits = s.eval(&all, 0, |i| i >= first).unwrap();
-        for (i, &want) in forced.iter().enumerate() {
-            let row = &logits[i * n_vocab..(i + 1) * n_vocab];
-            let best = argmax(row);
-            let gap = row[best] - row[want.index()];
-            worst_gap = worst_gap.max(gap);
-            assert!(
-                gap <= TEACHER_FORCED_GAP,
-                "{} step {i}: reference token {} is {gap} below our top ({numerics:?})",
-                c["id"],
-                want
-            );
-            agree += usize::from(best == want.index());
-            total += 1;
-        }
-    }
+    let label = format!("{numerics:?}");
+    let (agree, total, worst_gap) = teacher_forced_steps(
+        &reference,
+        |n| session(n, numerics),
+        TEACHER_FORCED_GAP,
+        &label,
+    );
     let rate = agree as f64 / total as f64;
     eprintln!(
         "gemma3 teacher-forced ({numerics:?}): top-1 agreement {agree}/{total} = {:.1}%, \

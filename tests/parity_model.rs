@@ -5,9 +5,10 @@
 
 use powerinfer_daemon::generation::sampler::SamplerConfig;
 use powerinfer_daemon::generation::{FinishReason, GenParams, Session, SessionOptions};
-use powerinfer_daemon::ids::TokenId;
 use powerinfer_daemon::tools::perplexity::perplexity;
-use powerinfer_tests::{default_loaded, fixture_json, ids};
+use powerinfer_tests::{default_loaded, fixture_json};
+
+use super::parity_common::{argmax, teacher_forced, tokens};
 
 /// First-step top-10 logits may differ by this much (correct implementations: <= 0.55).
 const FIRST_STEP_LOGIT_TOL: f32 = 0.75;
@@ -21,22 +22,8 @@ const NEAR_TIE_MARGIN: f64 = 1.1;
 const LLAMA_CPP_PPL: f64 = 18.3541;
 const PPL_REL_TOL: f64 = 0.01;
 
-fn tokens(v: &serde_json::Value) -> Vec<TokenId> {
-    ids(v).into_iter().map(TokenId).collect()
-}
-
 fn session(n_ctx: usize) -> Session<'static> {
     Session::new(default_loaded(), SessionOptions::new(n_ctx, 2)).unwrap()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0
 }
 
 #[test]
@@ -140,36 +127,8 @@ fn greedy_continuations_match_up_to_near_ties() {
 #[test]
 fn teacher_forced_agreement() {
     let reference = fixture_json("reference/smollm2_greedy.json");
-    let (mut agree, mut total) = (0usize, 0usize);
-    let mut worst_gap = 0.0f32;
-    for c in reference["cases"].as_array().unwrap() {
-        let prompt = tokens(&c["prompt_token_ids"]);
-        let steps = c["steps"].as_array().unwrap();
-        let forced: Vec<TokenId> = steps
-            .iter()
-            .map(|st| TokenId(st["id"].as_u64().unwrap() as u32))
-            .collect();
-        let mut all = prompt.clone();
-        all.extend(&forced[..forced.len() - 1]);
-        let mut s = session(all.len() + 1);
-        let n_vocab = s.model.config.n_vocab;
-        let first = prompt.len() - 1;
-        let logits = s.eval(&all, 0, |i| i >= first).unwrap();
-        for (i, &want) in forced.iter().enumerate() {
-            let row = &logits[i * n_vocab..(i + 1) * n_vocab];
-            let best = argmax(row);
-            let gap = row[best] - row[want.index()];
-            worst_gap = worst_gap.max(gap);
-            assert!(
-                gap <= TEACHER_FORCED_GAP,
-                "{} step {i}: reference token {} is {gap} below our top",
-                c["id"],
-                want
-            );
-            agree += usize::from(best == want.index());
-            total += 1;
-        }
-    }
+    let (agree, total, worst_gap) =
+        teacher_forced(&reference, session, TEACHER_FORCED_GAP, "smollm2");
     let rate = agree as f64 / total as f64;
     eprintln!(
         "teacher-forced: top-1 agreement {agree}/{total} = {:.1}%, worst gap {worst_gap:.3}",
