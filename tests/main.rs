@@ -22,6 +22,7 @@ mod pretokenize;
 mod quant_reference;
 mod real_model;
 mod server_api;
+mod server_budget;
 mod server_real;
 mod sparsity;
 mod synthetic_models;

@@ -15,7 +15,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 /// A models directory with `tiny` (Q4_1) and `tiny2` (Q8_0), different random models.
-fn models_dir(tag: &str) -> TempDir {
+pub(crate) fn models_dir(tag: &str) -> TempDir {
     let dir = TempDir::new(tag);
     Spec {
         wtype: WeightType::Q4_1,
@@ -34,7 +34,7 @@ fn models_dir(tag: &str) -> TempDir {
     dir
 }
 
-fn greedy_request(model: &str, prompt: &str, max_tokens: u32) -> proto::GenerateRequest {
+pub(crate) fn greedy_request(model: &str, prompt: &str, max_tokens: u32) -> proto::GenerateRequest {
     proto::GenerateRequest {
         max_tokens,
         sampling: Some(greedy()),
@@ -48,7 +48,7 @@ fn code(e: ClientError) -> Code {
 }
 
 /// Polls `f` until it is true or `limit` passes.
-async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+pub(crate) async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
         if f().await {
@@ -326,7 +326,7 @@ fn one_slot_config(dir: &TempDir) -> powerinfer_daemon::server::ServeConfig {
     config
 }
 
-fn model_status(models: &[proto::ModelInfo], name: &str) -> proto::ModelInfo {
+pub(crate) fn model_status(models: &[proto::ModelInfo], name: &str) -> proto::ModelInfo {
     models
         .iter()
         .find(|m| m.name == name)
@@ -394,7 +394,7 @@ fn a_full_queue_is_resource_exhausted_and_a_dropped_stream_frees_its_slot() {
 
 /// A model slow enough (a few ms a token) that a 250-token request is still running
 /// while the test acts: the tiny models finish 250 tokens in a few milliseconds.
-fn write_slow_model(dir: &TempDir) {
+pub(crate) fn write_slow_model(dir: &TempDir) {
     Spec {
         wtype: WeightType::Q8_0,
         n_embd: 512,
@@ -404,137 +404,6 @@ fn write_slow_model(dir: &TempDir) {
         ..Spec::default()
     }
     .write_to(dir.path(), "slow");
-}
-
-fn load_named(name: &str) -> proto::LoadModelRequest {
-    proto::LoadModelRequest {
-        model: name.into(),
-        ..Default::default()
-    }
-}
-
-async fn loaded_names(client: &Client) -> Vec<String> {
-    let mut names: Vec<String> = client
-        .status()
-        .await
-        .unwrap()
-        .models
-        .into_iter()
-        .map(|m| m.name)
-        .collect();
-    names.sort();
-    names
-}
-
-#[test]
-fn a_memory_budget_unloads_the_least_recently_used_idle_model_and_refuses_when_all_are_busy() {
-    let dir = models_dir("api-budget");
-    write_slow_model(&dir);
-    // What each model takes (its file and its KV cache), from a server without a budget.
-    let sizes: std::collections::BTreeMap<String, u64> = {
-        let server = TestServer::start(test_config(dir.path()));
-        let client = server.client();
-        server.block_on(async {
-            for m in ["tiny", "tiny2", "slow"] {
-                client.load(load_named(m)).await.unwrap();
-            }
-            let s = client.status().await.unwrap();
-            assert_eq!(s.memory_budget_bytes, 0);
-            s.models
-                .into_iter()
-                .map(|m| {
-                    assert!(m.memory_bytes > m.size_bytes, "{m:?}");
-                    (m.name, m.memory_bytes)
-                })
-                .collect()
-        })
-    };
-    let (tiny, tiny2, slow) = (sizes["tiny"], sizes["tiny2"], sizes["slow"]);
-
-    // Any two fit, not all three.
-    let mut config = test_config(dir.path());
-    config.memory_budget = Some(tiny + tiny2 + slow - 1);
-    let server = TestServer::start(config);
-    let client = server.client();
-    server.block_on(async {
-        client.load(load_named("tiny")).await.unwrap();
-        client.load(load_named("tiny2")).await.unwrap();
-        // tiny used after tiny2 was loaded: tiny2 is the least recently used.
-        client
-            .generate_all(greedy_request("tiny", "one", 2))
-            .await
-            .unwrap();
-        client.load(load_named("slow")).await.unwrap();
-        assert_eq!(loaded_names(&client).await, ["slow", "tiny"]);
-        let s = client.status().await.unwrap();
-        assert_eq!(s.memory_budget_bytes, tiny + tiny2 + slow - 1);
-
-        // slow is busy and least recently used (tiny ran after it started): skipped,
-        // tiny goes instead.
-        let mut running = client
-            .generate(greedy_request("slow", "one", 250))
-            .await
-            .unwrap();
-        assert!(matches!(
-            running.next().await.unwrap().unwrap(),
-            GenerateEvent::Token(_)
-        ));
-        client
-            .generate_all(greedy_request("tiny", "two", 2))
-            .await
-            .unwrap();
-        client.load(load_named("tiny2")).await.unwrap();
-        assert_eq!(loaded_names(&client).await, ["slow", "tiny2"]);
-        drop(running);
-    });
-    drop(server);
-
-    // Room for slow and nothing else: with slow busy, a load is refused and names it.
-    let mut config = test_config(dir.path());
-    config.memory_budget = Some(slow + 1);
-    let server = TestServer::start(config);
-    let client = server.client();
-    server.block_on(async {
-        client.load(load_named("slow")).await.unwrap();
-        let mut running = client
-            .generate(greedy_request("slow", "one", 250))
-            .await
-            .unwrap();
-        assert!(matches!(
-            running.next().await.unwrap().unwrap(),
-            GenerateEvent::Token(_)
-        ));
-        // Its prompt and tokens are in the KV cache.
-        let s = client.status().await.unwrap();
-        let kv = model_status(&s.models, "slow").kv_cache_tokens;
-        assert!((1..=256).contains(&kv), "{kv}");
-        let e = client.load(load_named("tiny")).await.unwrap_err();
-        assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
-        let msg = e.to_string();
-        assert!(msg.contains("budget") && msg.contains("slow"), "{msg}");
-        assert_eq!(loaded_names(&client).await, ["slow"]);
-        // Once slow is idle, the same load evicts it.
-        drop(running);
-        let idle = eventually(Duration::from_secs(20), async || {
-            let s = client.status().await.unwrap();
-            model_status(&s.models, "slow").active_requests == 0
-        })
-        .await;
-        assert!(idle);
-        client.load(load_named("tiny")).await.unwrap();
-        assert_eq!(loaded_names(&client).await, ["tiny"]);
-    });
-    drop(server);
-    // A model larger than the whole budget is refused before it is read.
-    let mut config = test_config(dir.path());
-    config.memory_budget = Some(tiny - 1);
-    let server = TestServer::start(config);
-    let client = server.client();
-    let e = server
-        .block_on(client.load(load_named("tiny")))
-        .unwrap_err();
-    assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
-    assert!(e.to_string().contains("more than the whole budget"), "{e}");
 }
 
 #[test]
